@@ -1,0 +1,334 @@
+"""build_loader for both backends, on real files with real DALI (CPU mode).
+
+Images are tiny (40-96 px, crop 32) so every test is quick; what they check is the contract
+(shape, dtype, channels_last, device, labels), the epoch plan (steps, shuffle, sharding,
+seeds) and the agreement of DALI's and PIL's validation tensors.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import build_loader
+from pipelines.lists import ListError, read_list, write_classes, write_list
+
+IMAGE_SIZE = 32
+NUM_CLASSES = 5
+# One grey level after normalization is 1 / (255 * std) <= 1 / (255 * 0.224) = 0.0175.
+ONE_GREY_LEVEL = 1 / (255 * 0.224)
+
+
+def write_image(path: str, *, size: tuple[int, int], seed: int, fmt: str = "JPEG") -> str:
+    """A smooth random image (upsampled noise): photo-like enough for resampling to matter."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    coarse = (rng.random((max(2, h // 8), max(2, w // 8), 3)) * 255).astype(np.uint8)
+    image = Image.fromarray(coarse).resize((w, h), Image.BICUBIC)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    image.save(path, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
+    return path
+
+
+def write_dataset(root: str, count: int, *, classes: int | None, seed: int = 0) -> str:
+    """``count`` images of varied sizes; label = index % classes, or the index itself."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(count):
+        size = (int(rng.integers(40, 97)), int(rng.integers(40, 97)))
+        path = write_image(os.path.join(root, "img", f"{i:03d}.jpg"), size=size, seed=seed + i)
+        samples.append((path, i % classes if classes else i))
+    list_file = os.path.join(root, "list.txt")
+    write_list(list_file, samples)
+    if classes:
+        write_classes(os.path.join(root, "classes.txt"), [f"class{k}" for k in range(classes)])
+    return list_file
+
+
+@pytest.fixture(scope="module")
+def labelled_list(tmp_path_factory) -> str:
+    """23 images, 5 classes, with classes.txt beside the list."""
+    return write_dataset(str(tmp_path_factory.mktemp("labelled")), 23, classes=NUM_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def indexed_list(tmp_path_factory) -> str:
+    """11 images whose label is their index in the list: sample identity for sharding tests."""
+    return write_dataset(str(tmp_path_factory.mktemp("indexed")), 11, classes=None, seed=100)
+
+
+@pytest.fixture(scope="module")
+def same_image_list(tmp_path_factory) -> str:
+    """One image listed 16 times: batches can differ only by augmentation."""
+    root = str(tmp_path_factory.mktemp("same"))
+    path = write_image(os.path.join(root, "one.jpg"), size=(80, 60), seed=7)
+    list_file = os.path.join(root, "list.txt")
+    write_list(list_file, [(path, 0)] * 16)
+    return list_file
+
+
+def loader(list_file, **kwargs):
+    args = dict(batch_size=4, image_size=IMAGE_SIZE, num_threads=2)
+    if kwargs.get("backend", "").startswith("pil"):
+        args["num_threads"] = 0  # in-process: fast; worker processes are tested separately
+    args.update(kwargs)
+    return build_loader(list_file, **args)
+
+
+def epoch(loader_, epoch_=None):
+    if epoch_ is not None:
+        loader_.set_epoch(epoch_)
+    return [(x.clone(), y.clone()) for x, y in loader_]
+
+
+def labels_of(batches) -> list[int]:
+    return [int(v) for _, y in batches for v in y]
+
+
+def images_of(batches) -> torch.Tensor:
+    return torch.cat([x.float() for x, _ in batches])
+
+
+BACKENDS = ["dali", "pil", "pil-gpu"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "val"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_output_contract(labelled_list, backend, train, dtype):
+    ld = loader(labelled_list, backend=backend, train=train, dtype=dtype)
+    batches = list(ld)
+    assert len(batches) == len(ld) == (5 if train else 6)  # 23 // 4 whole; ceil(23 / 4)
+    assert ld.dataset_size == 23
+    assert ld.num_samples == (20 if train else 23) == sum(len(y) for _, y in batches)
+    assert ld.num_classes == NUM_CLASSES  # from classes.txt beside the list
+    for images, labels in batches:
+        n = len(labels)
+        assert images.shape == (n, 3, IMAGE_SIZE, IMAGE_SIZE)
+        assert images.dtype == dtype and images.device.type == "cpu"
+        assert images.is_contiguous(memory_format=torch.channels_last)
+        assert images.stride()[1] == 1  # channels innermost
+        assert labels.dtype == torch.int64 and labels.shape == (n,)
+        assert labels.device.type == "cpu"
+        assert int(labels.min()) >= 0 and int(labels.max()) < NUM_CLASSES
+        values = images.float()
+        assert torch.isfinite(values).all()
+        # Normalized pixels of [0, 255] lie in [-0.485/0.229, (1-0.406)/0.225] = [-2.12, 2.64].
+        assert float(values.min()) > -2.2 and float(values.max()) < 2.7
+        assert float(values.std()) > 0.1  # real image content, not zeros
+    if not train:  # list order: labels are index % 5
+        assert labels_of(batches) == [i % NUM_CLASSES for i in range(23)]
+
+
+def test_dali_batches_stay_valid_while_held(labelled_list):
+    """Zero-copy hand-off: a held batch is not overwritten by prefetching or a new pipeline."""
+    ld = loader(labelled_list, backend="dali", train=True)
+    held, copies = [], []
+    for images, _ in ld:
+        held.append(images)
+        copies.append(images.clone())
+    ld.set_epoch(1)
+    for _ in ld:  # a whole new epoch: a new pipeline, new buffers
+        pass
+    assert len({x.data_ptr() for x in held}) == len(held)
+    for x, c in zip(held, copies, strict=True):
+        assert torch.equal(x, c)
+
+
+@pytest.mark.parametrize("size", [IMAGE_SIZE, 56])
+def test_val_parity_dali_vs_pil(tmp_path, size):
+    """The same validation tensors from DALI and torchvision, to within one grey level.
+
+    Sizes are chosen so that every rounding case of torchvision's Resize (the longer side
+    truncated) and CenterCrop (odd slack, rounded half to even) occurs. Both backends decode
+    JPEG with libjpeg-turbo, and DALI's antialiased linear resize matches PIL's bilinear to
+    within rounding, so the only differences left are uint8 rounding: one grey level at most.
+    """
+    sizes = [(64, 48), (48, 64), (80, 80), (57, 91), (91, 57), (40, 96), (75, 50), (33, 100)]
+    samples = [
+        (write_image(str(tmp_path / f"{i}.jpg"), size=s, seed=i), 0) for i, s in enumerate(sizes)
+    ]
+    list_file = str(tmp_path / "list.txt")
+    write_list(list_file, samples)
+    dali = images_of(epoch(loader(list_file, backend="dali", train=False, image_size=size)))
+    pil = images_of(epoch(loader(list_file, backend="pil", train=False, image_size=size)))
+    difference = (dali - pil).abs()
+    assert float(difference.max()) <= 1.01 * ONE_GREY_LEVEL
+    assert float(difference.mean()) < 0.25 * ONE_GREY_LEVEL
+    # A one-pixel shift of the crop would show: the check above is not vacuous.
+    shifted = (dali[..., 1:] - pil[..., :-1]).abs().mean()
+    assert float(shifted) > 4 * float(difference.mean())
+
+
+@pytest.mark.parametrize("backend", ["dali", "pil"])
+def test_val_every_image_exactly_once(indexed_list, tmp_path, backend):
+    """World sizes 1-4, lists of 1, 2, 5 and 11 images, batch 3: each image once, no padding."""
+    for count in (1, 2, 5, 11):
+        list_file = str(tmp_path / f"list{count}.txt")
+        write_list(list_file, read_list(indexed_list)[:count])
+        for world in (1, 2, 3, 4):
+            seen = []
+            for rank in range(world):
+                ld = loader(
+                    list_file,
+                    backend=backend,
+                    train=False,
+                    batch_size=3,
+                    rank=rank,
+                    world_size=world,
+                )
+                batches = epoch(ld)
+                assert len(batches) == len(ld)
+                assert all(len(y) > 0 for _, y in batches)  # no empty batch on a short shard
+                assert sum(len(y) for _, y in batches) == ld.num_samples
+                seen += labels_of(batches)
+            assert sorted(seen) == list(range(count)), (count, world)
+            assert seen == list(range(count))  # contiguous shards in list order
+
+
+@pytest.mark.parametrize("backend", ["dali", "pil"])
+def test_train_ranks_equal_steps_disjoint_and_reshuffled(indexed_list, backend):
+    """Every rank the same steps; an epoch's samples disjoint across ranks; a new order each
+    epoch (one global permutation, so the ranks' parts never overlap)."""
+    for world in (1, 2, 3, 4):
+        expected_steps = (11 // world) // 2
+        orders = {}
+        for ep in (0, 1):
+            per_rank = []
+            for rank in range(world):
+                ld = loader(
+                    indexed_list,
+                    backend=backend,
+                    train=True,
+                    batch_size=2,
+                    rank=rank,
+                    world_size=world,
+                )
+                batches = epoch(ld, ep)
+                assert len(batches) == len(ld) == expected_steps
+                assert all(len(y) == 2 for _, y in batches)
+                per_rank.append(labels_of(batches))
+            everything = sum(per_rank, [])
+            assert len(set(everything)) == len(everything), (world, ep, per_rank)
+            orders[ep] = everything
+        assert orders[0] != orders[1]
+
+
+@pytest.mark.parametrize("backend", ["dali", "pil"])
+def test_train_seeded_repeatable_and_resumable(labelled_list, backend):
+    first = epoch(loader(labelled_list, backend=backend, train=True, seed=3), 2)
+    again = loader(labelled_list, backend=backend, train=True, seed=3)
+    epoch(again, 0)  # running earlier epochs first changes nothing about epoch 2
+    second = epoch(again, 2)
+    for (x1, y1), (x2, y2) in zip(first, second, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert torch.equal(images_of(epoch(again, 2)), images_of(first))  # same epoch twice
+    other = epoch(loader(labelled_list, backend=backend, train=True, seed=4), 2)
+    assert not torch.equal(images_of(first), images_of(other))
+
+
+@pytest.mark.parametrize("backend", ["dali", "pil"])
+def test_train_augmentation_differs_per_rank_and_epoch(same_image_list, backend):
+    """One image listed 16 times: what differs between batches is augmentation alone."""
+    crops = {}
+    for rank in (0, 1):
+        for ep in (0, 1):
+            ld = loader(same_image_list, backend=backend, train=True, rank=rank, world_size=2)
+            crops[rank, ep] = images_of(epoch(ld, ep))
+    assert not torch.equal(crops[0, 0], crops[1, 0])
+    assert not torch.equal(crops[0, 0], crops[0, 1])
+    # and within a batch the 4 copies are augmented differently
+    assert not torch.equal(crops[0, 0][0], crops[0, 0][1])
+
+
+def test_pil_workers_give_the_same_batches_as_in_process(labelled_list):
+    """Per-sample seeding: worker processes (persistent, 2 epochs) change nothing."""
+    in_process = loader(labelled_list, backend="pil", train=True, num_threads=0)
+    workers = loader(labelled_list, backend="pil", train=True, num_threads=2)
+    for ep in (0, 1):
+        a, b = epoch(in_process, ep), epoch(workers, ep)
+        assert torch.equal(images_of(a), images_of(b))
+        assert labels_of(a) == labels_of(b)
+
+
+def test_val_pass_repeats_and_recovers_from_an_abandoned_pass(labelled_list):
+    ld = loader(labelled_list, backend="dali", train=False)
+    full = epoch(ld)
+    assert len(list(itertools.islice(ld, 2))) == 2  # a pass stopped after two batches
+    assert labels_of(epoch(ld)) == labels_of(full)
+    assert torch.equal(images_of(epoch(ld)), images_of(full))
+
+
+@pytest.mark.parametrize("backend", ["dali", "pil"])
+def test_too_few_samples_for_one_training_step(indexed_list, backend):
+    with pytest.raises(ValueError, match=r"list\.txt: 11 samples give no training step"):
+        loader(indexed_list, backend=backend, train=True, batch_size=3, world_size=4)
+
+
+def test_labels_checked_against_classes_file(tmp_path, labelled_list):
+    root = os.path.dirname(labelled_list)
+    list_file = str(tmp_path / "list.txt")
+    write_list(
+        list_file,
+        [(os.path.join(root, "img", "000.jpg"), 0), (os.path.join(root, "img", "001.jpg"), 7)],
+    )
+    write_classes(str(tmp_path / "classes.txt"), ["a", "b", "c"])
+    with pytest.raises(ListError, match=r"list\.txt:2: label 7 is outside \[0, 3\)"):
+        loader(list_file, backend="dali", train=False)
+    # an explicit count overrides classes.txt
+    assert loader(list_file, backend="dali", train=False, num_classes=8).num_classes == 8
+
+
+def test_argument_errors(labelled_list):
+    with pytest.raises(ValueError, match="backend"):
+        loader(labelled_list, backend="ffcv", train=True)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        loader(labelled_list, backend="dali", train=True, dali_decode="mixed")
+    with pytest.raises(ValueError, match="dali_decode"):
+        loader(labelled_list, backend="dali", train=True, dali_decode="gpu")
+    with pytest.raises(ValueError, match="rank 2"):
+        loader(labelled_list, backend="pil", train=True, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="dtype"):
+        loader(labelled_list, backend="dali", train=True, dtype=torch.float64)
+
+
+def test_dali_options_reach_the_decoder(labelled_list):
+    from pipelines.dali import MIXED_DECODER_DEFAULTS, decoder_options
+
+    assert decoder_options("cpu", None) == {}
+    mixed = decoder_options("mixed", {"hw_decoder_load": 0.9})
+    assert mixed == {**MIXED_DECODER_DEFAULTS, "hw_decoder_load": 0.9}
+    ld = loader(labelled_list, backend="dali", train=True, dali_options={"use_fast_idct": True})
+    assert len(epoch(ld)) == len(ld)
+    with pytest.raises(KeyError, match="no_such_option"):  # DALI checks argument names
+        epoch(loader(labelled_list, backend="dali", train=True, dali_options={"no_such_option": 1}))
+
+
+@pytest.mark.parametrize("decode", ["mixed", "cpu"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "val"])
+def test_gpu_graphs_are_well_formed_without_a_gpu(labelled_list, decode, train):
+    """Defining a DALI graph checks every operator's argument names and devices; only
+    building it needs CUDA. So the GPU graphs are checked here too (they run under -m gpu)."""
+    from pipelines import dali
+    from pipelines.common import derived_seed
+
+    graph = dict(
+        files=[labelled_list],
+        labels=[0],
+        image_size=IMAGE_SIZE,
+        decode_device=decode,
+        to_gpu=True,
+        output_dtype=dali.types.FLOAT16,
+        decoder_options=dali.decoder_options(decode, None),
+    )
+    pipeline = dict(batch_size=2, num_threads=1, device_id=0, seed=derived_seed(0, 0, 0))
+    if train:
+        pipe = dali.train_pipeline(shard_id=0, num_shards=1, **graph, **pipeline)
+    else:
+        pipe = dali.val_pipeline(**graph, **pipeline)
+    assert pipe.device_id == 0

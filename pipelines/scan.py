@@ -34,6 +34,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", 
 SKIP_HIDDEN = "hidden"
 SKIP_NOT_IMAGE = "not an image file"
 SKIP_OUTSIDE = "outside the class folders"
+SKIP_LINE_BREAK = "line break in the name (a list cannot hold it)"
 
 
 class ScanError(ValueError):
@@ -83,7 +84,11 @@ def find_classes(root: str | os.PathLike) -> list[str]:
     if not os.path.isdir(root):
         raise ScanError(f"{root}: not a folder")
     with os.scandir(root) as entries:
-        return sorted(e.name for e in entries if not _is_hidden(e.name) and e.is_dir())
+        names = sorted(e.name for e in entries if not _is_hidden(e.name) and e.is_dir())
+    for name in names:
+        if "\n" in name or "\r" in name:
+            raise ScanError(f"{os.path.join(root, name)!r}: a class name cannot hold a line break")
+    return names
 
 
 def _walk_class_folder(folder: str) -> tuple[list[str], list[tuple[str, str]]]:
@@ -107,6 +112,8 @@ def _walk_class_folder(folder: str) -> tuple[list[str], list[tuple[str, str]]]:
                 skipped.append((path, SKIP_HIDDEN))
             elif not is_image_file(name):
                 skipped.append((path, SKIP_NOT_IMAGE))
+            elif "\n" in path or "\r" in path:
+                skipped.append((path, SKIP_LINE_BREAK))
             else:
                 images.append(path)
     return images, skipped
@@ -270,7 +277,7 @@ def make_lists(
     """Scan ``root`` and write ``Train.txt``, ``Test.txt`` and ``classes.txt`` into ``out_dir``.
 
     ``val_fraction`` applies to the flat layout only. With ``verify``, files that fail to
-    decode are left out (and passed to ``on_excluded`` as they are found, after the scan).
+    decode are left out, before the split, and each is passed to ``on_excluded``.
     An empty val split still gets a ``Test.txt``, holding only a ``#`` comment saying why.
     Raises ScanError for a missing root, no class folders or no images.
     """
@@ -301,13 +308,13 @@ def make_lists(
         if not scan.classes:
             raise ScanError(f"{root}: no class folders (expected ROOT/<class>/<image>)")
         classes, skipped, empty = scan.classes, scan.skipped, list(scan.empty_classes)
-        train, val = split_train_val(scan.samples, val_fraction=val_fraction, seed=seed)
+        train, val = scan.samples, []  # split below, once unusable files are out
         layout, why_empty = "flat", f"--val-fraction {val_fraction} left none"
     if not train and not val:
         raise ScanError(f"{root}: no image files in {len(classes)} class folders")
     excluded: list[tuple[str, str]] = []
     if verify:
-        val_before = val
+        had_val = bool(val)
         excluded = verify_images([s.path for s in train + val], workers=workers)
         if on_excluded is not None:
             for path, reason in excluded:
@@ -315,8 +322,10 @@ def make_lists(
         bad = {path for path, _ in excluded}
         train = [s for s in train if s.path not in bad]
         val = [s for s in val if s.path not in bad]
-        if not val and any(s.path in bad for s in val_before):
+        if had_val and not val:
             why_empty = "every one failed --verify"
+    if layout == "flat":
+        train, val = split_train_val(train, val_fraction=val_fraction, seed=seed)
     if not train:
         raise ScanError(f"{root}: no usable training images")
     train_list = os.path.join(out_dir, TRAIN_LIST)
@@ -352,7 +361,7 @@ def format_summary(report: ListsReport) -> str:
     lines.append(f"class names -> {report.classes_file}")
     reasons = Counter(reason for _, reason in report.skipped)
     skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
-    lines.append(f"skipped: {len(report.skipped)} files" + (f" ({skipped})" if skipped else ""))
+    lines.append(f"skipped: {len(report.skipped)}" + (f" ({skipped})" if skipped else ""))
     lines.append(f"empty classes: {len(report.empty_classes)}")
     if report.excluded:
         lines.append(f"excluded by --verify: {len(report.excluded)} files")

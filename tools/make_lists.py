@@ -1,0 +1,100 @@
+"""Turn class-per-folder image trees into Train.txt / Test.txt / classes.txt.
+
+    python tools/make_lists.py ROOT --out-dir DIR [--val-fraction F] [--seed S]
+                               [--verify] [--workers N] [--absolute]
+
+ROOT is either ROOT/<class>/... (split into train and val by --val-fraction, stratified and
+deterministic per --seed) or ROOT/train/<class>/... with ROOT/val/ (or ROOT/test/), each its own
+list with the class map from train/. Label = position of the class in the sorted folder names.
+Exit status: 0 when the lists were written, 2 for bad input (the error on one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):
+    # `python tools/make_lists.py` puts tools/ first on sys.path; the project root has to be
+    # there for `pipelines` when the project is not installed.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipelines.lists import ListError  # noqa: E402
+from pipelines.scan import ScanError, format_summary, make_lists  # noqa: E402
+
+DEFAULT_VAL_FRACTION = 0.1
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=(
+            "Val count per class (flat layout): round(n * F), halves up; at least 1 when the "
+            "class has 2+ images and F > 0; never the whole class. With F = 0 (or no val "
+            "images) Test.txt holds only a '#' comment. Hidden (dot) files and folders and "
+            "non-image files are skipped and counted; an empty class folder keeps its label."
+        ),
+    )
+    parser.add_argument("root", help="folder of class folders, or of train/ and val/ (or test/)")
+    parser.add_argument("--out-dir", required=True, help="where the three files are written")
+    parser.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        default=None,
+        help=f"share of each class for val, flat layout only (default {DEFAULT_VAL_FRACTION})",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="decode every image fully and leave out the ones that fail, naming each",
+    )
+    parser.add_argument(
+        "--workers", type=_positive, default=None, help="processes for --verify (default: CPUs)"
+    )
+    parser.add_argument(
+        "--absolute", action="store_true", help="absolute paths (default: relative to DIR)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    val_fraction = DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction
+    try:
+        report = make_lists(
+            args.root,
+            out_dir=args.out_dir,
+            val_fraction=val_fraction,
+            seed=args.seed,
+            verify=args.verify,
+            workers=args.workers,
+            absolute=args.absolute,
+            on_excluded=lambda path, reason: print(f"excluded: {path}: {reason}"),
+        )
+    except (ScanError, ListError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if report.layout == "split" and args.val_fraction is not None:
+        print("note: --val-fraction ignored: ROOT has its own train/ and val/ folders")
+    print(format_summary(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

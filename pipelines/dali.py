@@ -146,7 +146,9 @@ def torchvision_val_geometry(images, *, image_size: int):
     the decoded shape (a few scalar CPU ops per image). With them DALI and PIL agree to within
     one grey level per pixel (tests/test_pipelines.py).
     """
-    shape = images.shape(device="cpu")  # HWC, int64; for GPU images the shape stays on CPU
+    # HWC, int64, on the CPU even for GPU images: the dynamic executor allows it, and DALI's
+    # docs prefer it to peeking at the encoded header (fn.peek_image_shape).
+    shape = images.shape(device="cpu")
     height, width = shape[0], shape[1]
     shorter = dmath.min(height, width)
     side = common.val_resize_size(image_size)
@@ -226,8 +228,13 @@ def resolve_decode(dali_decode: str, device: torch.device) -> str:
     return dali_decode
 
 
-def decoder_options(decode_device: str, overrides: dict | None) -> dict:
+def decoder_options(decode_device: str, overrides: dict | None, *, train: bool) -> dict:
+    """Decoder arguments: the GPU defaults above for mixed decode, then ``overrides``."""
     options = dict(MIXED_DECODER_DEFAULTS) if decode_device == "mixed" else {}
+    if decode_device == "mixed" and not train:
+        # Val: upsample chroma as libjpeg-turbo (DALI's CPU decoder and PIL) does, so GPU
+        # validation tensors match the CPU ones more closely; it may cost some decode speed.
+        options["jpeg_fancy_upsampling"] = True
     options.update(overrides or {})
     return options
 
@@ -305,7 +312,7 @@ class DaliLoader:
         self.dtype = dtype
         self.prefetch = prefetch
         self.decode_device = resolve_decode(dali_decode, device)
-        self.decoder_options = decoder_options(self.decode_device, dali_options)
+        self.decoder_options = decoder_options(self.decode_device, dali_options, train=train)
         self.dataset_size = len(samples)
         self._files = [s.path for s in samples]
         self._labels = [s.label for s in samples]

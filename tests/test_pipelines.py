@@ -300,9 +300,11 @@ def test_argument_errors(labelled_list):
 def test_dali_options_reach_the_decoder(labelled_list):
     from pipelines.dali import MIXED_DECODER_DEFAULTS, decoder_options
 
-    assert decoder_options("cpu", None) == {}
-    mixed = decoder_options("mixed", {"hw_decoder_load": 0.9})
+    assert decoder_options("cpu", None, train=True) == {}
+    mixed = decoder_options("mixed", {"hw_decoder_load": 0.9}, train=True)
     assert mixed == {**MIXED_DECODER_DEFAULTS, "hw_decoder_load": 0.9}
+    val = decoder_options("mixed", {"jpeg_fancy_upsampling": False}, train=False)
+    assert val == {**MIXED_DECODER_DEFAULTS, "jpeg_fancy_upsampling": False}
     ld = loader(labelled_list, backend="dali", train=True, dali_options={"use_fast_idct": True})
     assert len(epoch(ld)) == len(ld)
     with pytest.raises(KeyError, match="no_such_option"):  # DALI checks argument names
@@ -324,7 +326,7 @@ def test_gpu_graphs_are_well_formed_without_a_gpu(labelled_list, decode, train):
         decode_device=decode,
         to_gpu=True,
         output_dtype=dali.types.FLOAT16,
-        decoder_options=dali.decoder_options(decode, None),
+        decoder_options=dali.decoder_options(decode, None, train=train),
     )
     pipeline = dict(batch_size=2, num_threads=1, device_id=0, seed=derived_seed(0, 0, 0))
     if train:
@@ -332,3 +334,31 @@ def test_gpu_graphs_are_well_formed_without_a_gpu(labelled_list, decode, train):
     else:
         pipe = dali.val_pipeline(**graph, **pipeline)
     assert pipe.device_id == 0
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "val"])
+def test_pil_gpu_backend_matches_pil(labelled_list, train):
+    """Normalizing uint8 batches on the device gives torchvision's tensors (same seeds)."""
+    on_device = epoch(loader(labelled_list, backend="pil-gpu", train=train))
+    in_workers = epoch(loader(labelled_list, backend="pil", train=train))
+    assert labels_of(on_device) == labels_of(in_workers)
+    torch.testing.assert_close(images_of(on_device), images_of(in_workers), atol=1e-5, rtol=0)
+
+
+def test_demo_data_through_both_backends(tiny_data):
+    """The tiny demo set (JPEGs, PNGs, grayscale, varied sizes): same val tensors and labels,
+    and a training epoch of whole batches, from both backends."""
+    val = {
+        backend: epoch(loader(tiny_data.val_list, backend=backend, train=False, batch_size=8))
+        for backend in ("dali", "pil")
+    }
+    assert labels_of(val["dali"]) == labels_of(val["pil"])
+    assert len(labels_of(val["dali"])) == len(read_list(tiny_data.val_list))
+    difference = (images_of(val["dali"]) - images_of(val["pil"])).abs()
+    assert float(difference.max()) <= 1.01 * ONE_GREY_LEVEL
+    for backend in ("dali", "pil"):
+        ld = loader(tiny_data.train_list, backend=backend, train=True, batch_size=8)
+        assert ld.num_classes == tiny_data.num_classes
+        batches = epoch(ld)
+        assert len(batches) == len(ld) == len(read_list(tiny_data.train_list)) // 8
+        assert max(labels_of(batches)) < tiny_data.num_classes

@@ -320,8 +320,9 @@ def _generate(root: str, preset_name: str, seed: int, workers: int | None) -> No
     jobs = _plan(root, preset_name, seed)
     for folder in sorted({os.path.dirname(job.path) for job in jobs}):
         os.makedirs(folder, exist_ok=True)
-    workers = workers or os.cpu_count() or 1
-    if not PRESETS[preset_name].parallel or workers <= 1:
+    if workers is None:
+        workers = (os.cpu_count() or 1) if PRESETS[preset_name].parallel else 1
+    if workers <= 1:
         _write_chunk(jobs)
         return
     chunk = max(1, min(64, len(jobs) // (workers * 4)))
@@ -342,8 +343,8 @@ def ensure_demo_data(
     """The demo data set under ``root`` (default: ``default_demo_root()``), generated on the
     first call and reused while its marker matches ``preset``, ``seed`` and the format.
 
-    ``workers`` processes draw the images (default ``os.cpu_count()``; the tiny preset is
-    drawn in-process). Raises DemoDataError when ``root`` holds ``train/`` or ``val/`` that
+    ``workers`` processes draw the images (default: ``os.cpu_count()``, but in-process for
+    the tiny preset; the files are the same bytes either way). Raises DemoDataError when ``root`` holds ``train/`` or ``val/`` that
     the generator did not write, rather than deleting them.
     """
     if preset not in PRESETS:

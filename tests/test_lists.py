@@ -1,0 +1,188 @@
+"""The list-file format (pipelines/lists.py): every error names file:line, round trips hold."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pipelines.lists import (
+    ListError,
+    Sample,
+    classes_beside,
+    format_line,
+    read_classes,
+    read_list,
+    write_classes,
+    write_list,
+)
+
+
+def write_text(path, text: str, encoding: str = "utf-8") -> str:
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding=encoding, newline="") as f:
+        f.write(text)
+    return path
+
+
+# --- reading lists ---------------------------------------------------------------------------
+
+
+def test_comments_blank_lines_and_spaces_in_paths(tmp_path):
+    lst = write_text(
+        tmp_path / "lists" / "Train.txt",
+        "# header comment\n\n  a/x.jpg 0\nb c/y z.jpg   1\n   \n# another\n/abs/p.png 2\n",
+    )
+    samples = read_list(lst, num_classes=3)
+    base = str(tmp_path / "lists")
+    assert samples == [
+        Sample(os.path.join(base, "a", "x.jpg"), 0),
+        Sample(os.path.join(base, "b c", "y z.jpg"), 1),
+        Sample("/abs/p.png", 2),
+    ]
+
+
+def test_relative_paths_resolve_against_the_list_folder_not_cwd(tmp_path, monkeypatch):
+    lst = write_text(tmp_path / "deep" / "L.txt", "../img/a.jpg 0\n./b.jpg 1\n")
+    os.makedirs(tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    paths = [s.path for s in read_list(os.path.relpath(lst))]
+    assert paths == [str(tmp_path / "img" / "a.jpg"), str(tmp_path / "deep" / "b.jpg")]
+    assert all(os.path.isabs(p) for p in paths)
+
+
+def test_crlf_and_byte_order_mark_are_tolerated(tmp_path):
+    lst = write_text(tmp_path / "L.txt", "\ufeffa.jpg 0\r\nb.jpg 1\r\n")
+    assert [s.path for s in read_list(lst)] == [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")]
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "words"),
+    [
+        ("a.jpg 0\nno_label_here\n", 2, "expected 'path label'"),
+        ("a.jpg 0\n\n# c\nb.jpg cat\n", 4, "is not an integer"),
+        ("a.jpg 1.5\n", 1, "is not an integer"),
+        ("a.jpg 0\nb.jpg -1\n", 2, "negative label -1"),
+        ("a.jpg 0\nb.jpg 3\n", 2, "outside [0, 3)"),
+    ],
+)
+def test_bad_lines_are_named_by_file_and_line(tmp_path, text, line, words):
+    lst = write_text(tmp_path / "L.txt", text)
+    with pytest.raises(ListError) as info:
+        read_list(lst, num_classes=3)
+    message = str(info.value)
+    assert message.startswith(f"{lst}:{line}: ")
+    assert words in message
+
+
+def test_label_range_is_checked_only_with_num_classes(tmp_path):
+    lst = write_text(tmp_path / "L.txt", "a.jpg 7\n")
+    assert read_list(lst)[0].label == 7
+    with pytest.raises(ListError, match=r"L\.txt:1: label 7 is outside \[0, 7\)"):
+        read_list(lst, num_classes=7)
+
+
+def test_missing_list_is_an_error(tmp_path):
+    with pytest.raises(ListError, match="list file not found"):
+        read_list(tmp_path / "nope.txt")
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n\n   \n"])
+def test_list_without_samples_is_an_error(tmp_path, text):
+    lst = write_text(tmp_path / "L.txt", text)
+    with pytest.raises(ListError, match="holds no samples"):
+        read_list(lst)
+
+
+def test_non_utf8_list_names_the_line(tmp_path):
+    lst = tmp_path / "L.txt"
+    lst.write_bytes(b"a.jpg 0\nb.jpg 1\n\xff\xfe.jpg 0\n")
+    with pytest.raises(ListError, match=r"L\.txt:3: not UTF-8"):
+        read_list(lst)
+
+
+# --- writing lists ---------------------------------------------------------------------------
+
+
+def test_awkward_names_round_trip(tmp_path):
+    names = [
+        "plain.jpg",
+        "with space.jpg",
+        "  leading blanks.jpg",
+        "#looks like a comment.jpg",
+        "ñandú café/日本 語.png",
+        "tab\tinside.jpg",
+        "ends with digits 12.jpg",
+    ]
+    samples = [Sample(str(tmp_path / "img" / n), k) for k, n in enumerate(names)]
+    lst = tmp_path / "lists" / "Train.txt"
+    assert write_list(lst, samples) == len(names)
+    text = lst.read_text(encoding="utf-8")
+    assert "../img/plain.jpg 0\n" in text  # relative to the list's folder
+    assert read_list(lst) == samples
+    # Beside the images, the relative paths start with the names themselves.
+    beside = tmp_path / "img" / "Train.txt"
+    write_list(beside, samples)
+    text = beside.read_text(encoding="utf-8")
+    assert "./  leading blanks.jpg 2\n" in text and "./#looks like a comment.jpg 3\n" in text
+    assert read_list(beside) == samples
+    write_list(lst, samples, absolute=True)
+    assert lst.read_text(encoding="utf-8").startswith(f"{tmp_path}/img/plain.jpg 0\n")
+    assert read_list(lst) == samples
+
+
+def test_tuples_are_accepted_and_labels_cast(tmp_path):
+    lst = tmp_path / "L.txt"
+    write_list(lst, [(str(tmp_path / "a.jpg"), 2)])
+    assert lst.read_text() == "a.jpg 2\n"
+
+
+def test_unwritable_paths_are_refused_without_leaving_debris(tmp_path):
+    lst = tmp_path / "L.txt"
+    write_list(lst, [(str(tmp_path / "ok.jpg"), 0)])
+    with pytest.raises(ListError, match="line break"):
+        write_list(lst, [(str(tmp_path / "ok.jpg"), 0), (str(tmp_path / "a\nb.jpg"), 1)])
+    with pytest.raises(ListError, match="ends in a blank"):
+        format_line("a.jpg ", 0)
+    assert sorted(os.listdir(tmp_path)) == ["L.txt"]  # no temp file left behind
+    assert lst.read_text() == "ok.jpg 0\n"  # and the old list is intact
+
+
+# --- classes.txt -----------------------------------------------------------------------------
+
+
+def test_classes_round_trip_and_classes_beside(tmp_path):
+    names = ["cat", "dog house", "ñandú", " padded "]
+    write_classes(tmp_path / "classes.txt", names)
+    assert read_classes(tmp_path / "classes.txt") == names
+    write_text(tmp_path / "Train.txt", "a.jpg 0\n")
+    assert classes_beside(tmp_path / "Train.txt") == str(tmp_path / "classes.txt")
+    write_text(tmp_path / "other" / "Train.txt", "a.jpg 0\n")
+    assert classes_beside(tmp_path / "other" / "Train.txt") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("cat\n\ndog\n", r"classes\.txt:2: empty class name"),
+        ("cat\n   \n", r"classes\.txt:2: empty class name"),
+        ("cat\ndog\ncat\n", r"classes\.txt:3: class 'cat' repeats line 1"),
+        ("", r"classes\.txt: no class names"),
+    ],
+)
+def test_bad_classes_files(tmp_path, text, pattern):
+    path = write_text(tmp_path / "classes.txt", text)
+    with pytest.raises(ListError, match=pattern):
+        read_classes(path)
+
+
+def test_missing_classes_file_is_a_list_error(tmp_path):
+    with pytest.raises(ListError, match="classes file not found"):
+        read_classes(tmp_path / "classes.txt")
+
+
+def test_unwritable_class_names_are_refused(tmp_path):
+    with pytest.raises(ListError, match="cannot write class name"):
+        write_classes(tmp_path / "classes.txt", ["ok", "two\nlines"])
+    assert not os.path.exists(tmp_path / "classes.txt")

@@ -1,0 +1,189 @@
+"""Atomic checkpoints, resume, and the model.pt export that needs only torchvision to load.
+
+Checkpoints (last.pt every epoch, best.pt on a new best top-1) hold everything a resumed run
+needs: model (bare names: no ``module.``, no ``_orig_mod.``), optimizer, grad scaler (an fp16
+run cannot resume without it), scheduler, the next epoch to run, best top-1, the resolved
+config, the class names and the seed. A run killed mid-epoch resumes at the start of that
+epoch, so it ends with the same number of epochs.
+
+model.pt, written at the end, is for inference without this project::
+
+    import PIL.Image, torch, torchvision, torchvision.transforms.v2 as T
+    m = torch.load("model.pt", map_location="cpu", weights_only=True); p = m["preprocessing"]
+    net = torchvision.models.get_model(m["arch"], num_classes=len(m["class_names"])).eval()
+    net.load_state_dict(m["model"])
+    tf = T.Compose([T.ToImage(), T.Resize(p["resize_size"]), T.CenterCrop(p["image_size"]),
+                    T.ToDtype(torch.float32, scale=True), T.Normalize(p["mean"], p["std"])])
+    print(m["class_names"][net(tf(PIL.Image.open("x.jpg").convert("RGB"))[None]).argmax()])
+
+Resize is bilinear with antialiasing (torchvision's default),
+the interpolation recorded in ``preprocessing["interpolation"]``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.config import TrainerError
+from trainer.model import strip_wrapper_prefixes, unwrap_model
+
+LAST = "last.pt"
+BEST = "best.pt"
+EXPORT = "model.pt"
+FORMAT_VERSION = 1
+
+# Preprocessing of the loaders (pipelines' DALI and PIL val paths): resize the shorter side to
+# crop / 0.875, center crop, ImageNet mean/std on 0-1 pixel values.
+VAL_CROP_FRACTION = 0.875
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename over ``path``.
+
+    Same folder so the rename is atomic (one filesystem): a reader, or a run killed at any
+    moment, sees either the old complete file or the new complete file, never half of one.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The bare model's weights on the CPU, names free of DDP/compile prefixes."""
+    state = unwrap_model(model).state_dict()
+    return {k: v.detach().cpu() for k, v in strip_wrapper_prefixes(state).items()}
+
+
+def checkpoint_state(
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    next_epoch: int,
+    best_top1: float,
+    config: Mapping[str, Any],
+    class_names: Sequence[str],
+) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "arch": config["arch"],
+        "model": model_state(model),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": next_epoch,  # the next epoch to run
+        "best_top1": best_top1,
+        "config": dict(config),
+        "class_names": list(class_names),
+        "rng": {"seed": config["seed"], "torch": torch.get_rng_state()},
+    }
+
+
+def resolve_resume(resume: str | None, output_dir: str) -> str | None:
+    """Path to resume from: None (fresh), ``auto`` = output_dir/last.pt if present, or a file."""
+    if not resume:
+        return None
+    if resume == "auto":
+        path = os.path.join(output_dir, LAST)
+        return path if os.path.isfile(path) else None
+    if not os.path.isfile(resume):
+        raise TrainerError(f"{resume}: checkpoint to resume from not found")
+    return resume
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrainerError(f"{path}: not a readable checkpoint ({first_line})") from None
+    needed = ("model", "optimizer", "scheduler", "epoch", "config")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
+        raise TrainerError(f"{path}: not a checkpoint of this trainer (needs {', '.join(needed)})")
+    return ckpt
+
+
+def check_compatible(ckpt: Mapping[str, Any], path: str, *, arch: str, num_classes: int) -> None:
+    saved_arch = ckpt["config"].get("arch")
+    saved_classes = len(ckpt.get("class_names") or []) or ckpt["config"].get("num_classes")
+    if saved_arch != arch:
+        raise TrainerError(f"{path}: checkpoint of {saved_arch}, but --arch is {arch}")
+    if saved_classes and saved_classes != num_classes:
+        raise TrainerError(
+            f"{path}: checkpoint has {saved_classes} classes, the data {num_classes}"
+        )
+
+
+def restore_training_state(
+    ckpt: Mapping[str, Any],
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> tuple[int, float, list[str]]:
+    """Load what was saved into the live objects; returns (next epoch, best top-1, notes)."""
+    notes: list[str] = []
+    unwrap_model(model).load_state_dict(ckpt["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and scaler.is_enabled():
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        else:
+            notes.append("checkpoint has no fp16 grad-scaler state; the loss scale starts afresh")
+    return int(ckpt["epoch"]), float(ckpt.get("best_top1", 0.0)), notes
+
+
+def preprocessing(image_size: int) -> dict[str, Any]:
+    """How val images are prepared, so model.pt can be used without this project."""
+    return {
+        "image_size": image_size,
+        "resize_size": int(round(image_size / VAL_CROP_FRACTION)),
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "interpolation": "bilinear",
+        "antialias": True,
+        "input": "RGB, float 0-1 before Normalize, NCHW",
+    }
+
+
+def export_model(
+    path: str,
+    *,
+    model: nn.Module,
+    arch: str,
+    class_names: Sequence[str],
+    image_size: int,
+) -> None:
+    """Weights + arch + class names + preprocessing; see the module docstring to load it."""
+    atomic_save(
+        {
+            "format_version": FORMAT_VERSION,
+            "arch": arch,
+            "model": model_state(model),
+            "class_names": list(class_names),
+            "num_classes": len(class_names),
+            "preprocessing": preprocessing(image_size),
+        },
+        path,
+    )

@@ -1,0 +1,296 @@
+"""One dataclass holds every setting; the command line and TOML config files are built from it.
+
+Each field of ``Config`` is one flag (``batch_size`` -> ``--batch-size``), its help text in the
+field's metadata, so the flag list, the defaults and the docs cannot drift apart. Precedence,
+lowest first: field defaults, the demo recipe (only when no ``--train-list`` is given, from
+the command line or the file), ``--config FILE``, the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class TrainerError(Exception):
+    """Bad input the user can fix; main() prints ``error: <message>`` and exits 2."""
+
+
+AMP_CHOICES = ("bf16", "fp16", "off")
+OPTIMIZERS = ("sgd", "adamw", "adam")
+LOADERS = ("dali", "pil")
+DALI_DECODE = ("auto", "mixed", "cpu")
+
+# The embedded default: with no data given, a recipe sized to finish in a few minutes on a
+# small CPU (2 cores, 2 ranks) and still learn the generated demo classes well above chance.
+# With --train-list these do not apply and the ImageNet-like field defaults below hold.
+DEMO_RECIPE: dict[str, Any] = {
+    "arch": "resnet18",
+    "epochs": 6,
+    "batch_size": 32,
+    "lr": 0.2,
+    "warmup_epochs": 1.0,
+    "image_size": 64,
+    "loader": "dali",
+    "output_dir": "runs/demo",
+}
+
+
+def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, flags=()) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "flags": flags})
+
+
+@dataclass
+class Config:
+    # Data
+    train_list: str | None = _opt(
+        None,
+        "training list file, one 'path label' per line; without it the demo data is generated "
+        "once and the demo recipe (resnet18, small images, a few epochs) trains on it",
+    )
+    val_list: str | None = _opt(
+        None, "validation list file (default: Test.txt beside --train-list, if present)"
+    )
+    classes: str | None = _opt(
+        None, "classes.txt naming one class per line (default: classes.txt beside --train-list)"
+    )
+    num_classes: int | None = _opt(
+        None, "number of classes (default: the line count of classes.txt; must agree with it)"
+    )
+    loader: str = _opt("dali", "input pipeline backend", choices=LOADERS)
+    workers: int | None = _opt(
+        None, "DALI threads / PIL workers per GPU (default: usable CPU cores / local ranks)"
+    )
+    dali_decode: str = _opt(
+        "auto",
+        "DALI JPEG decode: mixed = GPU, cpu = host; auto = mixed on CUDA",
+        choices=DALI_DECODE,
+    )
+    image_size: int = _opt(224, "training and validation crop side, pixels")
+    # Model
+    arch: str = _opt("resnet50", "torchvision classification model name (e.g. resnet18, resnet50)")
+    pretrained: str | None = _opt(
+        None,
+        "local state dict to start from (torchvision format or this trainer's model.pt / "
+        "checkpoint); a head of another class count is skipped; never downloads",
+    )
+    sync_bn: bool = _opt(False, "convert BatchNorm to SyncBatchNorm across ranks")
+    channels_last: bool = _opt(True, "model and batches in channels_last memory format")
+    compile: bool = _opt(False, "torch.compile the model")
+    # Optimization
+    epochs: int = _opt(90, "training epochs")
+    batch_size: int = _opt(64, "images per GPU (per rank) per step")
+    optimizer: str = _opt("sgd", "sgd (Nesterov momentum), adamw or adam", choices=OPTIMIZERS)
+    lr: float | None = _opt(
+        None,
+        "peak learning rate (default: sgd 0.1 x global batch / 256, the linear scaling rule; "
+        "adam/adamw 1e-3 x global batch / 512)",
+    )
+    momentum: float = _opt(0.9, "SGD momentum (Nesterov)")
+    weight_decay: float | None = _opt(
+        None,
+        "weight decay, not applied to norm layers and biases (default: 1e-4 sgd/adam, 0.05 adamw)",
+    )
+    warmup_epochs: float = _opt(5.0, "linear learning-rate warmup, epochs (then cosine decay)")
+    label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss, 0 to <1")
+    amp: str = _opt(
+        "bf16",
+        "mixed precision: bf16 (falls back to fp16 on GPUs without bf16), fp16 (with a grad "
+        "scaler) or off (float32)",
+        choices=AMP_CHOICES,
+    )
+    seed: int = _opt(0, "random seed of model init, shuffling and augmentation")
+    # Run
+    output_dir: str = _opt("runs/train", "folder for checkpoints, metrics.jsonl, config.toml")
+    resume: str | None = _opt(
+        None,
+        "checkpoint to continue from, or 'auto' = last.pt in --output-dir if there (default: "
+        "start fresh)",
+    )
+    eval_only: bool = _opt(False, "evaluate the --resume / --pretrained weights once and exit")
+    log_interval: int = _opt(20, "steps between training log lines")
+    dist_timeout: float = _opt(
+        300.0, "seconds a collective may wait for a silent rank before the job fails"
+    )
+    config: str | None = _opt(None, "TOML file of settings (keys = field names); flags override it")
+    local_rank: int | None = _opt(
+        None,
+        "set by the legacy torch.distributed.launch; torchrun's LOCAL_RANK env wins",
+        flags=("--local_rank",),
+    )
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+# Not written to the saved config.toml: how this run was launched, not what it trains.
+NOT_SAVED = ("config", "local_rank")
+
+
+def _field_types() -> dict[str, tuple[type, bool]]:
+    """Field name -> (base type, optional)."""
+    out = {}
+    for name, hint in typing.get_type_hints(Config).items():
+        args = typing.get_args(hint)
+        if args:  # X | None
+            base = next(a for a in args if a is not type(None))
+            out[name] = (base, True)
+        else:
+            out[name] = (hint, False)
+    return out
+
+
+FIELD_TYPES = _field_types()
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """Argparse parser with one flag per Config field; unset flags are absent from the result.
+
+    SUPPRESS as the default lets parse_config tell "given on the command line" from "default",
+    which the precedence (demo recipe < file < command line) needs.
+    """
+    parser = argparse.ArgumentParser(
+        prog="torchrun [--nproc_per_node=N] trainer/main.py",
+        description=description,
+        argument_default=argparse.SUPPRESS,
+    )
+    for name, f in FIELDS.items():
+        base, _ = FIELD_TYPES[name]
+        help_text = f.metadata["help"]
+        default = f.default
+        shown = "none" if default is None else default
+        demo = f"; demo recipe: {DEMO_RECIPE[name]}" if name in DEMO_RECIPE else ""
+        help_text = f"{help_text} [default: {shown}{demo}]"
+        flags = [flag_name(name), *f.metadata["flags"]]
+        if base is bool:
+            parser.add_argument(
+                *flags, dest=name, action=argparse.BooleanOptionalAction, help=help_text
+            )
+        else:
+            parser.add_argument(
+                *flags,
+                dest=name,
+                type=base,
+                choices=f.metadata["choices"],
+                metavar=name.upper() if f.metadata["choices"] is None else None,
+                help=help_text,
+            )
+    return parser
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    base, _optional = FIELD_TYPES[name]
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+        raise TrainerError(
+            f"{source}: {name} = {value!r} should be {base.__name__}, not {type(value).__name__}"
+        )
+    return value
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Read a flat TOML file whose keys are Config field names (dashes allowed)."""
+    if not os.path.isfile(path):
+        raise TrainerError(f"{path}: config file not found")
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise TrainerError(f"{path}: not valid TOML: {exc}") from None
+    values = {key.replace("-", "_"): value for key, value in raw.items()}
+    unknown = sorted(k for k in values if k not in FIELDS or k == "config")
+    if unknown:
+        raise TrainerError(
+            f"{path}: unknown setting(s) {', '.join(unknown)}; "
+            f"known: {', '.join(k for k in FIELDS if k != 'config')}"
+        )
+    return {name: _coerce(name, value, path) for name, value in values.items()}
+
+
+def check_config(cfg: Config) -> None:
+    """Values the parser's types cannot rule out (also reached from config files)."""
+    for name, f in FIELDS.items():
+        choices = f.metadata["choices"]
+        value = getattr(cfg, name)
+        if choices and value not in choices:
+            raise TrainerError(
+                f"{flag_name(name)} must be one of {', '.join(choices)}, not {value!r}"
+            )
+    positive = ("epochs", "batch_size", "image_size", "log_interval", "dist_timeout")
+    for name in positive:
+        if not getattr(cfg, name) > 0:
+            raise TrainerError(f"{flag_name(name)} must be > 0, got {getattr(cfg, name)}")
+    for name in ("num_classes", "workers", "lr"):
+        value = getattr(cfg, name)
+        if value is not None and not value > 0:
+            raise TrainerError(f"{flag_name(name)} must be > 0, got {value}")
+    if cfg.warmup_epochs < 0 or (cfg.weight_decay is not None and cfg.weight_decay < 0):
+        raise TrainerError("--warmup-epochs and --weight-decay must be >= 0")
+    if not 0.0 <= cfg.label_smoothing < 1.0:
+        raise TrainerError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Command line (and optional --config file) -> Config. Raises TrainerError on bad input."""
+    given = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    if given.get("config"):
+        values.update(load_config_file(given["config"]))
+    values.update(given)
+    if values.get("train_list") is None:
+        for name, value in DEMO_RECIPE.items():
+            values.setdefault(name, value)
+    cfg = Config(**values)
+    check_config(cfg)
+    return cfg
+
+
+def uses_demo_data(cfg: Config) -> bool:
+    return cfg.train_list is None
+
+
+def default_lr(cfg: Config, world_size: int) -> float:
+    global_batch = cfg.batch_size * world_size
+    if cfg.optimizer == "sgd":
+        return 0.1 * global_batch / 256
+    return 1e-3 * global_batch / 512
+
+
+def default_weight_decay(cfg: Config) -> float:
+    return 0.05 if cfg.optimizer == "adamw" else 1e-4
+
+
+def config_dict(cfg: Config) -> dict[str, Any]:
+    """The settings that define the run (what config.toml and checkpoints hold)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_SAVED}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def to_toml(values: dict[str, Any]) -> str:
+    """Flat TOML that --config reads back; None (unset) values are left out."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+def save_config(cfg: Config, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("# resolved settings of this run; reuse with --config\n")
+        f.write(to_toml(config_dict(cfg)))
+    os.replace(tmp, path)

@@ -1,0 +1,151 @@
+"""The one place for distributed setup: launcher env -> rank, device, process group.
+
+torchrun (and ``torch.distributed.launch --use-env``) set RANK, WORLD_SIZE, LOCAL_RANK,
+LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT; the legacy launcher passes ``--local-rank`` as an
+argument instead of LOCAL_RANK, so that value is accepted too. Without a launcher the same code
+runs as one process with no process group at all. Backend: nccl on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int  # global rank: the shard id of the data
+    world_size: int
+    local_rank: int  # rank on this node: picks the GPU, never the data shard
+    local_world_size: int
+    device: torch.device
+    is_main: bool  # rank 0: the one that prints and writes files
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+_info: DistInfo | None = None
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+def usable_cpus() -> int:
+    # The affinity mask, not os.cpu_count(): containers and taskset give us fewer cores.
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def cpu_threads_per_rank(local_world_size: int) -> int:
+    """Cores split evenly among this node's ranks; OMP_NUM_THREADS, when set, caps it."""
+    threads = max(1, usable_cpus() // max(1, local_world_size))
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        threads = min(threads, int(omp))
+    return threads
+
+
+def setup_distributed(
+    *,
+    timeout_s: float = 300.0,
+    local_rank: int | None = None,
+    device: str | None = None,
+) -> DistInfo:
+    """Read the launcher's env, pick the device, and join the process group when world > 1.
+
+    ``timeout_s`` bounds how long a collective waits for a rank that went silent, so a hung
+    peer fails the job instead of holding it forever (torchrun already stops every rank when
+    one exits non-zero). ``local_rank`` is the legacy launcher's ``--local-rank`` argument.
+    ``device`` forces "cpu" or "cuda"; by default CUDA when available.
+    """
+    global _info
+    rank = _env_int("RANK", 0)
+    world_size = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", local_rank if local_rank is not None else rank)
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size)
+
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+        # Fixed input shapes every step: let cuDNN pick the fastest kernels once.
+        torch.backends.cudnn.benchmark = True
+    else:
+        dev = torch.device("cpu")
+        # Each rank is its own process: without this every rank would use all cores and the
+        # ranks would oversubscribe the machine (and starve the loader threads).
+        torch.set_num_threads(cpu_threads_per_rank(local_world_size))
+
+    if world_size > 1 and not torch_dist.is_initialized():
+        torch_dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+            # Bind the group to our GPU so NCCL never guesses the device from the rank.
+            device_id=dev if use_cuda else None,
+        )
+    _info = DistInfo(rank, world_size, local_rank, local_world_size, dev, rank == 0)
+    return _info
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group (a no-op for a single process)."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+teardown_distributed = cleanup_distributed
+
+
+def is_main_process() -> bool:
+    if _info is not None:
+        return _info.is_main
+    return _env_int("RANK", 0) == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only, flushed so the lines interleave sanely under torchrun."""
+    if is_main_process():
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
+
+
+def _active() -> bool:
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def barrier() -> None:
+    if _active():
+        if _info is not None and _info.device.type == "cuda":
+            torch_dist.barrier(device_ids=[_info.device.index])
+        else:
+            torch_dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place; returns the tensor. Identity for a single process."""
+    if _active():
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks, in place: for values every rank weighs equally (same step count)."""
+    if _active():
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+        tensor /= torch_dist.get_world_size()
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    if _active():
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+    return tensor

@@ -1,0 +1,346 @@
+"""The training step, one training epoch, and evaluation: plain functions, the step in plain sight.
+
+Modelled on torchvision's references/classification/train.py and nanoGPT's train.py. The host
+never waits for the device inside an epoch: losses accumulate on the device and are read (one
+all-reduce, one sync) only every ``log_interval`` steps and at the end of the epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer import dist
+from trainer.config import TrainerError
+from trainer.model import build_model, compile_model, wrap_ddp
+
+# Module types whose parameters get no weight decay: decaying a norm layer's scale or shift
+# only fights the normalization (Goyal et al. 2017; torchvision's --norm-weight-decay 0).
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
+    nn.GroupNorm,
+    nn.LayerNorm,  # also torchvision's LayerNorm2d (a subclass)
+    nn.LocalResponseNorm,
+)
+if hasattr(nn, "RMSNorm"):
+    NORM_TYPES += (nn.RMSNorm,)
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+def resolve_amp(amp: str, device: torch.device) -> tuple[torch.dtype | None, str | None]:
+    """The autocast dtype for ``--amp`` on ``device`` (None = float32), and a note if changed.
+
+    bf16 needs no loss scaling and runs on CPUs and on Ampere or newer GPUs; older GPUs get
+    fp16 (with a grad scaler) instead.
+    """
+    if amp not in AMP_DTYPES:
+        raise TrainerError(f"--amp must be one of {', '.join(AMP_DTYPES)}, not {amp!r}")
+    dtype = AMP_DTYPES[amp]
+    if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16, "--amp bf16: this GPU lacks bfloat16, using fp16 with loss scaling"
+    return dtype, None
+
+
+def make_scaler(amp_dtype: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling only for fp16 (bf16 has float32's range); disabled it is a pass-through."""
+    return torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: weights with decay; norm-layer parameters and every bias without."""
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            if isinstance(module, NORM_TYPES) or name == "bias":
+                no_decay.append(param)
+            else:
+                decay.append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def make_optimizer(
+    model: nn.Module, *, name: str, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4
+) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum, AdamW or Adam, weight decay off for norms and biases."""
+    groups = param_groups(model, weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    if name == "adam":
+        # Adam's weight_decay is L2 added to the gradient (unlike AdamW's decoupled decay).
+        return torch.optim.Adam(groups, lr=lr)
+    raise TrainerError(f"--optimizer must be sgd, adamw or adam, not {name!r}")
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to the peak lr, then cosine decay to zero; stepped once per iteration.
+
+    Per-step rather than per-epoch so a short run (few, long epochs) still warms up smoothly.
+    A plain closure, not an object: LambdaLR would pickle an object's attributes into its
+    state dict and a resumed run with other settings would silently get the old schedule.
+    """
+    warmup_steps = max(0, min(warmup_steps, total_steps - 1))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """One optimization step. Returns the loss, detached and still on the device (no sync).
+
+    Touches nothing but the model, optimizer, scaler and scheduler passed in, so the benchmark
+    times exactly the step the trainer runs.
+    """
+    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = model(images)
+        loss = criterion(logits, labels)
+    optimizer.zero_grad(set_to_none=True)  # frees the grads instead of writing zeros
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
+    scaler.update()
+    if scheduler is not None:
+        scheduler.step()
+    return loss.detach()
+
+
+class _TestExitHook:
+    """Test hook: TRAINER_TEST_EXIT_AFTER_STEPS=N makes this process exit abruptly.
+
+    After the N-th training step run by this process (counted across epochs), ``os._exit``
+    with code 17, no cleanup and no checkpoint: a stand-in for a killed job that the resume
+    tests use. TRAINER_TEST_EXIT_RANK=R limits it to global rank R (a rank that dies).
+    Unset in normal use; costs one integer compare per step.
+    """
+
+    EXIT_CODE = 17
+
+    def __init__(self) -> None:
+        value = os.environ.get("TRAINER_TEST_EXIT_AFTER_STEPS", "")
+        rank = os.environ.get("TRAINER_TEST_EXIT_RANK", "")
+        self.after = int(value) if value else None
+        if self.after is not None and rank and int(rank) != int(os.environ.get("RANK", "0")):
+            self.after = None
+        self.steps = 0
+
+    def step(self) -> None:
+        if self.after is None:
+            return
+        self.steps += 1
+        if self.steps >= self.after:
+            print(f"TRAINER_TEST_EXIT_AFTER_STEPS: exiting after step {self.steps}", flush=True)
+            os._exit(self.EXIT_CODE)
+
+
+_test_exit_hook = _TestExitHook()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    epoch: int,
+    epochs: int,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    amp_dtype: torch.dtype | None,
+    device: torch.device,
+    log_interval: int = 20,
+) -> dict[str, float]:
+    """Train over one epoch of ``loader``; returns the epoch's figures, identical on all ranks.
+
+    Returned: train_loss (mean over every step of every rank), images_per_sec_per_gpu,
+    data_wait_fraction (host time blocked on the next batch / epoch time), lr (at the end),
+    steps.
+    """
+    model.train()
+    if hasattr(loader, "set_epoch"):
+        # A fresh permutation each epoch, the same one on every rank.
+        loader.set_epoch(epoch)
+    steps = len(loader)  # type: ignore[arg-type]
+    window_loss = torch.zeros((), device=device)
+    epoch_loss = torch.zeros((), device=device)
+    window_steps = window_images = images_seen = 0
+    data_wait = window_wait = 0.0
+    start = window_start = time.perf_counter()
+    step = 0
+    batches = iter(loader)
+    while True:
+        fetch_start = time.perf_counter()
+        try:
+            images, labels = next(batches)
+        except StopIteration:
+            break
+        waited = time.perf_counter() - fetch_start
+        data_wait += waited
+        window_wait += waited
+        loss = train_step(
+            model,
+            images,
+            labels,
+            criterion=criterion,
+            optimizer=optimizer,
+            scaler=scaler,
+            scheduler=scheduler,
+            amp_dtype=amp_dtype,
+        )
+        # Accumulated on the device: reading loss.item() here would stall the GPU pipeline.
+        window_loss += loss
+        epoch_loss += loss
+        step += 1
+        window_steps += 1
+        batch = labels.shape[0]  # a host-side shape, no sync
+        window_images += batch
+        images_seen += batch
+        _test_exit_hook.step()
+        if step % log_interval == 0 or step == steps:
+            # One all-reduce (and so one sync) per window: rank 0 prints the global mean loss.
+            mean_loss = dist.all_reduce_mean(window_loss / window_steps).item()
+            now = time.perf_counter()
+            elapsed = now - window_start
+            dist.print0(
+                f"epoch {epoch + 1}/{epochs} step {step}/{steps} loss {mean_loss:.4f} "
+                f"lr {optimizer.param_groups[0]['lr']:.4g} "
+                f"img/s/gpu {window_images / elapsed:.1f} data-wait {window_wait / elapsed:.0%}"
+            )
+            window_loss.zero_()
+            window_steps = window_images = 0
+            window_wait = 0.0
+            window_start = now
+    elapsed = time.perf_counter() - start
+    if step == 0:
+        raise TrainerError("the training loader yielded no batches (fewer images than ranks?)")
+    totals = torch.tensor(
+        [epoch_loss.item() / step, images_seen / elapsed, data_wait / elapsed],
+        dtype=torch.float64,
+        device=device,
+    )
+    loss_mean, rate, wait = dist.all_reduce_mean(totals).tolist()
+    return {
+        "train_loss": loss_mean,
+        "images_per_sec_per_gpu": rate,
+        "data_wait_fraction": wait,
+        "lr": optimizer.param_groups[0]["lr"],
+        "steps": step,
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    num_classes: int,
+    amp_dtype: torch.dtype | None,
+    device: torch.device,
+) -> dict[str, float]:
+    """Top-1, top-k (k = min(5, classes)) and cross-entropy over every val image exactly once.
+
+    Sums and counts are all-reduced, so the figures equal a single-process evaluation of the
+    same weights whatever the world size (a mean of per-rank percentages would not, with
+    uneven shards). The bare model runs, not DDP: ranks may get different numbers of batches
+    and DDP's forward could wait on a rank that has finished. val_loss has no label smoothing.
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    was_training = model.training
+    model.eval()
+    k = min(5, num_classes)
+    # loss sum, top-1 correct, top-k correct, count; float64 so sums stay exact for big sets.
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    for images, labels in loader:
+        with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images)
+        logits = logits.float()
+        top = logits.topk(k, dim=1).indices == labels[:, None]
+        sums[0] += F.cross_entropy(logits, labels, reduction="sum")
+        sums[1] += top[:, 0].sum()
+        sums[2] += top.any(dim=1).sum()
+        sums[3] += labels.shape[0]
+    loss_sum, correct1, correctk, count = dist.all_reduce_sum(sums).tolist()
+    model.train(was_training)
+    if count == 0:
+        raise TrainerError("the validation loader yielded no images")
+    return {
+        "val_top1": 100.0 * correct1 / count,
+        "val_top5": 100.0 * correctk / count,
+        "val_loss": loss_sum / count,
+        "val_images": int(count),
+    }
+
+
+def build_step(
+    *,
+    arch: str,
+    num_classes: int,
+    amp: str,
+    channels_last: bool,
+    device: torch.device,
+    seed: int,
+    info: dist.DistInfo,
+    optimizer: str = "sgd",
+    lr: float = 0.1,
+    compile: bool = False,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A ready ``step(images, labels) -> loss`` with the trainer's model, optimizer and AMP.
+
+    For the benchmark: the same build (DDP across ranks, channels_last, AMP, optimizer groups)
+    and the same ``train_step`` as a training run, constant learning rate, no scheduler.
+    """
+    torch.manual_seed(seed)
+    amp_dtype, note = resolve_amp(amp, device)
+    if note:
+        dist.print0(note)
+    model = build_model(
+        arch, num_classes=num_classes, device=device, channels_last=channels_last, log=dist.print0
+    )
+    model = wrap_ddp(compile_model(model, compile), device, info.world_size)
+    opt = make_optimizer(model, name=optimizer, lr=lr)
+    scaler = make_scaler(amp_dtype, device)
+    criterion = nn.CrossEntropyLoss()
+    model.train()
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return train_step(
+            model,
+            images,
+            labels,
+            criterion=criterion,
+            optimizer=opt,
+            scaler=scaler,
+            amp_dtype=amp_dtype,
+        )
+
+    return step

@@ -1,0 +1,398 @@
+"""Train an image classifier with DDP:  torchrun --nproc_per_node=N trainer/main.py [flags]
+
+With no flags it generates the demo data once (reused afterwards) and trains the demo recipe
+on it; ``--train-list Train.txt`` trains on your data with ImageNet-like defaults (resnet50,
+224 px). One process without torchrun works too (``python trainer/main.py``). ``--help``
+lists every flag with its default.
+
+Phases, one function each: parse the config, set up the ranks, resolve the data, build the
+loaders, the model and the optimizer, resume, then per epoch train_one_epoch -> evaluate ->
+log -> checkpoint; at the end export model.pt. Bad input (lists, classes, weights, config)
+fails before training with one ``error: ...`` line on rank 0 and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+
+if __package__ in (None, ""):
+    # `torchrun trainer/main.py` puts trainer/ first on sys.path, where config.py, model.py...
+    # could shadow other top-level modules; the project root belongs there instead.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from pipelines import build_loader  # noqa: E402
+from pipelines.lists import (  # noqa: E402
+    VAL_LIST,
+    ListError,
+    classes_beside,
+    read_classes,
+    read_list,
+)
+from trainer import checkpoint as ckpt_io  # noqa: E402
+from trainer import dist  # noqa: E402
+from trainer.config import (  # noqa: E402
+    Config,
+    TrainerError,
+    config_dict,
+    default_lr,
+    default_weight_decay,
+    parse_config,
+    save_config,
+)
+from trainer.engine import (  # noqa: E402
+    evaluate,
+    make_optimizer,
+    make_scaler,
+    make_scheduler,
+    resolve_amp,
+    train_one_epoch,
+)
+from trainer.model import build_model, compile_model, wrap_ddp  # noqa: E402
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.toml"
+EVAL_FILE = "eval.json"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    train_list: str
+    val_list: str | None
+    class_names: list[str]
+    demo: bool
+
+
+def prepare_demo_data(info: dist.DistInfo) -> str:
+    """Generate the demo data set once (one rank per node writes it), return its Train.txt."""
+    from pipelines.demo import MARKER_FILE, default_demo_root, ensure_demo_data
+
+    root = default_demo_root()
+    existed = os.path.isfile(os.path.join(root, MARKER_FILE))
+    if info.local_rank == 0:
+        demo = ensure_demo_data(root, preset="default")
+    dist.barrier()  # the others wait until the tree is complete, then just read it
+    if info.local_rank != 0:
+        demo = ensure_demo_data(root, preset="default")
+    dist.print0(
+        f"no --train-list: {'using the' if existed else 'generated the'} demo data in {root} "
+        f"({demo.num_classes} classes) and the demo recipe (see --help)"
+    )
+    return demo.train_list
+
+
+def resolve_data(cfg: Config, info: dist.DistInfo) -> DataSpec:
+    """Lists and class names, checked before anything is built: every fault named here."""
+    demo = cfg.train_list is None
+    train_list = prepare_demo_data(info) if demo else cfg.train_list
+    val_list = cfg.val_list
+    if val_list is None:
+        beside = os.path.join(os.path.dirname(os.path.abspath(train_list)), VAL_LIST)
+        val_list = (
+            beside if os.path.isfile(beside) and beside != os.path.abspath(train_list) else None
+        )
+    classes_file = cfg.classes or classes_beside(train_list)
+    if classes_file is not None:
+        if not os.path.isfile(classes_file):
+            raise TrainerError(f"{classes_file}: classes file not found")
+        class_names = read_classes(classes_file)
+        if cfg.num_classes is not None and cfg.num_classes != len(class_names):
+            raise TrainerError(
+                f"{classes_file}: names {len(class_names)} classes, but --num-classes is "
+                f"{cfg.num_classes}; fix one (the head needs one class count)"
+            )
+    elif cfg.num_classes is not None:
+        class_names = [str(i) for i in range(cfg.num_classes)]
+    else:
+        raise TrainerError(
+            f"{train_list}: no {os.path.basename('classes.txt')} beside it; give --classes FILE "
+            "or --num-classes N"
+        )
+    # Parsed here too (build_loader parses again) so a bad line fails before any model work.
+    read_list(train_list, num_classes=len(class_names))
+    if val_list is not None:
+        read_list(val_list, num_classes=len(class_names))
+    return DataSpec(train_list, val_list, class_names, demo)
+
+
+def resolve_config(cfg: Config, info: dist.DistInfo) -> Config:
+    """Fill in the defaults that depend on the world size and the optimizer."""
+    return replace(
+        cfg,
+        lr=cfg.lr if cfg.lr is not None else default_lr(cfg, info.world_size),
+        weight_decay=cfg.weight_decay
+        if cfg.weight_decay is not None
+        else default_weight_decay(cfg),
+        workers=cfg.workers or dist.cpu_threads_per_rank(info.local_world_size),
+    )
+
+
+def build_loaders(cfg: Config, data: DataSpec, info: dist.DistInfo, dtype: torch.dtype):
+    common = dict(
+        backend=cfg.loader,
+        batch_size=cfg.batch_size,
+        image_size=cfg.image_size,
+        rank=info.rank,
+        world_size=info.world_size,
+        device=info.device,
+        num_threads=cfg.workers,
+        seed=cfg.seed,
+        dtype=dtype,
+        num_classes=len(data.class_names),
+        dali_decode=cfg.dali_decode,
+    )
+    try:
+        train = None if cfg.eval_only else build_loader(data.train_list, train=True, **common)
+        val = build_loader(data.val_list, train=False, **common) if data.val_list else None
+    except (ValueError, OSError) as exc:  # bad lists/files/sizes: the loaders name the file
+        raise TrainerError(str(exc)) from None
+    return train, val
+
+
+def append_metrics(path: str, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def truncate_metrics(path: str, *, completed_epochs: int) -> None:
+    """Keep the records of the epochs a resumed checkpoint holds; drop any after it."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        kept = [
+            line for line in f if line.strip() and json.loads(line)["epoch"] <= completed_epochs
+        ]
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def run_eval_only(cfg, data, info, model, val_loader, amp_dtype) -> dict:
+    if val_loader is None:
+        raise TrainerError("--eval-only needs a validation list (--val-list)")
+    metrics = evaluate(
+        model,
+        val_loader,
+        num_classes=len(data.class_names),
+        amp_dtype=amp_dtype,
+        device=info.device,
+    )
+    dist.print0(
+        f"eval: top1 {metrics['val_top1']:.2f}% top5 {metrics['val_top5']:.2f}% "
+        f"loss {metrics['val_loss']:.4f} over {metrics['val_images']} images"
+    )
+    if info.is_main:
+        with open(os.path.join(cfg.output_dir, EVAL_FILE), "w", encoding="utf-8") as f:
+            json.dump(metrics, f)
+    return metrics
+
+
+def train(cfg: Config, info: dist.DistInfo) -> dict | None:
+    """Everything after the ranks are up; returns the last epoch's metrics."""
+    data = resolve_data(cfg, info)
+    cfg = resolve_config(cfg, info)
+    amp_dtype, note = resolve_amp(cfg.amp, info.device)
+    if note:
+        dist.print0(note)
+    if cfg.eval_only and not (cfg.resume or cfg.pretrained):
+        raise TrainerError("--eval-only needs weights: --resume PATH|auto or --pretrained PATH")
+    resume_path = ckpt_io.resolve_resume(cfg.resume, cfg.output_dir)
+    if cfg.resume == "auto" and resume_path is None:
+        dist.print0(f"--resume auto: no {ckpt_io.LAST} in {cfg.output_dir}, starting fresh")
+    checkpoint = ckpt_io.load_checkpoint(resume_path) if resume_path else None
+    if checkpoint is not None:
+        ckpt_io.check_compatible(
+            checkpoint, resume_path, arch=cfg.arch, num_classes=len(data.class_names)
+        )
+
+    # Same initial weights on every rank (DDP would broadcast rank 0's anyway).
+    torch.manual_seed(cfg.seed)
+    model = build_model(
+        cfg.arch,
+        num_classes=len(data.class_names),
+        device=info.device,
+        pretrained=cfg.pretrained,
+        sync_bn=cfg.sync_bn and info.distributed,
+        channels_last=cfg.channels_last,
+        log=dist.print0,
+    )
+    if info.is_main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.output_dir, CONFIG_FILE))
+    train_loader, val_loader = build_loaders(cfg, data, info, amp_dtype or torch.float32)
+
+    if cfg.eval_only:
+        if checkpoint is not None:
+            ckpt_io.restore_training_state(checkpoint, model=model)
+            dist.print0(f"eval-only: weights of {resume_path} (epoch {checkpoint['epoch']})")
+        return run_eval_only(cfg, data, info, model, val_loader, amp_dtype)
+
+    steps_per_epoch = len(train_loader)
+    optimizer = make_optimizer(
+        model,
+        name=cfg.optimizer,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+    )
+    scheduler = make_scheduler(
+        optimizer,
+        warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+        total_steps=cfg.epochs * steps_per_epoch,
+    )
+    scaler = make_scaler(amp_dtype, info.device)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    start_epoch, best_top1, elapsed_before = 0, 0.0, 0.0
+    metrics_path = os.path.join(cfg.output_dir, METRICS_FILE)
+    if checkpoint is not None:
+        start_epoch, best_top1, notes = ckpt_io.restore_training_state(
+            checkpoint, model=model, optimizer=optimizer, scaler=scaler, scheduler=scheduler
+        )
+        elapsed_before = float(checkpoint.get("elapsed", 0.0))
+        for line in notes:
+            dist.print0(line)
+        dist.print0(
+            f"resumed from {resume_path}: {start_epoch} epoch(s) done, best top-1 {best_top1:.2f}%"
+        )
+        if info.is_main:
+            truncate_metrics(metrics_path, completed_epochs=start_epoch)
+    elif info.is_main and os.path.exists(metrics_path):
+        os.remove(metrics_path)  # a fresh run: old records belong to another run
+    del checkpoint  # its tensors are in the model now; free the CPU copy
+
+    # compile and DDP after loading, so the checkpoint's bare names match the bare model.
+    model = wrap_ddp(compile_model(model, cfg.compile), info.device, info.world_size)
+    dist.print0(
+        f"training {cfg.arch} on {info.world_size} x {info.device.type}: "
+        f"{train_loader.dataset_size} train / {val_loader.dataset_size if val_loader else 0} val "
+        f"images, {len(data.class_names)} classes, {cfg.image_size}px, batch {cfg.batch_size}/GPU "
+        f"(global {cfg.batch_size * info.world_size}), {steps_per_epoch} steps/epoch, "
+        f"{cfg.optimizer} lr {cfg.lr:.4g}, {cfg.epochs} epochs, amp {cfg.amp}, "
+        f"loader {cfg.loader} ({cfg.workers} threads/GPU); output {cfg.output_dir}"
+    )
+    if val_loader is None:
+        dist.print0("no validation list: no evaluation; best.pt follows the last epoch")
+
+    last: dict | None = None
+    start_time = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        # Seeded per epoch and rank, so a resumed run draws what the uninterrupted one would.
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + info.rank)
+        epoch_start = time.perf_counter()
+        stats = train_one_epoch(
+            model,
+            train_loader,
+            epoch=epoch,
+            epochs=cfg.epochs,
+            criterion=criterion,
+            optimizer=optimizer,
+            scaler=scaler,
+            scheduler=scheduler,
+            amp_dtype=amp_dtype,
+            device=info.device,
+            log_interval=cfg.log_interval,
+        )
+        val = {"val_top1": None, "val_top5": None, "val_loss": None}
+        if val_loader is not None:
+            val = evaluate(
+                model,
+                val_loader,
+                num_classes=len(data.class_names),
+                amp_dtype=amp_dtype,
+                device=info.device,
+            )
+        elapsed = elapsed_before + time.perf_counter() - start_time
+        last = {
+            "epoch": epoch + 1,
+            "train_loss": stats["train_loss"],
+            "val_top1": val["val_top1"],
+            "val_top5": val["val_top5"],
+            "val_loss": val["val_loss"],
+            "images_per_sec_per_gpu": stats["images_per_sec_per_gpu"],
+            "data_wait_fraction": stats["data_wait_fraction"],
+            "lr": stats["lr"],
+            "epoch_seconds": time.perf_counter() - epoch_start,
+            "elapsed": elapsed,
+        }
+        top1 = val["val_top1"] if val["val_top1"] is not None else 0.0
+        is_best = val_loader is None or top1 > best_top1
+        best_top1 = max(best_top1, top1)
+        top1_text = (
+            f"val top1 {top1:.2f}% top5 {val['val_top5']:.2f}% loss {val['val_loss']:.4f} "
+            if val_loader
+            else ""
+        )
+        dist.print0(
+            f"epoch {epoch + 1}/{cfg.epochs} done: train loss {stats['train_loss']:.4f} "
+            f"{top1_text}{stats['images_per_sec_per_gpu']:.1f} img/s/gpu "
+            f"data-wait {stats['data_wait_fraction']:.0%} ({elapsed:.0f}s)"
+        )
+        if info.is_main:
+            append_metrics(metrics_path, last)
+            state = ckpt_io.checkpoint_state(
+                model=model,
+                optimizer=optimizer,
+                scaler=scaler,
+                scheduler=scheduler,
+                next_epoch=epoch + 1,
+                best_top1=best_top1,
+                config=config_dict(cfg),
+                class_names=data.class_names,
+            )
+            state["elapsed"] = elapsed
+            ckpt_io.atomic_save(state, os.path.join(cfg.output_dir, ckpt_io.LAST))
+            if is_best:
+                ckpt_io.atomic_save(state, os.path.join(cfg.output_dir, ckpt_io.BEST))
+
+    if start_epoch >= cfg.epochs:
+        dist.print0(f"nothing to train: the checkpoint already holds {start_epoch} epochs")
+    if info.is_main:
+        export = os.path.join(cfg.output_dir, ckpt_io.EXPORT)
+        ckpt_io.export_model(
+            export,
+            model=model,
+            arch=cfg.arch,
+            class_names=data.class_names,
+            image_size=cfg.image_size,
+        )
+        dist.print0(
+            f"done: best val top-1 {best_top1:.2f}%; weights for inference in {export} "
+            "(loading it needs only torchvision, see trainer/checkpoint.py)"
+        )
+    return last
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_config(argv)
+    except TrainerError as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    info = dist.setup_distributed(timeout_s=cfg.dist_timeout, local_rank=cfg.local_rank)
+    try:
+        train(cfg, info)
+    except (TrainerError, ListError) as exc:
+        # The user's input, not our bug: one line, no traceback. Every rank finds the same
+        # fault (each checks its inputs), so all exit 2; rank 0 alone says why.
+        if info.is_main:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        dist.cleanup_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Build a torchvision classifier by name, fit its head, load local weights, wrap for DDP.
+
+Nothing here downloads: models are built with ``weights=None`` and ``--pretrained`` is a local
+file. The head is sized at construction (``num_classes=``), which every torchvision
+classification model accepts, so no per-architecture code knows where the head lives.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torchvision
+from torch import nn
+
+from trainer.config import TrainerError
+
+# Prefixes that wrappers add to parameter names: DDP ("module.") and torch.compile
+# ("_orig_mod."). Checkpoints never carry them, so they load into a bare model.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def list_architectures() -> list[str]:
+    """Classification models only (not detection/segmentation/video, which live in submodules)."""
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def create_model(arch: str, *, num_classes: int) -> nn.Module:
+    """Random-init torchvision classifier with a ``num_classes`` head."""
+    known = list_architectures()
+    if arch not in known:
+        raise TrainerError(
+            f"unknown --arch {arch!r}; torchvision classification models: {', '.join(known)}"
+        )
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Parameter names as a bare model has them (no ``module.`` / ``_orig_mod.``)."""
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key = key[len(prefix) :]
+                    changed = True
+        out[key] = value
+    return out
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare module under DDP and torch.compile wrappers (shares the same parameters)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+@dataclass
+class PretrainedReport:
+    path: str
+    loaded: list[str] = field(default_factory=list)
+    skipped_head: list[str] = field(default_factory=list)  # shape differs: another class count
+
+    def summary(self) -> str:
+        text = f"pretrained {self.path}: loaded {len(self.loaded)} tensors"
+        if self.skipped_head:
+            text += (
+                f", kept the new head (skipped {', '.join(self.skipped_head)}: other class count)"
+            )
+        return text
+
+
+def read_state_dict(path: str, *, arch: str | None = None) -> dict[str, torch.Tensor]:
+    """A state dict from a torchvision-format file, this trainer's model.pt or a checkpoint.
+
+    ``arch``, when the file records its own (model.pt, checkpoints), must match it.
+    """
+    if not os.path.isfile(path):
+        raise TrainerError(f"{path}: pretrained weights file not found")
+    try:
+        # weights_only: a weights file must never be able to run code on load.
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a file that is not a torch save
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrainerError(f"{path}: not a PyTorch weights file ({first_line})") from None
+    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        saved_arch = obj.get("arch") or (obj.get("config") or {}).get("arch")
+        if arch is not None and saved_arch and saved_arch != arch:
+            raise TrainerError(f"{path}: weights of {saved_arch}, but --arch is {arch}")
+        obj = obj["model"]
+    elif (
+        isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping)
+    ):
+        obj = obj["state_dict"]
+    if not (
+        isinstance(obj, Mapping)
+        and obj
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    ):
+        raise TrainerError(f"{path}: not a state dict (expected a mapping of names to tensors)")
+    return strip_wrapper_prefixes(obj)
+
+
+def load_pretrained(
+    model: nn.Module, path: str, *, arch: str, num_classes: int
+) -> PretrainedReport:
+    """Load every tensor of ``path`` into ``model`` except a head sized for other classes.
+
+    A tensor may be skipped only when it is the head's: its shape differs and the model's
+    first dimension is ``num_classes``. Anything else missing, extra or misshapen means the
+    file belongs to another architecture, which is an error, never a silent partial load.
+    """
+    state = read_state_dict(path, arch=arch)
+    own = model.state_dict()
+    report = PretrainedReport(path)
+    loadable: dict[str, torch.Tensor] = {}
+    misshapen: list[str] = []
+    for key, value in state.items():
+        if key not in own:
+            continue
+        if own[key].shape == value.shape:
+            loadable[key] = value
+            report.loaded.append(key)
+        elif own[key].dim() >= 1 and own[key].shape[0] == num_classes:
+            report.skipped_head.append(key)
+        else:
+            misshapen.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected or misshapen:
+
+        def some(keys: list[str]) -> str:
+            return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({some(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({some(unexpected)})")
+        if misshapen:
+            parts.append(f"{len(misshapen)} of another shape ({some(misshapen)})")
+        raise TrainerError(f"{path}: does not fit --arch {arch}: tensors {'; '.join(parts)}")
+    model.load_state_dict(loadable, strict=False)
+    return report
+
+
+def build_model(
+    arch: str,
+    *,
+    num_classes: int,
+    device: torch.device,
+    pretrained: str | None = None,
+    sync_bn: bool = False,
+    channels_last: bool = True,
+    log: Callable[[str], None] = print,
+) -> nn.Module:
+    """Bare model on ``device``: head for ``num_classes``, optional weights, SyncBN, layout.
+
+    Not yet compiled or DDP-wrapped (see ``compile_model`` and ``wrap_ddp``), so checkpoints
+    and evaluation can use it directly.
+    """
+    model = create_model(arch, num_classes=num_classes)
+    if pretrained:
+        log(load_pretrained(model, pretrained, arch=arch, num_classes=num_classes).summary())
+    if sync_bn and device.type != "cuda":
+        log("--sync-bn ignored: SyncBatchNorm runs on CUDA only, this run is on the CPU")
+    elif sync_bn:
+        # Batch statistics over the global batch: matters when the per-GPU batch is small.
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
+    if channels_last:
+        # NHWC lets cuDNN/oneDNN run convolutions without layout transposes; the loaders
+        # deliver channels_last batches to match.
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def compile_model(model: nn.Module, enabled: bool) -> nn.Module:
+    return torch.compile(model) if enabled else model
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, world_size: int) -> nn.Module:
+    """DDP for more than one rank; the model itself otherwise (no wrapper overhead)."""
+    if world_size <= 1:
+        return model
+    if device.type == "cuda":
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index])
+    # CPU: device_ids must be None, the module's own device is used.
+    return nn.parallel.DistributedDataParallel(model)

@@ -9,8 +9,9 @@ Decisions, with what DALI 2.4 does that led to them:
 - Train order: our own global permutation per epoch (``common.epoch_permutation``), identical
   on all ranks, truncated so that every rank's reader shard (``shard_id=rank``) holds exactly
   ``steps * batch_size`` samples. DALI's ``random_shuffle`` shuffles only within a buffer and
-  per shard, and ``shuffle_after_epoch`` cannot be resumed at epoch k; passing ``files=`` and
-  ``labels=`` in our order gives an exact, resumable global shuffle. The pipeline is rebuilt
+  per shard, and ``shuffle_after_epoch`` resumes at epoch k only through DALI's checkpoints;
+  passing ``files=`` and ``labels=`` in our order gives an exact global shuffle that any run
+  can rebuild from (seed, epoch). The pipeline is rebuilt
   for every training pass (cheap next to an epoch), seeded from (seed, rank, epoch).
 - Val sharding is done here, not by the reader: with ``num_shards`` > samples the reader fails
   to build ("The number of input samples: 2, needs to be at least equal to the requested number
@@ -113,7 +114,9 @@ def train_pipeline(
         output_type=types.RGB,
         random_area=list(common.TRAIN_AREA),
         random_aspect_ratio=list(common.TRAIN_ASPECT_RATIO),
-        num_attempts=100,  # as torchvision's RandomResizedCrop (10 would fall back sooner)
+        # NVIDIA's example value; torchvision tries 10 windows before its fallback crop, and
+        # more tries make DALI's fallback rarer still.
+        num_attempts=100,
         **decoder_options,
     )
     if to_gpu and decode_device == "cpu":

@@ -1,0 +1,338 @@
+"""Class folders -> lists (pipelines/scan.py and tools/make_lists.py) on generated trees."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from pipelines.lists import ListError, read_classes, read_list
+from pipelines.scan import (
+    SKIP_HIDDEN,
+    SKIP_NOT_IMAGE,
+    SKIP_OUTSIDE,
+    ScanError,
+    check_image,
+    format_summary,
+    make_lists,
+    scan_folders,
+    split_train_val,
+    val_count,
+    verify_images,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAKE_LISTS = os.path.join(REPO, "tools", "make_lists.py")
+
+
+def make_tree(root, make_image, counts: dict[str, int], *, size=(12, 10)) -> list[str]:
+    """``counts[class] = n`` JPEGs in ``root/<class>/``; returns the image paths."""
+    paths = []
+    for name, n in counts.items():
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(n):
+            paths.append(make_image(os.path.join(root, name, f"img{i:03d}.jpg"), size=size))
+    return paths
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location("make_lists_cli", MAKE_LISTS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+cli_main = _load_cli()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, MAKE_LISTS, *args], capture_output=True, text=True, timeout=120
+    )
+
+
+# --- the split -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("n", "fraction", "expected"),
+    [
+        (10, 0.1, 1),
+        (100, 0.1, 10),
+        (25, 0.1, 3),  # 2.5 rounds half up
+        (14, 0.1, 1),  # 1.4 rounds to 1
+        (3, 0.1, 1),  # at least one once there are two images
+        (2, 0.9, 1),  # never the whole class
+        (1, 0.5, 0),  # a single image stays in train
+        (0, 0.5, 0),
+        (50, 0.0, 0),
+        (10, 0.5, 5),
+    ],
+)
+def test_val_count_rounding(n, fraction, expected):
+    assert val_count(n, fraction) == expected
+
+
+def test_flat_split_is_stratified_and_deterministic(tmp_path, make_image):
+    counts = {"a": 20, "b": 7, "c": 1, "d": 33}
+    make_tree(tmp_path / "root", make_image, counts)
+    first = make_lists(tmp_path / "root", out_dir=tmp_path / "o1", val_fraction=0.25, seed=3)
+    again = make_lists(tmp_path / "root", out_dir=tmp_path / "o2", val_fraction=0.25, seed=3)
+    other = make_lists(tmp_path / "root", out_dir=tmp_path / "o3", val_fraction=0.25, seed=4)
+
+    assert first.layout == "flat" and first.classes == ["a", "b", "c", "d"]
+    val_per_label = Counter(s.label for s in first.val)
+    assert val_per_label == {0: 5, 1: 2, 3: 8}  # round(n * 0.25), class c keeps its one image
+    assert Counter(s.label for s in first.train) == {0: 15, 1: 5, 2: 1, 3: 25}
+    assert not {s.path for s in first.train} & {s.path for s in first.val}
+
+    for name in ("Train.txt", "Test.txt", "classes.txt"):
+        assert (tmp_path / "o1" / name).read_bytes() == (tmp_path / "o2" / name).read_bytes()
+    assert again.val == first.val and again.train == first.train
+    assert {s.path for s in other.val} != {s.path for s in first.val}
+    assert Counter(s.label for s in other.val) == val_per_label  # same sizes, other picks
+
+    # The lists on disk are what the report says, relative to their folder.
+    assert read_list(first.val_list, num_classes=4) == first.val
+    assert read_list(first.train_list, num_classes=4) == first.train
+    assert (tmp_path / "o1" / "Train.txt").read_text().startswith("../root/a/img")
+
+
+def test_split_of_one_class_does_not_depend_on_the_others(tmp_path, make_image):
+    make_tree(tmp_path / "one", make_image, {"a": 12, "b": 9})
+    make_tree(tmp_path / "two", make_image, {"a": 12, "b": 9, "c": 30})
+    one = make_lists(tmp_path / "one", out_dir=tmp_path / "o1", val_fraction=0.3, seed=1)
+    two = make_lists(tmp_path / "two", out_dir=tmp_path / "o2", val_fraction=0.3, seed=1)
+
+    def picks(report):
+        return sorted(os.path.relpath(s.path, report.root) for s in report.val if s.label < 2)
+
+    assert picks(one) == picks(two)
+
+
+def test_zero_fraction_writes_a_comment_only_val_list(tmp_path, make_image):
+    make_tree(tmp_path / "root", make_image, {"a": 4, "b": 3})
+    report = make_lists(tmp_path / "root", out_dir=tmp_path / "out", val_fraction=0.0)
+    assert report.val == [] and len(report.train) == 7
+    text = (tmp_path / "out" / "Test.txt").read_text()
+    assert text.startswith("# no validation samples") and text.count("\n") == 1
+    with pytest.raises(ListError, match="holds no samples"):
+        read_list(report.val_list)
+
+
+def test_split_takes_fractions_in_range_only(tmp_path, make_image):
+    make_tree(tmp_path / "root", make_image, {"a": 2})
+    for fraction in (-0.1, 1.0, 1.5):
+        with pytest.raises(ScanError, match=r"in \[0, 1\)"):
+            make_lists(tmp_path / "root", out_dir=tmp_path / "out", val_fraction=fraction)
+    with pytest.raises(ScanError):
+        split_train_val([], val_fraction=1.0)
+
+
+# --- layouts and what gets listed --------------------------------------------------------
+
+
+def test_train_val_layout_keeps_each_split_and_the_train_class_map(tmp_path, make_image):
+    root = tmp_path / "root"
+    make_tree(root / "train", make_image, {"b": 3, "a": 2, "c": 2})
+    make_tree(root / "val", make_image, {"c": 1, "b": 2})  # a subset of the classes is fine
+    report = make_lists(root, out_dir=tmp_path / "out", val_fraction=0.5)
+    assert report.layout == "split"
+    assert read_classes(report.classes_file) == ["a", "b", "c"]
+    train = read_list(report.train_list, num_classes=3)
+    val = read_list(report.val_list, num_classes=3)
+    assert Counter(s.label for s in train) == {0: 2, 1: 3, 2: 2}
+    assert Counter(s.label for s in val) == {1: 2, 2: 1}  # labels from train/, no resplit
+    assert all(f"{os.sep}val{os.sep}" in s.path for s in val)
+
+
+def test_test_folder_serves_as_val_and_val_wins_over_test(tmp_path, make_image):
+    root = tmp_path / "root"
+    make_tree(root / "train", make_image, {"a": 2})
+    make_tree(root / "test", make_image, {"a": 1})
+    report = make_lists(root, out_dir=tmp_path / "o1")
+    assert report.layout == "split" and len(report.val) == 1
+    make_tree(root / "val", make_image, {"a": 2})
+    report = make_lists(root, out_dir=tmp_path / "o2")
+    assert len(report.val) == 2 and any("test" in note for note in report.notes)
+
+
+def test_val_class_missing_from_train_is_an_error_naming_it(tmp_path, make_image):
+    root = tmp_path / "root"
+    make_tree(root / "train", make_image, {"a": 2, "b": 2})
+    make_tree(root / "val", make_image, {"a": 1, "zebra": 1})
+    with pytest.raises(ScanError, match=r"val/zebra: class 'zebra' is not among the 2 training"):
+        make_lists(root, out_dir=tmp_path / "out")
+    result = run_cli(str(root), "--out-dir", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "zebra" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert not os.path.exists(tmp_path / "out" / "Train.txt")  # nothing half-written
+
+
+def test_skipped_files_empty_classes_and_nested_folders(tmp_path, make_image):
+    root = tmp_path / "root"
+    make_tree(root, make_image, {"cat": 2, "dog": 1})
+    make_image(root / "cat" / "deeper" / "deepest" / "nested.PNG", fmt="PNG")
+    make_image(root / "dog" / "UPPER.JPEG")
+    make_image(root / "dog" / ".hidden.jpg")  # hidden even though it is an image
+    make_image(root / "dog" / ".cache" / "thumb.jpg")  # hidden folder: not walked
+    make_image(root / ".hidden_class" / "x.jpg")  # not a class
+    (root / "cat" / "notes.txt").write_text("not an image")
+    (root / "cat" / "image.jpg.bak").write_text("nor is this")
+    (root / "stray.jpg").write_bytes(b"")  # outside any class folder
+    os.makedirs(root / "empty")
+    os.makedirs(root / "also_empty" / "sub")
+    (root / "also_empty" / "sub" / "readme.md").write_text("no images here")
+
+    report = make_lists(root, out_dir=tmp_path / "out", val_fraction=0.0)
+    assert report.classes == ["also_empty", "cat", "dog", "empty"]  # empty ones keep a label
+    assert report.empty_classes == ["also_empty", "empty"]
+    listed = sorted(os.path.relpath(s.path, root) for s in report.train)
+    assert listed == [
+        "cat/deeper/deepest/nested.PNG",
+        "cat/img000.jpg",
+        "cat/img001.jpg",
+        "dog/UPPER.JPEG",
+        "dog/img000.jpg",
+    ]
+    assert {s.label for s in report.train} == {1, 2}
+    reasons = {os.path.relpath(p, root): r for p, r in report.skipped}
+    assert reasons == {
+        ".hidden_class": SKIP_HIDDEN,
+        "also_empty/sub/readme.md": SKIP_NOT_IMAGE,
+        "cat/image.jpg.bak": SKIP_NOT_IMAGE,
+        "cat/notes.txt": SKIP_NOT_IMAGE,
+        "dog/.cache": SKIP_HIDDEN,
+        "dog/.hidden.jpg": SKIP_HIDDEN,
+        "stray.jpg": SKIP_OUTSIDE,
+    }
+    summary = format_summary(report)
+    assert "warning: empty class folder: also_empty" in summary
+    assert "skipped: 7 (3 hidden, 3 not an image file, 1 outside the class folders)" in summary
+    assert "empty classes: 2" in summary
+
+
+def test_symlinked_folders_are_followed_once(tmp_path, make_image):
+    root = tmp_path / "root"
+    make_tree(root, make_image, {"a": 1})
+    make_tree(tmp_path / "elsewhere", make_image, {"b": 2})
+    os.symlink(tmp_path / "elsewhere" / "b", root / "b")
+    os.symlink(root / "a", root / "a" / "loop")  # a cycle must not hang the walk
+    scan = scan_folders(root)
+    assert scan.classes == ["a", "b"]
+    assert Counter(s.label for s in scan.samples) == {0: 1, 1: 2}
+
+
+def test_unicode_and_spaces_round_trip_through_read_list(tmp_path, make_image):
+    root = tmp_path / "my data"
+    names = {"ñandú café": 3, "日本 語": 2, "#hash": 2, "plain": 2}
+    make_tree(root, make_image, names)
+    make_image(root / "plain" / "a  b  c .jpg")
+    make_image(root / "plain" / "ünï cødé 1.jpg")
+    for absolute in (False, True):
+        out = tmp_path / f"lists abs={absolute}"
+        report = make_lists(root, out_dir=out, val_fraction=0.34, absolute=absolute)
+        classes = read_classes(out / "classes.txt")
+        assert classes == sorted(names)
+        train = read_list(out / "Train.txt", num_classes=len(classes))
+        val = read_list(out / "Test.txt", num_classes=len(classes))
+        assert train == report.train and val == report.val
+        assert all(os.path.isfile(s.path) for s in train + val)
+        assert len(train) + len(val) == 11
+        first_path = (out / "Train.txt").read_text(encoding="utf-8").split("\n")[0]
+        assert first_path.startswith(str(root) if absolute else "../my data/")
+
+
+# --- verify ------------------------------------------------------------------------------
+
+
+def make_broken_files(folder, make_image) -> dict[str, str]:
+    """Three unusable files in ``folder``: name -> the words its reason must hold."""
+    good = make_image(os.path.join(folder, "good.jpg"), size=(64, 48))
+    data = Path(good).read_bytes()
+    Path(folder, "truncated.jpg").write_bytes(data[: len(data) // 2])
+    Path(folder, "empty.jpg").write_bytes(b"")
+    Path(folder, "text.jpg").write_text("this is not a JPEG at all\n")
+    return {"truncated.jpg": "runcated", "empty.jpg": "empty file", "text.jpg": "not an image"}
+
+
+def test_check_image_reasons(tmp_path, make_image):
+    broken = make_broken_files(tmp_path, make_image)
+    assert check_image(str(tmp_path / "good.jpg")) is None
+    for name, words in broken.items():
+        assert words in check_image(str(tmp_path / name))
+    assert "FileNotFoundError" in check_image(str(tmp_path / "gone.jpg"))
+    # Odd but decodable files pass: grayscale, CMYK, RGBA and a PNG inside a .jpg.
+    for mode, fmt in (("L", "JPEG"), ("CMYK", "JPEG"), ("RGBA", "PNG"), ("P", "PNG")):
+        assert check_image(make_image(tmp_path / f"odd_{mode}.jpg", mode=mode, fmt=fmt)) is None
+
+
+def test_verify_images_serial_and_chunked_agree(tmp_path, make_image):
+    broken = make_broken_files(tmp_path, make_image)
+    paths = sorted(str(tmp_path / n) for n in [*broken, "good.jpg"])
+    serial = verify_images(paths, workers=1)
+    assert [os.path.basename(p) for p, _ in serial] == sorted(broken)
+    assert verify_images(paths, workers=2, chunk_size=1) == serial
+
+
+def test_cli_verify_names_each_excluded_file(tmp_path, make_image):
+    root = tmp_path / "root"
+    make_tree(root, make_image, {"a": 4, "b": 4})
+    broken = make_broken_files(root / "b", make_image)
+    out = tmp_path / "out"
+    result = run_cli(
+        str(root), "--out-dir", str(out), "--verify", "--workers", "2", "--val-fraction", "0.25"
+    )
+    assert result.returncode == 0, result.stderr
+    excluded = [line for line in result.stdout.splitlines() if line.startswith("excluded: ")]
+    assert len(excluded) == 3
+    for line, (name, words) in zip(excluded, sorted(broken.items()), strict=True):
+        assert line.startswith(f"excluded: {root / 'b' / name}: ") and words in line
+    assert "excluded by --verify: 3 files" in result.stdout
+    listed = {s.path for s in read_list(out / "Train.txt") + read_list(out / "Test.txt")}
+    assert len(listed) == 9  # 4 + 4 + good.jpg
+    assert not any(os.path.basename(p) in broken for p in listed)
+    # The split comes after verification: b has 5 usable files, round(5 * 0.25) = 1 for val.
+    assert Counter(s.label for s in read_list(out / "Test.txt")) == {0: 1, 1: 1}
+
+
+def test_cli_summary_and_absolute_paths(tmp_path, make_image):
+    root = tmp_path / "root"
+    make_tree(root, make_image, {"a": 10, "b": 10})
+    result = run_cli(str(root), "--out-dir", str(tmp_path / "out"), "--absolute", "--seed", "5")
+    assert result.returncode == 0, result.stderr
+    assert "classes: 2" in result.stdout
+    assert "train: 18 images" in result.stdout and "val: 2 images" in result.stdout
+    for line in (tmp_path / "out" / "Train.txt").read_text().splitlines():
+        assert line.startswith(f"{root}/")
+
+
+@pytest.mark.parametrize(
+    ("layout", "words"),
+    [
+        ("missing", "no such folder"),
+        ("no_classes", "no class folders"),
+        ("no_images", "no image files in 2 class folders"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, make_image, capsys, layout, words):
+    root = tmp_path / "root"
+    if layout == "no_classes":
+        os.makedirs(root)
+        make_image(root / "loose.jpg")
+    elif layout == "no_images":
+        os.makedirs(root / "a")
+        os.makedirs(root / "b")
+        (root / "a" / "readme.txt").write_text("x")
+    with pytest.raises(ScanError, match=words):
+        make_lists(root, out_dir=tmp_path / "out")
+    assert cli_main([str(root), "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "out")

@@ -21,7 +21,7 @@ import math
 import os
 import random
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -34,6 +34,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", 
 SKIP_HIDDEN = "hidden"
 SKIP_NOT_IMAGE = "not an image file"
 SKIP_OUTSIDE = "outside the class folders"
+SKIP_OUTPUT = "the output folder"
 SKIP_LINE_BREAK = "line break in the name (a list cannot hold it)"
 
 
@@ -119,15 +120,21 @@ def _walk_class_folder(folder: str) -> tuple[list[str], list[tuple[str, str]]]:
     return images, skipped
 
 
-def scan_folders(root: str | os.PathLike, *, classes: Sequence[str] | None = None) -> FolderScan:
+def scan_folders(
+    root: str | os.PathLike,
+    *,
+    classes: Sequence[str] | None = None,
+    ignore: Collection[str] = (),
+) -> FolderScan:
     """Find the images under ``root/<class>/``.
 
     With ``classes`` (the class map of a train tree), every class folder under ``root`` must be
     one of them and labels follow that map; otherwise the map is ``find_classes(root)``.
-    Files directly in ``root`` are skipped (counted as outside the class folders).
+    Files directly in ``root`` are skipped (counted as outside the class folders), and so are
+    the subfolders named in ``ignore`` (the lists' own output folder).
     """
     root = os.path.abspath(os.fspath(root))
-    folders = find_classes(root)
+    folders = [name for name in find_classes(root) if name not in ignore]
     if classes is None:
         class_names = folders
     else:
@@ -150,9 +157,12 @@ def scan_folders(root: str | os.PathLike, *, classes: Sequence[str] | None = Non
     empty: list[str] = []
     with os.scandir(root) as entries:
         for entry in entries:
-            if not _is_hidden(entry.name) and entry.is_dir():
-                continue  # a class folder
-            reason = SKIP_HIDDEN if _is_hidden(entry.name) else SKIP_OUTSIDE
+            if entry.name in folders:
+                continue
+            if entry.name in ignore:
+                reason = SKIP_OUTPUT
+            else:
+                reason = SKIP_HIDDEN if _is_hidden(entry.name) else SKIP_OUTSIDE
             skipped.append((entry.path, reason))
     for name in folders:
         images, skipped_here = _walk_class_folder(os.path.join(root, name))
@@ -304,7 +314,9 @@ def make_lists(
     else:
         if os.path.isdir(os.path.join(root, "train")):
             notes.append(f"{root}/train has no val/ or test/ beside it: 'train' is a class")
-        scan = scan_folders(root)
+        # An --out-dir inside ROOT must not turn into a class on the next run.
+        inside = os.path.dirname(out_dir) == root
+        scan = scan_folders(root, ignore={os.path.basename(out_dir)} if inside else set())
         if not scan.classes:
             raise ScanError(f"{root}: no class folders (expected ROOT/<class>/<image>)")
         classes, skipped, empty = scan.classes, scan.skipped, list(scan.empty_classes)

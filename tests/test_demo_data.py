@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +150,16 @@ def test_interrupted_or_changed_trees_are_regenerated(tmp_path):
     data = ensure_demo_data(root, preset="tiny", seed=5)
     assert data.seed == 5 and digest([victim]) != before
     assert json.loads((root / MARKER_FILE).read_text())["seed"] == 5
+
+
+def test_concurrent_callers_share_one_generation(tmp_path):
+    # Each call opens the lock file itself, so two threads contend like two ranks would.
+    root = tmp_path / "shared"
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(lambda _: ensure_demo_data(root, preset="tiny"), range(3)))
+    assert results[0] == results[1] == results[2]
+    assert len(image_files(root)) == 160
+    assert len(read_list(results[0].train_list, num_classes=10)) == 120
 
 
 def test_foreign_train_folder_is_not_overwritten(tmp_path, make_image):

@@ -15,6 +15,7 @@ from pipelines.lists import ListError, read_classes, read_list
 from pipelines.scan import (
     SKIP_HIDDEN,
     SKIP_NOT_IMAGE,
+    SKIP_OUTPUT,
     SKIP_OUTSIDE,
     ScanError,
     check_image,
@@ -216,6 +217,21 @@ def test_skipped_files_empty_classes_and_nested_folders(tmp_path, make_image):
     assert "warning: empty class folder: also_empty" in summary
     assert "skipped: 7 (3 hidden, 3 not an image file, 1 outside the class folders)" in summary
     assert "empty classes: 2" in summary
+
+
+def test_output_folder_inside_root_is_not_a_class(tmp_path, make_image):
+    root = tmp_path / "root"
+    make_tree(root, make_image, {"a": 3, "b": 3})
+    first = make_lists(root, out_dir=root / "lists")
+    again = make_lists(root, out_dir=root / "lists")  # the folder exists now
+    assert again.classes == first.classes == ["a", "b"]
+    assert (str(root / "lists"), SKIP_OUTPUT) in again.skipped
+    other = tmp_path / "other"
+    make_tree(other, make_image, {"a": 3, "b": 3})
+    make_lists(other, out_dir=other)
+    beside = make_lists(other, out_dir=other)  # lists right in ROOT: files outside the classes
+    assert beside.classes == ["a", "b"]
+    assert (str(other / "Train.txt"), SKIP_OUTSIDE) in beside.skipped
 
 
 def test_symlinked_folders_are_followed_once(tmp_path, make_image):

@@ -72,11 +72,11 @@ MIXED_DECODER_DEFAULTS = {
 }
 
 
-def _normalize_args(*, image_size: int, output_dtype) -> dict:
+def _normalize_args(*, image_size: int, image_dtype) -> dict:
     # Mean/std scaled to 0-255 because the decoder emits uint8; HWC so that the torch side can
     # view the batch as channels_last NCHW without a copy.
     return dict(
-        dtype=output_dtype,
+        dtype=image_dtype,
         output_layout="HWC",
         crop=(image_size, image_size),
         mean=[m * 255 for m in common.IMAGENET_MEAN],
@@ -94,7 +94,7 @@ def train_pipeline(
     image_size: int,
     decode_device: str,
     to_gpu: bool,
-    output_dtype,
+    image_dtype,
     decoder_options: dict,
 ):
     """Read this rank's shard in the given order; decode a random crop; resize; flip+normalize."""
@@ -131,7 +131,7 @@ def train_pipeline(
     images = fn.crop_mirror_normalize(
         images,
         mirror=fn.random.coin_flip(probability=0.5),
-        **_normalize_args(image_size=image_size, output_dtype=output_dtype),
+        **_normalize_args(image_size=image_size, image_dtype=image_dtype),
     )
     if to_gpu:
         labels = labels.gpu()
@@ -181,7 +181,7 @@ def val_pipeline(
     image_size: int,
     decode_device: str,
     to_gpu: bool,
-    output_dtype,
+    image_dtype,
     decoder_options: dict,
 ):
     """Read this rank's slice in list order; decode; resize shorter side; center crop."""
@@ -213,7 +213,7 @@ def val_pipeline(
         crop_pos_x=crop_pos_x,
         crop_pos_y=crop_pos_y,
         rounding="round",
-        **_normalize_args(image_size=image_size, output_dtype=output_dtype),
+        **_normalize_args(image_size=image_size, image_dtype=image_dtype),
     )
     if to_gpu:
         labels = labels.gpu()
@@ -369,7 +369,7 @@ class DaliLoader:
             image_size=self.image_size,
             decode_device=self.decode_device,
             to_gpu=to_gpu,
-            output_dtype=_DALI_DTYPE[self.dtype],
+            image_dtype=_DALI_DTYPE[self.dtype],
             decoder_options=self.decoder_options,
         )
         if self.train:

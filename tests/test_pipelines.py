@@ -325,7 +325,7 @@ def test_gpu_graphs_are_well_formed_without_a_gpu(labelled_list, decode, train):
         image_size=IMAGE_SIZE,
         decode_device=decode,
         to_gpu=True,
-        output_dtype=dali.types.FLOAT16,
+        image_dtype=dali.types.FLOAT16,
         decoder_options=dali.decoder_options(decode, None, train=train),
     )
     pipeline = dict(batch_size=2, num_threads=1, device_id=0, seed=derived_seed(0, 0, 0))

@@ -91,8 +91,12 @@ class ListDataset(Dataset):
             ) from e
         if not self.random:
             return self.transform(image), sample.label
+        # The CPU generator only (torch.manual_seed would reseed CUDA's too, which fork_rng
+        # with devices=[] does not restore).
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(common.derived_seed(self.seed, self.rank, epoch, index))
+            torch.default_generator.manual_seed(
+                common.derived_seed(self.seed, self.rank, epoch, index)
+            )
             return self.transform(image), sample.label
 
 

@@ -362,3 +362,11 @@ def test_demo_data_through_both_backends(tiny_data):
         batches = epoch(ld)
         assert len(batches) == len(ld) == len(read_list(tiny_data.train_list)) // 8
         assert max(labels_of(batches)) < tiny_data.num_classes
+
+
+def test_pil_in_process_augmentation_leaves_the_global_rng_alone(labelled_list):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    epoch(loader(labelled_list, backend="pil", train=True, num_threads=0))
+    assert torch.equal(torch.rand(3), expected)

@@ -184,6 +184,8 @@ class PilLoader:
             drop_last=train,
             persistent_workers=num_workers > 0,
             prefetch_factor=prefetch if num_workers > 0 else None,
+            # The loader draws its workers' base seed from this, not from the global RNG.
+            generator=torch.Generator().manual_seed(common.derived_seed(seed, rank)),
         )
 
     def __len__(self) -> int:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipelines import common as preprocessing_constants
 from trainer.config import TrainerError
 from trainer.model import strip_wrapper_prefixes, unwrap_model
 
@@ -36,12 +37,6 @@ LAST = "last.pt"
 BEST = "best.pt"
 EXPORT = "model.pt"
 FORMAT_VERSION = 1
-
-# Preprocessing of the loaders (pipelines' DALI and PIL val paths): resize the shorter side to
-# crop / 0.875, center crop, ImageNet mean/std on 0-1 pixel values.
-VAL_CROP_FRACTION = 0.875
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def atomic_save(obj: Any, path: str) -> None:
@@ -155,12 +150,14 @@ def restore_training_state(
 
 
 def preprocessing(image_size: int) -> dict[str, Any]:
-    """How val images are prepared, so model.pt can be used without this project."""
+    """How the loaders prepare val images (shorter side resized to crop / 0.875, center crop,
+    ImageNet mean/std on 0-1 values), so model.pt can be used without this project."""
+    c = preprocessing_constants
     return {
         "image_size": image_size,
-        "resize_size": int(round(image_size / VAL_CROP_FRACTION)),
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
+        "resize_size": c.val_resize_size(image_size),
+        "mean": list(c.IMAGENET_MEAN),
+        "std": list(c.IMAGENET_STD),
         "interpolation": "bilinear",
         "antialias": True,
         "input": "RGB, float 0-1 before Normalize, NCHW",

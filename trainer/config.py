@@ -157,7 +157,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     which the precedence (demo recipe < file < command line) needs.
     """
     parser = argparse.ArgumentParser(
-        prog="torchrun [--nproc_per_node=N] trainer/main.py",
+        prog="trainer/main.py",
         description=description,
         argument_default=argparse.SUPPRESS,
     )

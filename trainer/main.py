@@ -68,6 +68,7 @@ class DataSpec:
     train_list: str
     val_list: str | None
     class_names: list[str]
+    classes_file: str | None
     demo: bool
 
 
@@ -120,13 +121,24 @@ def resolve_data(cfg: Config, info: dist.DistInfo) -> DataSpec:
     read_list(train_list, num_classes=len(class_names))
     if val_list is not None:
         read_list(val_list, num_classes=len(class_names))
-    return DataSpec(train_list, val_list, class_names, demo)
+    # Absolute, so the saved config.toml works from any folder.
+    return DataSpec(
+        os.path.abspath(train_list),
+        os.path.abspath(val_list) if val_list else None,
+        class_names,
+        os.path.abspath(classes_file) if classes_file else None,
+        demo,
+    )
 
 
-def resolve_config(cfg: Config, info: dist.DistInfo) -> Config:
-    """Fill in the defaults that depend on the world size and the optimizer."""
+def resolve_config(cfg: Config, data: DataSpec, info: dist.DistInfo) -> Config:
+    """Fill in what was left to defaults: the data found, lr and decay for this world size."""
     return replace(
         cfg,
+        train_list=data.train_list,
+        val_list=data.val_list,
+        classes=data.classes_file,
+        num_classes=len(data.class_names),
         lr=cfg.lr if cfg.lr is not None else default_lr(cfg, info.world_size),
         weight_decay=cfg.weight_decay
         if cfg.weight_decay is not None
@@ -201,7 +213,7 @@ def run_eval_only(cfg, data, info, model, val_loader, amp_dtype) -> dict:
 def train(cfg: Config, info: dist.DistInfo) -> dict | None:
     """Everything after the ranks are up; returns the last epoch's metrics."""
     data = resolve_data(cfg, info)
-    cfg = resolve_config(cfg, info)
+    cfg = resolve_config(cfg, data, info)
     amp_dtype, note = resolve_amp(cfg.amp, info.device)
     if note:
         dist.print0(note)

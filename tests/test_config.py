@@ -1,0 +1,110 @@
+"""Config: one dataclass, one flag per field, precedence demo < file < command line."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from trainer.config import (
+    DEMO_RECIPE,
+    Config,
+    TrainerError,
+    build_parser,
+    config_dict,
+    flag_name,
+    load_config_file,
+    parse_config,
+    save_config,
+)
+
+
+def test_every_field_is_one_documented_flag():
+    parser = build_parser()
+    by_dest = {action.dest: action for action in parser._actions if action.dest != "help"}
+    fields = [f.name for f in dataclasses.fields(Config)]
+    assert sorted(by_dest) == sorted(fields)
+    for name in fields:
+        action = by_dest[name]
+        assert flag_name(name) in action.option_strings
+        assert "[default: " in action.help, name  # the help states the default
+    help_text = parser.format_help()
+    for flag in ("--batch-size", "--amp", "--no-channels-last", "--resume", "--dali-decode"):
+        assert flag in help_text
+    assert "demo recipe: resnet18" in help_text  # the demo values are documented too
+
+
+def test_demo_recipe_only_without_data():
+    demo = parse_config([])
+    for name, value in DEMO_RECIPE.items():
+        assert getattr(demo, name) == value
+    real = parse_config(["--train-list", "Train.txt"])
+    assert (real.arch, real.image_size, real.epochs) == ("resnet50", 224, 90)
+    assert real.output_dir == "runs/train"
+    # A flag beats the demo recipe.
+    assert parse_config(["--arch", "resnet34"]).arch == "resnet34"
+
+
+def test_precedence_file_then_command_line(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('arch = "resnet34"\nbatch-size = 16\nlr = 1\nchannels_last = false\n')
+    cfg = parse_config(["--config", str(config), "--batch-size", "4"])
+    assert cfg.arch == "resnet34"  # file beats the demo recipe
+    assert cfg.batch_size == 4  # command line beats the file
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)  # TOML int accepted for a float
+    assert cfg.channels_last is False
+    # The file's train_list switches the demo recipe off, like the flag does.
+    config.write_text('train_list = "Train.txt"\n')
+    assert parse_config(["--config", str(config)]).arch == "resnet50"
+
+
+def test_config_file_errors_name_file_and_key(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text("epochz = 3\n")
+    with pytest.raises(TrainerError, match=r"run\.toml: unknown setting\(s\) epochz"):
+        load_config_file(str(config))
+    config.write_text('epochs = "three"\n')
+    with pytest.raises(TrainerError, match=r"run\.toml: epochs = 'three' should be int"):
+        load_config_file(str(config))
+    config.write_text("epochs = \n")
+    with pytest.raises(TrainerError, match="not valid TOML"):
+        load_config_file(str(config))
+    with pytest.raises(TrainerError, match="config file not found"):
+        load_config_file(str(tmp_path / "missing.toml"))
+
+
+def test_boolean_flags_and_legacy_local_rank():
+    cfg = parse_config(["--no-channels-last", "--sync-bn", "--compile"])
+    assert (cfg.channels_last, cfg.sync_bn, cfg.compile) == (False, True, True)
+    assert parse_config(["--local_rank=1"]).local_rank == 1
+    assert parse_config(["--local-rank", "3"]).local_rank == 3
+    assert parse_config([]).local_rank is None
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--epochs", "0"], "--epochs must be > 0"),
+        (["--label-smoothing", "1.5"], "--label-smoothing"),
+        (["--lr", "-1"], "--lr must be > 0"),
+    ],
+)
+def test_bad_values(argv, message):
+    with pytest.raises(TrainerError, match=message):
+        parse_config(argv)
+
+
+def test_argparse_rejects_bad_choice(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--optimizer", "lamb"])
+    assert exit_info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_saved_config_reads_back(tmp_path):
+    cfg = parse_config(["--train-list", "/data/my list.txt", "--lr", "0.05", "--no-compile"])
+    path = tmp_path / "config.toml"
+    save_config(cfg, str(path))
+    again = parse_config(["--config", str(path)])
+    assert config_dict(again) == config_dict(cfg)
+    assert "local_rank" not in path.read_text()  # launch detail, not a setting of the run

@@ -1,0 +1,259 @@
+"""Model building, pretrained loading, the optimizer/scheduler/step/eval functions, checkpoint
+files and the single-process side of dist: small tensors, one process, no launcher."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from trainer import checkpoint, dist
+from trainer.config import TrainerError
+from trainer.engine import (
+    evaluate,
+    make_optimizer,
+    make_scaler,
+    make_scheduler,
+    param_groups,
+    resolve_amp,
+    train_step,
+)
+from trainer.model import (
+    build_model,
+    create_model,
+    load_pretrained,
+    strip_wrapper_prefixes,
+    unwrap_model,
+)
+
+CPU = torch.device("cpu")
+
+
+def quiet(_message: str) -> None:
+    pass
+
+
+# ------------------------------------------------------------------------------- model
+
+
+def test_build_model_head_and_layout():
+    model = build_model("resnet18", num_classes=7, device=CPU, log=quiet)
+    assert model.fc.out_features == 7
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    other = build_model(
+        "mobilenet_v3_small", num_classes=3, device=CPU, channels_last=False, log=quiet
+    )
+    assert other(torch.randn(2, 3, 32, 32)).shape == (2, 3)  # any torchvision classifier
+    with pytest.raises(TrainerError, match="unknown --arch 'resnet9000'"):
+        create_model("resnet9000", num_classes=3)
+
+
+def test_pretrained_torchvision_format_keeps_new_head(tmp_path):
+    # ImageNet-shaped weights (1000-class head) into a 10-class model.
+    source = torchvision.models.resnet18(num_classes=1000)
+    path = tmp_path / "resnet18-imagenet.pth"
+    torch.save(source.state_dict(), path)
+    model = create_model("resnet18", num_classes=10)
+    report = load_pretrained(model, str(path), arch="resnet18", num_classes=10)
+    assert sorted(report.skipped_head) == ["fc.bias", "fc.weight"]
+    assert len(report.loaded) == len(source.state_dict()) - 2
+    assert torch.equal(model.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+    assert model.fc.out_features == 10
+    assert "kept the new head" in report.summary()
+
+
+def test_pretrained_from_checkpoint_with_wrapper_prefixes(tmp_path):
+    source = create_model("resnet18", num_classes=10)
+    wrapped = {f"module._orig_mod.{k}": v for k, v in source.state_dict().items()}
+    path = tmp_path / "last.pt"
+    torch.save({"model": wrapped, "arch": "resnet18", "config": {"arch": "resnet18"}}, path)
+    model = create_model("resnet18", num_classes=10)
+    report = load_pretrained(model, str(path), arch="resnet18", num_classes=10)
+    assert not report.skipped_head
+    assert torch.equal(model.fc.weight, source.fc.weight)
+    with pytest.raises(TrainerError, match="weights of resnet18, but --arch is resnet34"):
+        load_pretrained(
+            create_model("resnet34", num_classes=10), str(path), arch="resnet34", num_classes=10
+        )
+
+
+def test_pretrained_wrong_shapes_are_an_error(tmp_path):
+    # Same names, other widths (wide_resnet50_2 vs resnet50): never a partial load.
+    path = tmp_path / "wide.pth"
+    torch.save(torchvision.models.wide_resnet50_2(num_classes=10).state_dict(), path)
+    with pytest.raises(TrainerError, match="of another shape"):
+        load_pretrained(
+            create_model("resnet50", num_classes=10), str(path), arch="resnet50", num_classes=10
+        )
+
+
+def test_strip_and_unwrap():
+    assert strip_wrapper_prefixes({"module._orig_mod.fc.weight": 1, "fc.bias": 2}) == {
+        "fc.weight": 1,
+        "fc.bias": 2,
+    }
+    model = nn.Linear(2, 2)
+    compiled = torch.compile(model)  # wraps lazily: nothing is compiled until called
+    assert unwrap_model(compiled) is model
+
+
+# ------------------------------------------------------------------------------- engine
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    model = create_model("resnet18", num_classes=10)
+    decay, no_decay = param_groups(model, 1e-4)
+    norm_params = {
+        id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()
+    }
+    no_decay_ids = {id(p) for p in no_decay["params"]}
+    assert norm_params <= no_decay_ids
+    assert id(model.fc.bias) in no_decay_ids and id(model.fc.weight) not in no_decay_ids
+    assert all(p.dim() == 4 or p is model.fc.weight for p in decay["params"])
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (1e-4, 0.0)
+    total = sum(1 for _ in model.parameters())
+    assert len(decay["params"]) + len(no_decay["params"]) == total
+    opt = make_optimizer(model, name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4)
+    assert opt.param_groups[0]["nesterov"] is True
+    assert isinstance(make_optimizer(model, name="adamw", lr=1e-3), torch.optim.AdamW)
+    with pytest.raises(TrainerError):
+        make_optimizer(model, name="lamb", lr=1.0)
+
+
+def test_warmup_then_cosine_per_step():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler(opt, warmup_steps=4, total_steps=12)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4] == pytest.approx(1.0)
+    assert lrs[8] == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))  # decays monotonically
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0)
+
+
+def test_amp_resolution_and_scaler():
+    assert resolve_amp("bf16", CPU) == (torch.bfloat16, None)
+    assert resolve_amp("off", CPU) == (None, None)
+    assert make_scaler(torch.float16, CPU).is_enabled()
+    assert not make_scaler(torch.bfloat16, CPU).is_enabled()
+
+
+@pytest.mark.parametrize("amp", ["bf16", "off"])
+def test_train_step_fits_a_fixed_batch(amp):
+    torch.manual_seed(0)
+    amp_dtype, _ = resolve_amp(amp, CPU)
+    model = build_model("resnet18", num_classes=4, device=CPU, log=quiet)
+    images = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    images = images.to(amp_dtype or torch.float32)
+    labels = torch.arange(8) % 4
+    opt = make_optimizer(model, name="adamw", lr=1e-3, weight_decay=0.0)
+    sched = make_scheduler(opt, warmup_steps=0, total_steps=100)
+    kwargs = dict(
+        criterion=nn.CrossEntropyLoss(),
+        optimizer=opt,
+        scaler=make_scaler(amp_dtype, CPU),
+        scheduler=sched,
+        amp_dtype=amp_dtype,
+    )
+    losses = [train_step(model, images, labels, **kwargs) for _ in range(8)]
+    assert not losses[0].requires_grad and losses[0].device == CPU
+    assert losses[-1].item() < losses[0].item() * 0.5
+    assert sched.last_epoch == 8  # stepped once per train_step
+
+
+class FixedLogits(nn.Module):
+    """Returns the logits stored for each input id (images[:, 0, 0, 0])."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.register_buffer("table", logits)
+
+    def forward(self, images):
+        return self.table[images[:, 0, 0, 0].long()]
+
+
+def test_evaluate_counts_every_image_with_k_capped():
+    # 3 classes, so top-5 is top-3 (every image is "correct"); 5 images over 2 batches.
+    logits = torch.tensor(
+        [[3.0, 1, 0], [0, 2, 1], [1, 0, 2], [2, 1, 0], [0, 1, 2]]
+    )  # predictions 0, 1, 2, 0, 2
+    labels = torch.tensor([0, 2, 2, 1, 2])  # right: 0, 2, 4
+    images = torch.arange(5, dtype=torch.float32).view(5, 1, 1, 1).expand(5, 3, 2, 2)
+    batches = [(images[:3], labels[:3]), (images[3:], labels[3:])]
+    result = evaluate(FixedLogits(logits), batches, num_classes=3, amp_dtype=None, device=CPU)
+    assert result["val_top1"] == pytest.approx(60.0)
+    assert result["val_top5"] == pytest.approx(100.0)
+    assert result["val_images"] == 5
+    expected = nn.functional.cross_entropy(logits, labels).item()
+    assert result["val_loss"] == pytest.approx(expected, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+def test_atomic_save_and_resume_resolution(tmp_path):
+    path = tmp_path / "sub" / "last.pt"
+    checkpoint.atomic_save({"epoch": 3}, str(path))
+    checkpoint.atomic_save({"epoch": 4}, str(path))  # replaces, leaves no temp file
+    assert torch.load(path, weights_only=True) == {"epoch": 4}
+    assert os.listdir(path.parent) == ["last.pt"]
+    assert checkpoint.resolve_resume(None, str(tmp_path)) is None
+    assert checkpoint.resolve_resume("auto", str(tmp_path)) is None  # nothing there: fresh
+    assert checkpoint.resolve_resume("auto", str(path.parent)) == str(path)
+    with pytest.raises(TrainerError, match="not found"):
+        checkpoint.resolve_resume(str(tmp_path / "gone.pt"), str(tmp_path))
+    with pytest.raises(TrainerError, match="not a checkpoint of this trainer"):
+        checkpoint.load_checkpoint(str(path))
+
+
+def test_export_preprocessing_matches_the_loaders(tmp_path):
+    from pipelines import common
+
+    model = create_model("resnet18", num_classes=3)
+    path = tmp_path / "model.pt"
+    checkpoint.export_model(
+        str(path), model=model, arch="resnet18", class_names="abc", image_size=64
+    )
+    saved = torch.load(path, weights_only=True)
+    pre = saved["preprocessing"]
+    assert pre["resize_size"] == common.val_resize_size(64)
+    assert tuple(pre["mean"]) == common.IMAGENET_MEAN and tuple(pre["std"]) == common.IMAGENET_STD
+    assert saved["class_names"] == ["a", "b", "c"] and saved["arch"] == "resnet18"
+    fresh = torchvision.models.get_model("resnet18", num_classes=3)
+    fresh.load_state_dict(saved["model"])  # bare names, strict
+
+
+# --------------------------------------------------------------------------------- dist
+
+
+def test_single_process_dist(monkeypatch, capsys):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    info = dist.setup_distributed(local_rank=0, device="cpu")
+    try:
+        assert (info.rank, info.world_size, info.local_rank, info.is_main) == (0, 1, 0, True)
+        assert not info.distributed and info.device == CPU
+        values = torch.tensor([1.0, 2.0])
+        assert torch.equal(dist.all_reduce_sum(values), torch.tensor([1.0, 2.0]))
+        dist.barrier()  # no process group: nothing to wait for
+        dist.print0("hello from rank 0")
+        assert capsys.readouterr().out == "hello from rank 0\n"
+    finally:
+        dist.cleanup_distributed()
+
+
+def test_threads_split_among_local_ranks(monkeypatch):
+    monkeypatch.setattr(dist, "usable_cpus", lambda: 16)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert dist.cpu_threads_per_rank(4) == 4
+    assert dist.cpu_threads_per_rank(32) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert dist.cpu_threads_per_rank(4) == 2  # an explicit OMP_NUM_THREADS caps it

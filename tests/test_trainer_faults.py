@@ -1,0 +1,140 @@
+"""Bad input fails before training with one ``error: ...`` line and exit status 2.
+
+Most cases call ``trainer.main.main(argv)`` in this process (the same code path as the
+command line, minus the interpreter start); one runs the real thing under torchrun.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+from trainer.main import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def base_flags(tiny_data, out) -> list[str]:
+    return [
+        "--train-list", tiny_data.train_list, "--arch", "resnet18", "--image-size", "32",
+        "--batch-size", "8", "--epochs", "1", "--workers", "1", "--output-dir", str(out),
+    ]  # fmt: skip
+
+
+def fails(capsys, argv: list[str], *must_mention: str) -> str:
+    """Run main(argv); it must return 2 and print exactly one error line naming the fault."""
+    rc = main(argv)
+    captured = capsys.readouterr()
+    assert rc == 2, captured.out + captured.err
+    assert "Traceback" not in captured.err + captured.out
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, captured.err
+    for text in must_mention:
+        assert text in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture(autouse=True)
+def single_process(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def test_missing_train_list(capsys, tmp_path):
+    missing = str(tmp_path / "nowhere" / "Train.txt")
+    fails(capsys, ["--train-list", missing, "--num-classes", "3"], missing)
+
+
+def test_empty_train_list(capsys, tmp_path, tiny_data):
+    empty = tmp_path / "Train.txt"
+    empty.write_text("# nothing here\n\n")
+    flags = base_flags(tiny_data, tmp_path / "out")
+    flags[1] = str(empty)
+    fails(capsys, [*flags, "--classes", tiny_data.classes_file], str(empty), "no samples")
+
+
+def test_class_count_mismatch(capsys, tmp_path, tiny_data):
+    flags = base_flags(tiny_data, tmp_path / "out")
+    fails(capsys, [*flags, "--num-classes", "5"], tiny_data.classes_file, "10", "5")
+
+
+def test_labels_beyond_given_classes(capsys, tmp_path, tiny_data):
+    classes = tmp_path / "classes.txt"
+    classes.write_text("a\nb\nc\n")
+    flags = base_flags(tiny_data, tmp_path / "out")
+    # The first label >= 3 is named with its file and line.
+    fails(capsys, [*flags, "--classes", str(classes)], f"{tiny_data.train_list}:")
+
+
+def test_no_class_count_at_all(capsys, tmp_path, tiny_data):
+    lonely = tmp_path / "Train.txt"
+    with open(tiny_data.train_list) as src:
+        lonely.write_text(src.read().replace("train/", os.path.join(tiny_data.root, "train/")))
+    flags = base_flags(tiny_data, tmp_path / "out")
+    flags[1] = str(lonely)
+    fails(capsys, flags, str(lonely), "--num-classes")
+
+
+def test_pretrained_missing(capsys, tmp_path, tiny_data):
+    out = tmp_path / "out"
+    missing = str(tmp_path / "weights.pth")
+    fails(capsys, [*base_flags(tiny_data, out), "--pretrained", missing], missing, "not found")
+    assert not out.exists()  # failed before anything was written
+
+
+def test_pretrained_not_a_state_dict(capsys, tmp_path, tiny_data):
+    listed = tmp_path / "list.pth"
+    torch.save([1, 2, 3], listed)
+    text = tmp_path / "notes.pth"
+    text.write_text("these are not weights\n")
+    flags = base_flags(tiny_data, tmp_path / "out")
+    fails(capsys, [*flags, "--pretrained", str(listed)], str(listed), "not a state dict")
+    fails(capsys, [*flags, "--pretrained", str(text)], str(text), "not a PyTorch weights file")
+
+
+def test_pretrained_of_another_arch(capsys, tmp_path, tiny_data):
+    other = tmp_path / "resnet34.pth"
+    torch.save(torchvision.models.resnet34(num_classes=10).state_dict(), other)
+    flags = base_flags(tiny_data, tmp_path / "out")
+    fails(capsys, [*flags, "--pretrained", str(other)], str(other), "does not fit --arch resnet18")
+
+
+def test_resume_file_missing(capsys, tmp_path, tiny_data):
+    missing = str(tmp_path / "last.pt")
+    fails(capsys, [*base_flags(tiny_data, tmp_path), "--resume", missing], missing, "not found")
+
+
+def test_config_file_unknown_key(capsys, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('arch = "resnet18"\nlearning_rate = 0.1\nbatchsize = 4\n')
+    fails(capsys, ["--config", str(config)], str(config), "batchsize", "learning_rate")
+
+
+def test_eval_only_without_weights(capsys, tmp_path, tiny_data):
+    fails(capsys, [*base_flags(tiny_data, tmp_path), "--eval-only"], "--eval-only needs weights")
+
+
+def test_unknown_arch(capsys, tmp_path, tiny_data):
+    flags = base_flags(tiny_data, tmp_path)
+    flags[3] = "resnet1000"
+    fails(capsys, flags, "resnet1000")
+
+
+@pytest.mark.slow
+def test_fault_under_torchrun_exits_promptly(tmp_path):
+    missing = str(tmp_path / "Train.txt")
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
+        "--nproc_per_node=2", os.path.join(REPO, "trainer", "main.py"),
+        "--train-list", missing, "--num-classes", "3",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    worker_output = proc.stdout + proc.stderr
+    assert worker_output.count(f"error: {missing}: list file not found") == 1  # rank 0 only

@@ -27,7 +27,7 @@ def test_every_field_is_one_documented_flag():
     for name in fields:
         action = by_dest[name]
         assert flag_name(name) in action.option_strings
-        assert "[default: " in action.help, name  # the help states the default
+        assert "default: " in action.help, name  # the help states the default
     help_text = parser.format_help()
     for flag in ("--batch-size", "--amp", "--no-channels-last", "--resume", "--dali-decode"):
         assert flag in help_text

@@ -23,7 +23,7 @@ class TrainerError(Exception):
 
 AMP_CHOICES = ("bf16", "fp16", "off")
 OPTIMIZERS = ("sgd", "adamw", "adam")
-LOADERS = ("dali", "pil")
+LOADERS = ("dali", "pil", "pil-gpu")
 DALI_DECODE = ("auto", "mixed", "cpu")
 
 # The embedded default: with no data given, a recipe sized to finish in a few minutes on a
@@ -41,8 +41,16 @@ DEMO_RECIPE: dict[str, Any] = {
 }
 
 
-def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, flags=()) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices, "flags": flags})
+def _opt(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    flags: tuple[str, ...] = (),
+    metavar: str | None = None,
+) -> Any:
+    metadata = {"help": help, "choices": choices, "flags": flags, "metavar": metavar}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -52,17 +60,27 @@ class Config:
         None,
         "training list file, one 'path label' per line; without it the demo data is generated "
         "once and the demo recipe (resnet18, small images, a few epochs) trains on it",
+        metavar="FILE",
     )
     val_list: str | None = _opt(
-        None, "validation list file (default: Test.txt beside --train-list, if present)"
+        None,
+        "validation list file (default: Test.txt beside --train-list, if present)",
+        metavar="FILE",
     )
     classes: str | None = _opt(
-        None, "classes.txt naming one class per line (default: classes.txt beside --train-list)"
+        None,
+        "classes.txt naming one class per line (default: classes.txt beside --train-list)",
+        metavar="FILE",
     )
     num_classes: int | None = _opt(
         None, "number of classes (default: the line count of classes.txt; must agree with it)"
     )
-    loader: str = _opt("dali", "input pipeline backend", choices=LOADERS)
+    loader: str = _opt(
+        "dali",
+        "input pipeline: dali, pil (torchvision's DataLoader recipe) or pil-gpu (the same, "
+        "normalized on the device)",
+        choices=LOADERS,
+    )
     workers: int | None = _opt(
         None, "DALI threads / PIL workers per GPU (default: usable CPU cores / local ranks)"
     )
@@ -73,11 +91,16 @@ class Config:
     )
     image_size: int = _opt(224, "training and validation crop side, pixels")
     # Model
-    arch: str = _opt("resnet50", "torchvision classification model name (e.g. resnet18, resnet50)")
+    arch: str = _opt(
+        "resnet50",
+        "torchvision classification model name (e.g. resnet18, resnet50)",
+        metavar="NAME",
+    )
     pretrained: str | None = _opt(
         None,
         "local state dict to start from (torchvision format or this trainer's model.pt / "
         "checkpoint); a head of another class count is skipped; never downloads",
+        metavar="FILE",
     )
     sync_bn: bool = _opt(False, "convert BatchNorm to SyncBatchNorm across ranks")
     channels_last: bool = _opt(True, "model and batches in channels_last memory format")
@@ -106,18 +129,23 @@ class Config:
     )
     seed: int = _opt(0, "random seed of model init, shuffling and augmentation")
     # Run
-    output_dir: str = _opt("runs/train", "folder for checkpoints, metrics.jsonl, config.toml")
+    output_dir: str = _opt(
+        "runs/train", "folder for checkpoints, metrics.jsonl, config.toml", metavar="DIR"
+    )
     resume: str | None = _opt(
         None,
         "checkpoint to continue from, or 'auto' = last.pt in --output-dir if there (default: "
         "start fresh)",
+        metavar="PATH|auto",
     )
     eval_only: bool = _opt(False, "evaluate the --resume / --pretrained weights once and exit")
     log_interval: int = _opt(20, "steps between training log lines")
     dist_timeout: float = _opt(
         300.0, "seconds a collective may wait for a silent rank before the job fails"
     )
-    config: str | None = _opt(None, "TOML file of settings (keys = field names); flags override it")
+    config: str | None = _opt(
+        None, "TOML file of settings (keys = field names); flags override it", metavar="FILE"
+    )
     local_rank: int | None = _opt(
         None,
         "set by the legacy torch.distributed.launch; torchrun's LOCAL_RANK env wins",
@@ -150,6 +178,21 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+DESCRIPTION = """\
+Train an image classifier with DDP:  torchrun --nproc_per_node=N trainer/main.py [flags]
+(or python trainer/main.py for one process). With no --train-list the demo data is generated
+once (reused after) and the demo recipe trains on it in a few minutes on a CPU; its values
+replace the defaults marked 'demo recipe' below and apply only when no data is given. With
+--train-list the defaults are ImageNet-like. Precedence: defaults < --config FILE (TOML,
+keys = the flag names) < command line."""
+
+
+def _metavar(f: dataclasses.Field, base: type) -> str:
+    if f.metadata["metavar"]:
+        return f.metadata["metavar"]
+    return {int: "N", float: "X"}.get(base, "TEXT")
+
+
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     """Argparse parser with one flag per Config field; unset flags are absent from the result.
 
@@ -158,16 +201,21 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     """
     parser = argparse.ArgumentParser(
         prog="trainer/main.py",
-        description=description,
+        description=description or DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
     for name, f in FIELDS.items():
         base, _ = FIELD_TYPES[name]
         help_text = f.metadata["help"]
         default = f.default
-        shown = "none" if default is None else default
-        demo = f"; demo recipe: {DEMO_RECIPE[name]}" if name in DEMO_RECIPE else ""
-        help_text = f"{help_text} [default: {shown}{demo}]"
+        notes = []
+        if default is not None or "(default:" not in help_text:
+            notes.append(f"default: {'none' if default is None else default}")
+        if name in DEMO_RECIPE and DEMO_RECIPE[name] != default:
+            notes.append(f"demo recipe: {DEMO_RECIPE[name]}")
+        if notes:
+            help_text = f"{help_text} [{'; '.join(notes)}]"
         flags = [flag_name(name), *f.metadata["flags"]]
         if base is bool:
             parser.add_argument(
@@ -179,7 +227,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                 dest=name,
                 type=base,
                 choices=f.metadata["choices"],
-                metavar=name.upper() if f.metadata["choices"] is None else None,
+                metavar=None if f.metadata["choices"] else _metavar(f, base),
                 help=help_text,
             )
     return parser

@@ -77,16 +77,17 @@ def prepare_demo_data(info: dist.DistInfo) -> str:
     from pipelines.demo import MARKER_FILE, default_demo_root, ensure_demo_data
 
     root = default_demo_root()
-    existed = os.path.isfile(os.path.join(root, MARKER_FILE))
+    if os.path.isfile(os.path.join(root, MARKER_FILE)):
+        what = f"the demo data in {root} (generated earlier)"
+    else:
+        what = f"demo data generated now in {root} (once, about a minute; reused after)"
+    # One line, before the wait, so a first run does not look stuck while images are drawn.
+    dist.print0(f"no --train-list: training the demo recipe (see --help) on {what}")
     if info.local_rank == 0:
         demo = ensure_demo_data(root, preset="default")
     dist.barrier()  # the others wait until the tree is complete, then just read it
     if info.local_rank != 0:
         demo = ensure_demo_data(root, preset="default")
-    dist.print0(
-        f"no --train-list: {'using the' if existed else 'generated the'} demo data in {root} "
-        f"({demo.num_classes} classes) and the demo recipe (see --help)"
-    )
     return demo.train_list
 
 

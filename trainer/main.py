@@ -211,8 +211,148 @@ def run_eval_only(cfg, data, info, model, val_loader, amp_dtype) -> dict:
     return metrics
 
 
-def train(cfg: Config, info: dist.DistInfo) -> dict | None:
-    """Everything after the ranks are up; returns the last epoch's metrics."""
+@dataclass
+class Training:
+    """What one optimization run carries from epoch to epoch."""
+
+    model: nn.Module  # DDP-wrapped (and compiled) when asked; checkpoints unwrap it
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    amp_dtype: torch.dtype | None
+    start_epoch: int = 0
+    best_top1: float = 0.0
+    elapsed_before: float = 0.0  # training seconds of the runs this one resumes
+
+
+def build_training(
+    cfg: Config, model: nn.Module, *, steps_per_epoch: int, amp_dtype, device
+) -> Training:
+    optimizer = make_optimizer(
+        model,
+        name=cfg.optimizer,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+    )
+    scheduler = make_scheduler(
+        optimizer,
+        warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+        total_steps=cfg.epochs * steps_per_epoch,
+    )
+    return Training(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=make_scaler(amp_dtype, device),
+        criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+        amp_dtype=amp_dtype,
+    )
+
+
+def resume_training(training: Training, checkpoint: dict, path: str, metrics_path: str) -> None:
+    """Load a checkpoint into the bare model and the optimizer, scheduler and scaler."""
+    training.start_epoch, training.best_top1, notes = ckpt_io.restore_training_state(
+        checkpoint,
+        model=training.model,
+        optimizer=training.optimizer,
+        scaler=training.scaler,
+        scheduler=training.scheduler,
+    )
+    training.elapsed_before = float(checkpoint.get("elapsed", 0.0))
+    for line in notes:
+        dist.print0(line)
+    dist.print0(
+        f"resumed from {path}: {training.start_epoch} epoch(s) done, "
+        f"best top-1 {training.best_top1:.2f}%"
+    )
+    if dist.is_main_process():
+        truncate_metrics(metrics_path, completed_epochs=training.start_epoch)
+
+
+def end_epoch(cfg: Config, training: Training, data: DataSpec, record: dict) -> None:
+    """Rank 0: print the summary, append metrics.jsonl, write last.pt (and best.pt)."""
+    top1 = record["val_top1"]
+    is_best = top1 is None or top1 > training.best_top1
+    if top1 is not None:
+        training.best_top1 = max(training.best_top1, top1)
+    val_text = (
+        f"val top1 {top1:.2f}% top5 {record['val_top5']:.2f}% loss {record['val_loss']:.4f} "
+        if top1 is not None
+        else ""
+    )
+    dist.print0(
+        f"epoch {record['epoch']}/{cfg.epochs} done: train loss {record['train_loss']:.4f} "
+        f"{val_text}{record['images_per_sec_per_gpu']:.1f} img/s/gpu "
+        f"data-wait {record['data_wait_fraction']:.0%} ({record['elapsed']:.0f}s)"
+    )
+    if not dist.is_main_process():
+        return
+    append_metrics(os.path.join(cfg.output_dir, METRICS_FILE), record)
+    state = ckpt_io.checkpoint_state(
+        model=training.model,
+        optimizer=training.optimizer,
+        scaler=training.scaler,
+        scheduler=training.scheduler,
+        next_epoch=record["epoch"],
+        best_top1=training.best_top1,
+        config=config_dict(cfg),
+        class_names=data.class_names,
+    )
+    state["elapsed"] = record["elapsed"]
+    ckpt_io.atomic_save(state, os.path.join(cfg.output_dir, ckpt_io.LAST))
+    if is_best:
+        ckpt_io.atomic_save(state, os.path.join(cfg.output_dir, ckpt_io.BEST))
+
+
+def fit(cfg: Config, info: dist.DistInfo, data: DataSpec, training: Training, loaders) -> None:
+    """The epoch loop: train_one_epoch -> evaluate -> end_epoch."""
+    train_loader, val_loader = loaders
+    start_time = time.perf_counter()
+    for epoch in range(training.start_epoch, cfg.epochs):
+        # Seeded per epoch and rank, so a resumed run draws what the uninterrupted one would.
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + info.rank)
+        epoch_start = time.perf_counter()
+        stats = train_one_epoch(
+            training.model,
+            train_loader,
+            epoch=epoch,
+            epochs=cfg.epochs,
+            criterion=training.criterion,
+            optimizer=training.optimizer,
+            scaler=training.scaler,
+            scheduler=training.scheduler,
+            amp_dtype=training.amp_dtype,
+            device=info.device,
+            log_interval=cfg.log_interval,
+        )
+        val = {"val_top1": None, "val_top5": None, "val_loss": None}
+        if val_loader is not None:
+            val = evaluate(
+                training.model,
+                val_loader,
+                num_classes=len(data.class_names),
+                amp_dtype=training.amp_dtype,
+                device=info.device,
+            )
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": stats["train_loss"],
+            "val_top1": val["val_top1"],
+            "val_top5": val["val_top5"],
+            "val_loss": val["val_loss"],
+            "images_per_sec_per_gpu": stats["images_per_sec_per_gpu"],
+            "data_wait_fraction": stats["data_wait_fraction"],
+            "lr": stats["lr"],
+            "epoch_seconds": time.perf_counter() - epoch_start,
+            "elapsed": training.elapsed_before + time.perf_counter() - start_time,
+        }
+        end_epoch(cfg, training, data, record)
+
+
+def run(cfg: Config, info: dist.DistInfo) -> None:
+    """Everything after the ranks are up: data, model, resume, then train or evaluate."""
     data = resolve_data(cfg, info)
     cfg = resolve_config(cfg, data, info)
     amp_dtype, note = resolve_amp(cfg.amp, info.device)
@@ -249,141 +389,48 @@ def train(cfg: Config, info: dist.DistInfo) -> dict | None:
         if checkpoint is not None:
             ckpt_io.restore_training_state(checkpoint, model=model)
             dist.print0(f"eval-only: weights of {resume_path} (epoch {checkpoint['epoch']})")
-        return run_eval_only(cfg, data, info, model, val_loader, amp_dtype)
+        run_eval_only(cfg, data, info, model, val_loader, amp_dtype)
+        return
 
-    steps_per_epoch = len(train_loader)
-    optimizer = make_optimizer(
-        model,
-        name=cfg.optimizer,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
+    training = build_training(
+        cfg, model, steps_per_epoch=len(train_loader), amp_dtype=amp_dtype, device=info.device
     )
-    scheduler = make_scheduler(
-        optimizer,
-        warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
-        total_steps=cfg.epochs * steps_per_epoch,
-    )
-    scaler = make_scaler(amp_dtype, info.device)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    start_epoch, best_top1, elapsed_before = 0, 0.0, 0.0
     metrics_path = os.path.join(cfg.output_dir, METRICS_FILE)
     if checkpoint is not None:
-        start_epoch, best_top1, notes = ckpt_io.restore_training_state(
-            checkpoint, model=model, optimizer=optimizer, scaler=scaler, scheduler=scheduler
-        )
-        elapsed_before = float(checkpoint.get("elapsed", 0.0))
-        for line in notes:
-            dist.print0(line)
-        dist.print0(
-            f"resumed from {resume_path}: {start_epoch} epoch(s) done, best top-1 {best_top1:.2f}%"
-        )
-        if info.is_main:
-            truncate_metrics(metrics_path, completed_epochs=start_epoch)
+        resume_training(training, checkpoint, resume_path, metrics_path)
     elif info.is_main and os.path.exists(metrics_path):
         os.remove(metrics_path)  # a fresh run: old records belong to another run
     del checkpoint  # its tensors are in the model now; free the CPU copy
-
     # compile and DDP after loading, so the checkpoint's bare names match the bare model.
-    model = wrap_ddp(compile_model(model, cfg.compile), info.device, info.world_size)
+    training.model = wrap_ddp(compile_model(model, cfg.compile), info.device, info.world_size)
+
     dist.print0(
         f"training {cfg.arch} on {info.world_size} x {info.device.type}: "
         f"{train_loader.dataset_size} train / {val_loader.dataset_size if val_loader else 0} val "
         f"images, {len(data.class_names)} classes, {cfg.image_size}px, batch {cfg.batch_size}/GPU "
-        f"(global {cfg.batch_size * info.world_size}), {steps_per_epoch} steps/epoch, "
+        f"(global {cfg.batch_size * info.world_size}), {len(train_loader)} steps/epoch, "
         f"{cfg.optimizer} lr {cfg.lr:.4g}, {cfg.epochs} epochs, amp {cfg.amp}, "
         f"loader {cfg.loader} ({cfg.workers} threads/GPU); output {cfg.output_dir}"
     )
     if val_loader is None:
         dist.print0("no validation list: no evaluation; best.pt follows the last epoch")
+    if training.start_epoch >= cfg.epochs:
+        dist.print0(f"nothing to train: the checkpoint already holds {training.start_epoch} epochs")
+    fit(cfg, info, data, training, (train_loader, val_loader))
 
-    last: dict | None = None
-    start_time = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
-        # Seeded per epoch and rank, so a resumed run draws what the uninterrupted one would.
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + info.rank)
-        epoch_start = time.perf_counter()
-        stats = train_one_epoch(
-            model,
-            train_loader,
-            epoch=epoch,
-            epochs=cfg.epochs,
-            criterion=criterion,
-            optimizer=optimizer,
-            scaler=scaler,
-            scheduler=scheduler,
-            amp_dtype=amp_dtype,
-            device=info.device,
-            log_interval=cfg.log_interval,
-        )
-        val = {"val_top1": None, "val_top5": None, "val_loss": None}
-        if val_loader is not None:
-            val = evaluate(
-                model,
-                val_loader,
-                num_classes=len(data.class_names),
-                amp_dtype=amp_dtype,
-                device=info.device,
-            )
-        elapsed = elapsed_before + time.perf_counter() - start_time
-        last = {
-            "epoch": epoch + 1,
-            "train_loss": stats["train_loss"],
-            "val_top1": val["val_top1"],
-            "val_top5": val["val_top5"],
-            "val_loss": val["val_loss"],
-            "images_per_sec_per_gpu": stats["images_per_sec_per_gpu"],
-            "data_wait_fraction": stats["data_wait_fraction"],
-            "lr": stats["lr"],
-            "epoch_seconds": time.perf_counter() - epoch_start,
-            "elapsed": elapsed,
-        }
-        top1 = val["val_top1"] if val["val_top1"] is not None else 0.0
-        is_best = val_loader is None or top1 > best_top1
-        best_top1 = max(best_top1, top1)
-        top1_text = (
-            f"val top1 {top1:.2f}% top5 {val['val_top5']:.2f}% loss {val['val_loss']:.4f} "
-            if val_loader
-            else ""
-        )
-        dist.print0(
-            f"epoch {epoch + 1}/{cfg.epochs} done: train loss {stats['train_loss']:.4f} "
-            f"{top1_text}{stats['images_per_sec_per_gpu']:.1f} img/s/gpu "
-            f"data-wait {stats['data_wait_fraction']:.0%} ({elapsed:.0f}s)"
-        )
-        if info.is_main:
-            append_metrics(metrics_path, last)
-            state = ckpt_io.checkpoint_state(
-                model=model,
-                optimizer=optimizer,
-                scaler=scaler,
-                scheduler=scheduler,
-                next_epoch=epoch + 1,
-                best_top1=best_top1,
-                config=config_dict(cfg),
-                class_names=data.class_names,
-            )
-            state["elapsed"] = elapsed
-            ckpt_io.atomic_save(state, os.path.join(cfg.output_dir, ckpt_io.LAST))
-            if is_best:
-                ckpt_io.atomic_save(state, os.path.join(cfg.output_dir, ckpt_io.BEST))
-
-    if start_epoch >= cfg.epochs:
-        dist.print0(f"nothing to train: the checkpoint already holds {start_epoch} epochs")
     if info.is_main:
         export = os.path.join(cfg.output_dir, ckpt_io.EXPORT)
         ckpt_io.export_model(
             export,
-            model=model,
+            model=training.model,
             arch=cfg.arch,
             class_names=data.class_names,
             image_size=cfg.image_size,
         )
         dist.print0(
-            f"done: best val top-1 {best_top1:.2f}%; weights for inference in {export} "
+            f"done: best val top-1 {training.best_top1:.2f}%; weights for inference in {export} "
             "(loading it needs only torchvision, see trainer/checkpoint.py)"
         )
-    return last
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -395,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     info = dist.setup_distributed(timeout_s=cfg.dist_timeout, local_rank=cfg.local_rank)
     try:
-        train(cfg, info)
+        run(cfg, info)
     except (TrainerError, ListError) as exc:
         # The user's input, not our bug: one line, no traceback. Every rank finds the same
         # fault (each checks its inputs), so all exit 2; rank 0 alone says why.

@@ -239,6 +239,8 @@ class _DeviceNormalizer:
         self.mean = self.mean.view(shape)
         self.inv_std = 1.0 / torch.tensor([s * 255 for s in common.IMAGENET_STD], device=device)
         self.inv_std = self.inv_std.view(shape)
+        if self.stream is not None:  # mean and inv_std come from the current stream
+            self.stream.wait_stream(torch.cuda.current_stream(device))
         self.next = self._prepare()
 
     def _prepare(self):

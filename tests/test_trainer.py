@@ -155,11 +155,16 @@ def test_model_pt_loads_with_torchvision_only(trained, tiny_data):
 @pytest.mark.slow
 def test_distributed_eval_equals_single_process(trained, tiny_data, tmp_path):
     out, _ = trained
+    # 39 val images in batches of 19: rank 0 gets 19 (one batch), rank 1 gets 20 (two), so
+    # the ranks run different numbers of batches and one batch is a 1-image tail.
+    with open(tiny_data.val_list) as f:
+        lines = [ln for ln in f if ln.strip()][:39]
+    val_list = tmp_path / "val39.txt"
+    val_list.write_text("".join(os.path.join(tiny_data.root, ln) for ln in lines))
     flags = tiny_flags(tiny_data, tmp_path / "x") + [
-        "--eval-only",
-        "--resume",
-        str(out / "last.pt"),
-    ]
+        "--val-list", str(val_list), "--classes", tiny_data.classes_file, "--batch-size", "19",
+        "--eval-only", "--resume", str(out / "last.pt"),
+    ]  # fmt: skip
     # One process, no launcher at all.
     single = tmp_path / "single"
     run([sys.executable, MAIN, *flags, "--output-dir", str(single)], cwd=tmp_path)
@@ -167,18 +172,16 @@ def test_distributed_eval_equals_single_process(trained, tiny_data, tmp_path):
     double = tmp_path / "double"
     legacy = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2"]
     proc = run([*legacy, "--standalone", MAIN, *flags, "--output-dir", str(double)], cwd=tmp_path)
-    assert "eval: top1" in proc.stdout
+    assert proc.stdout.count("eval: top1") == 1
     with open(single / "eval.json") as f:
         one = json.load(f)
     with open(double / "eval.json") as f:
         two = json.load(f)
-    assert one["val_images"] == two["val_images"] == 40  # every val image exactly once
+    assert one["val_images"] == two["val_images"] == 39  # every val image exactly once
     assert two["val_top1"] == pytest.approx(one["val_top1"], abs=1e-6)
     assert two["val_top5"] == pytest.approx(one["val_top5"], abs=1e-6)
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-3)
-    # And the training run's own last evaluation (two ranks, same weights) agrees.
-    final = read_metrics(out)[-1]
-    assert final["val_top1"] == pytest.approx(two["val_top1"], abs=1e-6)
+    assert one["val_top1"] > 10.0  # a trained model, not a constant guess
 
 
 @pytest.mark.slow

@@ -47,24 +47,68 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--list", default=None, help="list file to read (default: the demo data's Train.txt, photo-sized JPEGs, generated once)")
-    p.add_argument("--backends", default="pil,dali", help="comma-separated loaders to measure: pil, dali")
-    p.add_argument("--modes", default="loader,train,synthetic", help="comma-separated: loader, train, synthetic")
+    p.add_argument(
+        "--list",
+        default=None,
+        help="list file to read (default: the demo data's Train.txt, photo-sized JPEGs, generated once)",
+    )
+    p.add_argument(
+        "--backends", default="pil,dali", help="comma-separated loaders to measure: pil, dali"
+    )
+    p.add_argument(
+        "--modes",
+        default="loader,train,synthetic",
+        help="comma-separated: loader, train, synthetic",
+    )
     p.add_argument("--arch", default="resnet50", help="torchvision model name")
-    p.add_argument("--num-classes", type=int, default=None, help="classes of the head (default: classes.txt beside the list, else the largest label + 1)")
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="classes of the head (default: classes.txt beside the list, else the largest label + 1)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="images per GPU per step")
     p.add_argument("--image-size", type=int, default=224, help="crop side in pixels")
-    p.add_argument("--amp", choices=sorted(AMP_DTYPES), default="bf16", help="mixed precision and loader output dtype")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="model and batches in channels_last")
-    p.add_argument("--workers", type=int, default=None, help="PIL workers = DALI threads per GPU (default: usable cores / GPUs on this node)")
-    p.add_argument("--dali-decode", choices=("auto", "mixed", "cpu"), default="auto", help="DALI decode: mixed (GPU) when the device is CUDA under auto")
+    p.add_argument(
+        "--amp",
+        choices=sorted(AMP_DTYPES),
+        default="bf16",
+        help="mixed precision and loader output dtype",
+    )
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="model and batches in channels_last",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="PIL workers = DALI threads per GPU (default: usable cores / GPUs on this node)",
+    )
+    p.add_argument(
+        "--dali-decode",
+        choices=("auto", "mixed", "cpu"),
+        default="auto",
+        help="DALI decode: mixed (GPU) when the device is CUDA under auto",
+    )
     p.add_argument("--warmup", type=int, default=10, help="untimed steps before the windows")
     p.add_argument("--iters", type=int, default=20, help="steps per timed window")
     p.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported")
     p.add_argument("--seed", type=int, default=0, help="seed of loaders and model")
     p.add_argument("--json", default=None, help="write every figure and the environment here")
-    p.add_argument("--plot", default=None, help="write a PNG bar chart here (needs matplotlib: pip install -e '.[plot]')")
-    p.add_argument("--no-warm-cache", dest="warm_cache", action="store_false", help="skip the untimed read of every file before measuring")
+    p.add_argument(
+        "--plot",
+        default=None,
+        help="write a PNG bar chart here (needs matplotlib: pip install -e '.[plot]')",
+    )
+    p.add_argument(
+        "--no-warm-cache",
+        dest="warm_cache",
+        action="store_false",
+        help="skip the untimed read of every file before measuring",
+    )
     return p
 
 
@@ -72,7 +116,9 @@ def _split(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
     items = [x.strip() for x in text.split(",") if x.strip()]
     bad = [x for x in items if x not in allowed]
     if bad or not items:
-        raise SystemExit(f"error: {flag} takes a comma-separated subset of {','.join(allowed)}; got {text!r}")
+        raise SystemExit(
+            f"error: {flag} takes a comma-separated subset of {','.join(allowed)}; got {text!r}"
+        )
     return items
 
 
@@ -137,7 +183,14 @@ def measure_loader(loader, *, device, args) -> tuple[list[float], float]:
         next(batches)
         return time.perf_counter() - start
 
-    return timed_windows(step, device=device, batch_size=args.batch_size, warmup=args.warmup, iters=args.iters, repeats=args.repeats)
+    return timed_windows(
+        step,
+        device=device,
+        batch_size=args.batch_size,
+        warmup=args.warmup,
+        iters=args.iters,
+        repeats=args.repeats,
+    )
 
 
 def measure_train(train_step, batches: Iterator, *, device, args) -> tuple[list[float], float]:
@@ -148,7 +201,14 @@ def measure_train(train_step, batches: Iterator, *, device, args) -> tuple[list[
         train_step(images, labels)
         return waited
 
-    return timed_windows(step, device=device, batch_size=args.batch_size, warmup=args.warmup, iters=args.iters, repeats=args.repeats)
+    return timed_windows(
+        step,
+        device=device,
+        batch_size=args.batch_size,
+        warmup=args.warmup,
+        iters=args.iters,
+        repeats=args.repeats,
+    )
 
 
 def synthetic_batches(*, args, num_classes, device, dtype) -> Iterator:
@@ -172,11 +232,15 @@ def gather_rates(rates: list[float], info: dist.DistInfo) -> list[list[float]]:
     return [list(r) for r in gathered]
 
 
-def summarize(backend: str, mode: str, rates_per_rank: list[list[float]], data_wait: float | None, extra: dict) -> dict:
+def summarize(
+    backend: str, mode: str, rates_per_rank: list[list[float]], data_wait: float | None, extra: dict
+) -> dict:
     # Per-GPU figures: each window's rate averaged over ranks, then median/min/max over windows;
     # total = per-GPU x ranks, since every rank processes its own batch in each step.
     world = len(rates_per_rank)
-    per_window = [statistics.fmean(r[i] for r in rates_per_rank) for i in range(len(rates_per_rank[0]))]
+    per_window = [
+        statistics.fmean(r[i] for r in rates_per_rank) for i in range(len(rates_per_rank[0]))
+    ]
     per_gpu = statistics.median(per_window)
     return {
         "backend": backend,
@@ -220,7 +284,9 @@ def _run(args, info: dist.DistInfo, backends: list[str], modes: list[str]) -> di
     samples = read_list(args.list)
     if args.num_classes is None:
         classes_file = classes_beside(args.list)
-        args.num_classes = len(read_classes(classes_file)) if classes_file else max(s.label for s in samples) + 1
+        args.num_classes = (
+            len(read_classes(classes_file)) if classes_file else max(s.label for s in samples) + 1
+        )
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     workers = args.workers or max(1, cores // local_world)
@@ -271,17 +337,33 @@ def _run(args, info: dist.DistInfo, backends: list[str], modes: list[str]) -> di
             else:
                 rates, wait = measure_train(train_step, endless(loader), device=device, args=args)
             rows.append(summarize(backend, mode, gather_rates(rates, info), wait, extra))
-            dist.print0(f"  {backend:>5} {mode:<9} {rows[-1]['images_per_sec_per_gpu']:10.1f} img/s per GPU")
+            dist.print0(
+                f"  {backend:>5} {mode:<9} {rows[-1]['images_per_sec_per_gpu']:10.1f} img/s per GPU"
+            )
             del loader
     if "synthetic" in modes:
-        batches = synthetic_batches(args=args, num_classes=args.num_classes, device=device, dtype=dtype)
+        batches = synthetic_batches(
+            args=args, num_classes=args.num_classes, device=device, dtype=dtype
+        )
         rates, wait = measure_train(train_step, batches, device=device, args=args)
-        rows.append(summarize("synthetic", "synthetic", gather_rates(rates, info), None, {"workers": None, "dali_decode": None}))
-        dist.print0(f"  {'-':>5} {'synthetic':<9} {rows[-1]['images_per_sec_per_gpu']:10.1f} img/s per GPU")
+        rows.append(
+            summarize(
+                "synthetic",
+                "synthetic",
+                gather_rates(rates, info),
+                None,
+                {"workers": None, "dali_decode": None},
+            )
+        )
+        dist.print0(
+            f"  {'-':>5} {'synthetic':<9} {rows[-1]['images_per_sec_per_gpu']:10.1f} img/s per GPU"
+        )
         ceiling = rows[-1]["images_per_sec_per_gpu"]
         for row in rows:
             if row["mode"] == "train":
-                row["gap_to_ceiling_percent"] = 100.0 * (1.0 - row["images_per_sec_per_gpu"] / ceiling)
+                row["gap_to_ceiling_percent"] = 100.0 * (
+                    1.0 - row["images_per_sec_per_gpu"] / ceiling
+                )
 
     settings = {
         "list": os.path.abspath(args.list),

@@ -1,0 +1,116 @@
+"""``build_loader``: checks the arguments and the list, then hands over to one backend."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import common
+from .lists import classes_beside, read_classes, read_list
+
+BACKENDS = ("dali", "pil", "pil-gpu")
+
+
+def build_loader(
+    list_file: str | os.PathLike,
+    *,
+    train: bool,
+    backend: str,
+    batch_size: int,
+    image_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+    num_threads: int = 2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    num_classes: int | None = None,
+    dali_decode: str = "auto",
+    prefetch: int = 2,
+    dali_options: dict | None = None,
+    check_files: bool = True,
+):
+    """A loader for one rank: iterate it for one epoch of ``(images, labels)``.
+
+    images: ``(B, 3, image_size, image_size)``, channels_last memory, ``dtype``, on ``device``;
+    labels: int64 ``(B,)`` on ``device``. The loader has ``len()`` (steps this epoch on this
+    rank), ``set_epoch(epoch)``, ``num_samples`` (samples this rank yields per epoch),
+    ``dataset_size`` (samples in the list) and ``num_classes`` (None when unknown).
+
+    train: random-resized-crop + flip, a fresh global permutation each epoch (call
+    ``set_epoch``), the same number of whole batches on every rank; same seed, same batches.
+    Otherwise validation: resize shorter side to ``image_size / 0.875`` + center crop, every
+    image exactly once across ranks (a rank may get a short last batch, or nothing).
+
+    backend: "dali"; "pil" (torchvision's recipe, ``num_threads`` DataLoader workers); "pil-gpu"
+    (the same with normalization on the device). dali_decode: "auto" (GPU decode on CUDA,
+    otherwise CPU), "mixed" (GPU decode), "cpu" (CPU decode, GPU augmentation on CUDA).
+    dali_options: extra or overriding arguments for DALI's decoder (e.g. ``hw_decoder_load``).
+    num_classes: None takes the count from ``classes.txt`` beside the list when there is one;
+    labels outside ``[0, num_classes)`` are an error naming ``file:line``.
+    check_files: stat every file the rank may read before the first step (missing or empty
+    files fail here, named); about a second per million files on a local disk.
+    """
+    list_file = os.fspath(list_file)
+    device = common.resolve_device(device)
+    common.check_args(
+        batch_size=batch_size,
+        image_size=image_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        dtype=dtype,
+    )
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if num_threads < (1 if backend == "dali" else 0):
+        raise ValueError(f"num_threads must be >= 1 for DALI, >= 0 for PIL; got {num_threads}")
+    if prefetch < 1:
+        raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+    if num_classes is None:
+        classes_file = classes_beside(list_file)
+        if classes_file is not None:
+            num_classes = len(read_classes(classes_file))
+    samples = read_list(list_file, num_classes=num_classes)
+    if check_files:
+        if train:
+            checked = samples  # any rank may read any file in some epoch
+        else:
+            shard = common.val_shard(len(samples), rank=rank, world_size=world_size)
+            checked = samples[shard.start : shard.stop]
+        common.check_files_exist(checked, list_file=list_file)
+
+    shared = dict(
+        list_file=list_file,
+        train=train,
+        batch_size=batch_size,
+        image_size=image_size,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        seed=seed,
+        dtype=dtype,
+        prefetch=prefetch,
+    )
+    if backend == "dali":
+        from .dali import DaliLoader  # DALI is imported only by those who use it
+
+        loader = DaliLoader(
+            samples,
+            num_threads=num_threads,
+            dali_decode=dali_decode,
+            dali_options=dali_options,
+            **shared,
+        )
+    else:
+        from .pil import PilLoader
+
+        loader = PilLoader(
+            samples,
+            num_workers=num_threads,
+            normalize_on_device=backend == "pil-gpu",
+            **shared,
+        )
+    loader.num_classes = num_classes
+    return loader

@@ -42,7 +42,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from . import common
-from .lists import Sample
+from .lists import ImageError, Sample
 
 READER_NAME = "Reader"
 
@@ -422,7 +422,7 @@ class DaliLoader:
         message = str(error)
         for path in rank_files:
             if path in message:
-                return RuntimeError(
+                return ImageError(
                     f"{path}: DALI failed on this image (rank {self.rank}): {_last_lines(message)}"
                 )
         # Not named by DALI: look among the batches in flight (the pipeline runs `prefetch`
@@ -434,10 +434,10 @@ class DaliLoader:
         found = find_unreadable(window) or find_unreadable(rank_files, decode=False)
         if found is not None:
             path, why = found
-            return RuntimeError(
+            return ImageError(
                 f"{path}: image {why} (rank {self.rank}; DALI said: {_last_lines(message)})"
             )
-        return RuntimeError(
+        return ImageError(
             f"DALI failed on rank {self.rank} in a batch read from files {first}.."
             f"{first + len(window) - 1} of this pass ({window[0] if window else '?'}, ...), "
             f"all of which PIL decodes: {_last_lines(message)}"

@@ -21,6 +21,10 @@ class ListError(ValueError):
     """A list or classes file that cannot be used; the message names ``file:line``."""
 
 
+class ImageError(RuntimeError):
+    """An image that a loader cannot read or decode mid-run; the message names the file."""
+
+
 @dataclass(frozen=True)
 class Sample:
     path: str  # absolute, normalized

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from . import common
-from .lists import Sample
+from .lists import ImageError, Sample
 
 
 def train_transform(image_size: int, *, normalize: bool = True) -> T.Compose:
@@ -86,9 +86,7 @@ class ListDataset(Dataset):
         try:
             image = common.open_rgb(sample.path)
         except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, ...: name the file
-            raise RuntimeError(
-                f"{sample.path}: cannot decode image ({type(e).__name__}: {e})"
-            ) from e
+            raise ImageError(f"{sample.path}: cannot decode image ({type(e).__name__}: {e})") from e
         if not self.random:
             return self.transform(image), sample.label
         # The CPU generator only (torch.manual_seed would reseed CUDA's too, which fork_rng
@@ -206,6 +204,11 @@ class PilLoader:
                     yield common.to_output(
                         images, labels, device=self.device, dtype=self.dtype, layout="NCHW"
                     )
+        except ImageError as e:
+            self._stop_workers()
+            # DataLoader re-raises a worker's error with the worker's traceback in its message;
+            # the last line is ours and names the file.
+            raise ImageError(str(e).strip().splitlines()[-1].removeprefix("ImageError: ")) from e
         except Exception:
             self._stop_workers()
             raise

@@ -138,3 +138,30 @@ def test_fault_under_torchrun_exits_promptly(tmp_path):
     assert proc.returncode != 0
     worker_output = proc.stdout + proc.stderr
     assert worker_output.count(f"error: {missing}: list file not found") == 1  # rank 0 only
+
+
+@pytest.mark.parametrize("loader", ["dali", "pil"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_bad_image_mid_training_is_named(capsys, tmp_path, tiny_data, loader, damage):
+    """A file that passes the up-front checks but fails to decode stops the run, named."""
+    from pipelines.lists import read_list, write_list
+
+    samples = read_list(tiny_data.train_list)
+    bad = tmp_path / "bad image.jpg"
+    with open(samples[0].path, "rb") as f:
+        good_bytes = f.read()
+    if damage == "truncated":
+        bad.write_bytes(good_bytes[: len(good_bytes) // 3])
+    else:
+        bad.write_bytes(b"this is not an image at all " * 40)
+    listed = [(s.path, s.label) for s in samples]
+    listed[5] = (str(bad), listed[5][1])
+    train_list = tmp_path / "Train.txt"
+    write_list(train_list, listed)
+    flags = base_flags(tiny_data, tmp_path / "out")
+    flags[1] = str(train_list)
+    # Batch 8 over 120 images: one epoch reads every file, so the bad one is met.
+    line = fails(
+        capsys, [*flags, "--classes", tiny_data.classes_file, "--loader", loader], str(bad)
+    )
+    assert "rank 0" in line

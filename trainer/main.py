@@ -32,6 +32,7 @@ from torch import nn  # noqa: E402
 from pipelines import build_loader  # noqa: E402
 from pipelines.lists import (  # noqa: E402
     VAL_LIST,
+    ImageError,
     ListError,
     classes_beside,
     read_classes,
@@ -448,6 +449,11 @@ def main(argv: list[str] | None = None) -> int:
         # fault (each checks its inputs), so all exit 2; rank 0 alone says why.
         if info.is_main:
             print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except ImageError as exc:
+        # A bad image met mid-epoch: only the rank reading it knows, so that rank says it; its
+        # exit makes torchrun stop the others.
+        print(f"error: rank {info.rank}: {exc}", file=sys.stderr, flush=True)
         return 2
     finally:
         dist.cleanup_distributed()

@@ -44,6 +44,6 @@ bench() {  # name, then extra flags
   tail -n 12 "$out/$name.log"
 }
 # PIL and DALI (mixed decode under auto on CUDA) side by side in one process, then CPU decode.
-bench pil_vs_dali_mixed --backends pil,dali --modes loader,train,synthetic --dali-decode auto
+bench pil_vs_dali_mixed --backends pil,pil-gpu,dali --modes loader,train,synthetic --dali-decode auto
 bench dali_cpu_decode --backends dali --modes loader,train --dali-decode cpu
 exit $status

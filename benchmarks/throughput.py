@@ -37,7 +37,7 @@ from pipelines.lists import classes_beside, read_classes, read_list  # noqa: E40
 from trainer import dist  # noqa: E402
 from trainer.engine import build_step  # noqa: E402
 
-BACKENDS = ("pil", "dali")
+BACKENDS = ("pil", "pil-gpu", "dali")
 MODES = ("loader", "train", "synthetic")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}
 
@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="list file to read (default: the demo data's Train.txt, photo-sized JPEGs, generated once)",
     )
     p.add_argument(
-        "--backends", default="pil,dali", help="comma-separated loaders to measure: pil, dali"
+        "--backends",
+        default="pil,dali",
+        help="comma-separated loaders to measure: pil (torchvision recipe), pil-gpu (uint8 batches normalized on the device), dali",
     )
     p.add_argument(
         "--modes",

@@ -45,7 +45,6 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float3
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "--list",
@@ -55,33 +54,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backends",
         default="pil,dali",
-        help="comma-separated loaders to measure: pil (torchvision recipe), pil-gpu (uint8 batches normalized on the device), dali",
+        help="comma-separated loaders to measure: pil (torchvision recipe), pil-gpu (uint8 batches normalized on the device), dali [default: pil,dali]",
     )
     p.add_argument(
         "--modes",
         default="loader,train,synthetic",
-        help="comma-separated: loader, train, synthetic",
+        help="comma-separated: loader, train, synthetic [default: all three]",
     )
-    p.add_argument("--arch", default="resnet50", help="torchvision model name")
+    p.add_argument("--arch", default="resnet50", help="torchvision model name [default: resnet50]")
     p.add_argument(
         "--num-classes",
         type=int,
         default=None,
         help="classes of the head (default: classes.txt beside the list, else the largest label + 1)",
     )
-    p.add_argument("--batch-size", type=int, default=64, help="images per GPU per step")
-    p.add_argument("--image-size", type=int, default=224, help="crop side in pixels")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="images per GPU (per rank) per step [default: 64]",
+    )
+    p.add_argument("--image-size", type=int, default=224, help="crop side, pixels [default: 224]")
     p.add_argument(
         "--amp",
         choices=sorted(AMP_DTYPES),
         default="bf16",
-        help="mixed precision and loader output dtype",
+        help="mixed precision and the loaders' output dtype [default: bf16]",
     )
     p.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="model and batches in channels_last",
+        help="model and batches in channels_last [default: on]",
     )
     p.add_argument(
         "--workers",
@@ -93,23 +97,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--dali-decode",
         choices=("auto", "mixed", "cpu"),
         default="auto",
-        help="DALI decode: mixed (GPU) when the device is CUDA under auto",
+        help="DALI decode: mixed (GPU), cpu, or auto = mixed on CUDA [default: auto]",
     )
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps before the windows")
-    p.add_argument("--iters", type=int, default=20, help="steps per timed window")
-    p.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported")
-    p.add_argument("--seed", type=int, default=0, help="seed of loaders and model")
-    p.add_argument("--json", default=None, help="write every figure and the environment here")
+    p.add_argument(
+        "--warmup", type=int, default=10, help="untimed steps before the windows [default: 10]"
+    )
+    p.add_argument("--iters", type=int, default=20, help="steps per timed window [default: 20]")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed windows; median, min and max are reported [default: 3]",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of loaders and model [default: 0]")
+    p.add_argument(
+        "--json",
+        default=None,
+        help="write every figure and the environment to this JSON file [default: none]",
+    )
     p.add_argument(
         "--plot",
         default=None,
-        help="write a PNG bar chart here (needs matplotlib: pip install -e '.[plot]')",
+        help="write a PNG bar chart here (needs matplotlib: pip install -e '.[plot]') [default: none]",
     )
     p.add_argument(
         "--no-warm-cache",
         dest="warm_cache",
         action="store_false",
-        help="skip the untimed read of every file before measuring",
+        help="skip the untimed read of every file before measuring [default: the cache is warmed]",
     )
     return p
 

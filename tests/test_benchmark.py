@@ -97,3 +97,20 @@ def test_benchmark_rejects_unknown_backend(tmp_path):
     )  # fmt: skip
     assert proc.returncode != 0
     assert "--backends" in proc.stderr and "ffcv" in proc.stderr
+
+
+def test_benchmark_plot_or_clear_message(tiny_data, tmp_path):
+    """--plot writes a PNG with matplotlib (an optional extra), else fails before measuring."""
+    import importlib.util
+
+    png = tmp_path / "bench.png"
+    cmd = [sys.executable, SCRIPT, "--list", tiny_data.train_list, *TINY_FLAGS]
+    cmd += ["--backends", "dali", "--modes", "loader", "--plot", str(png)]
+    if importlib.util.find_spec("matplotlib") is None:
+        proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True)
+        assert proc.returncode != 0
+        assert "matplotlib" in proc.stderr and "pip install" in proc.stderr
+        assert "img/s" not in proc.stdout  # refused before any measuring
+    else:
+        _run(cmd, tmp_path)
+        assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

@@ -192,30 +192,15 @@ def timed_windows(
     return rates, waited / elapsed_total
 
 
-def measure_loader(loader, *, device, args) -> tuple[list[float], float]:
-    batches = endless(loader)
+def measure(batches: Iterator, *, train_step=None, device, args) -> tuple[list[float], float]:
+    """Window rates of pulling batches (loader mode) or of training on them (train_step)."""
 
-    def step() -> float:
-        start = time.perf_counter()
-        next(batches)
-        return time.perf_counter() - start
-
-    return timed_windows(
-        step,
-        device=device,
-        batch_size=args.batch_size,
-        warmup=args.warmup,
-        iters=args.iters,
-        repeats=args.repeats,
-    )
-
-
-def measure_train(train_step, batches: Iterator, *, device, args) -> tuple[list[float], float]:
     def step() -> float:
         start = time.perf_counter()
         images, labels = next(batches)
         waited = time.perf_counter() - start
-        train_step(images, labels)
+        if train_step is not None:
+            train_step(images, labels)
         return waited
 
     return timed_windows(
@@ -291,10 +276,8 @@ def _run(args, info: dist.DistInfo, backends: list[str], modes: list[str]) -> di
     if args.list is None:
         from pipelines.demo import default_demo_root, ensure_demo_data
 
-        # Generation happens once; other ranks wait so they never read a half-written tree.
-        if info.local_rank == 0:
-            demo = ensure_demo_data(default_demo_root(), preset="default")
-        dist.barrier()
+        # Generated once; ensure_demo_data holds a file lock while writing, so the other ranks
+        # wait there and then find the finished tree.
         demo = ensure_demo_data(default_demo_root(), preset="default")
         args.list = demo.train_list
         dist.print0(f"no --list: using the demo data's {args.list} (photo-sized JPEGs)")
@@ -349,10 +332,12 @@ def _run(args, info: dist.DistInfo, backends: list[str], modes: list[str]) -> di
         for mode in [m for m in modes if m != "synthetic"]:
             loader = build_loader(args.list, train=True, backend=backend, **loader_kwargs)
             if mode == "loader":
-                rates, wait = measure_loader(loader, device=device, args=args)
+                rates, wait = measure(endless(loader), device=device, args=args)
                 wait = None  # waiting is all a loader-only window does
             else:
-                rates, wait = measure_train(train_step, endless(loader), device=device, args=args)
+                rates, wait = measure(
+                    endless(loader), train_step=train_step, device=device, args=args
+                )
             rows.append(summarize(backend, mode, gather_rates(rates, info), wait, extra))
             dist.print0(
                 f"  {backend:>5} {mode:<9} {rows[-1]['images_per_sec_per_gpu']:10.1f} img/s per GPU"
@@ -362,7 +347,7 @@ def _run(args, info: dist.DistInfo, backends: list[str], modes: list[str]) -> di
         batches = synthetic_batches(
             args=args, num_classes=args.num_classes, device=device, dtype=dtype
         )
-        rates, wait = measure_train(train_step, batches, device=device, args=args)
+        rates, wait = measure(batches, train_step=train_step, device=device, args=args)
         rows.append(
             summarize(
                 "synthetic",

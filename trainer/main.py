@@ -31,12 +31,12 @@ from torch import nn  # noqa: E402
 
 from pipelines import build_loader  # noqa: E402
 from pipelines.lists import (  # noqa: E402
+    CLASSES_FILE,
     VAL_LIST,
     ImageError,
     ListError,
     classes_beside,
     read_classes,
-    read_list,
 )
 from trainer import checkpoint as ckpt_io  # noqa: E402
 from trainer import dist  # noqa: E402
@@ -74,7 +74,7 @@ class DataSpec:
 
 
 def prepare_demo_data(info: dist.DistInfo) -> str:
-    """Generate the demo data set once (one rank per node writes it), return its Train.txt."""
+    """Generate the demo data set once (reused after), return its Train.txt."""
     from pipelines.demo import MARKER_FILE, default_demo_root, ensure_demo_data
 
     root = default_demo_root()
@@ -84,16 +84,13 @@ def prepare_demo_data(info: dist.DistInfo) -> str:
         what = f"demo data generated now in {root} (once, about a minute; reused after)"
     # One line, before the wait, so a first run does not look stuck while images are drawn.
     dist.print0(f"no --train-list: training the demo recipe (see --help) on {what}")
-    if info.local_rank == 0:
-        demo = ensure_demo_data(root, preset="default")
-    dist.barrier()  # the others wait until the tree is complete, then just read it
-    if info.local_rank != 0:
-        demo = ensure_demo_data(root, preset="default")
-    return demo.train_list
+    # ensure_demo_data holds a file lock while it writes: one rank generates, the others wait
+    # on the lock and then find the finished tree.
+    return ensure_demo_data(root, preset="default").train_list
 
 
 def resolve_data(cfg: Config, info: dist.DistInfo) -> DataSpec:
-    """Lists and class names, checked before anything is built: every fault named here."""
+    """Which lists and class names to use; the loaders then parse and check the lists."""
     demo = cfg.train_list is None
     train_list = prepare_demo_data(info) if demo else cfg.train_list
     val_list = cfg.val_list
@@ -116,13 +113,8 @@ def resolve_data(cfg: Config, info: dist.DistInfo) -> DataSpec:
         class_names = [str(i) for i in range(cfg.num_classes)]
     else:
         raise TrainerError(
-            f"{train_list}: no {os.path.basename('classes.txt')} beside it; give --classes FILE "
-            "or --num-classes N"
+            f"{train_list}: no {CLASSES_FILE} beside it; give --classes FILE or --num-classes N"
         )
-    # Parsed here too (build_loader parses again) so a bad line fails before any model work.
-    read_list(train_list, num_classes=len(class_names))
-    if val_list is not None:
-        read_list(val_list, num_classes=len(class_names))
     # Absolute, so the saved config.toml works from any folder.
     return DataSpec(
         os.path.abspath(train_list),
@@ -361,6 +353,9 @@ def run(cfg: Config, info: dist.DistInfo) -> None:
         dist.print0(note)
     if cfg.eval_only and not (cfg.resume or cfg.pretrained):
         raise TrainerError("--eval-only needs weights: --resume PATH|auto or --pretrained PATH")
+    # The loaders parse the lists and stat every file: a bad line or a missing image fails
+    # here, before any checkpoint or model work.
+    train_loader, val_loader = build_loaders(cfg, data, info, amp_dtype or torch.float32)
     resume_path = ckpt_io.resolve_resume(cfg.resume, cfg.output_dir)
     if cfg.resume == "auto" and resume_path is None:
         dist.print0(f"--resume auto: no {ckpt_io.LAST} in {cfg.output_dir}, starting fresh")
@@ -384,7 +379,6 @@ def run(cfg: Config, info: dist.DistInfo) -> None:
     if info.is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.output_dir, CONFIG_FILE))
-    train_loader, val_loader = build_loaders(cfg, data, info, amp_dtype or torch.float32)
 
     if cfg.eval_only:
         if checkpoint is not None:

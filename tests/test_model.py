@@ -255,5 +255,8 @@ def test_threads_split_among_local_ranks(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert dist.cpu_threads_per_rank(4) == 4
     assert dist.cpu_threads_per_rank(32) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as torchrun sets it for every worker
+    assert dist.cpu_threads_per_rank(4) == 4  # the loader's share is not cut by it
+    assert dist.loader_threads_reason(4) == "16 usable cores / 4 ranks on this node"
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert dist.cpu_threads_per_rank(4) == 2  # an explicit OMP_NUM_THREADS caps it
+    assert dist.torch_threads_per_rank(4) == 2  # torch's intra-op threads honour it

@@ -46,12 +46,34 @@ def usable_cpus() -> int:
 
 
 def cpu_threads_per_rank(local_world_size: int) -> int:
-    """Cores split evenly among this node's ranks; OMP_NUM_THREADS, when set, caps it."""
-    threads = max(1, usable_cpus() // max(1, local_world_size))
+    """This rank's share of the cores it may run on: usable cores / ranks on this node.
+
+    The default for DALI threads and PIL workers. OMP_NUM_THREADS is not consulted: torchrun
+    sets it to 1 for every worker of a multi-process job, and it governs torch's intra-op
+    threads, not the loader's (an 8-GPU node would otherwise get 1 loader thread per GPU).
+    """
+    return max(1, usable_cpus() // max(1, local_world_size))
+
+
+def loader_threads_reason(local_world_size: int) -> str:
+    """Why ``cpu_threads_per_rank`` gave what it gave, for the startup line."""
+    cores = usable_cpus()
+    ranks = max(1, local_world_size)
+    return f"{cores} usable cores / {ranks} rank{'s' if ranks > 1 else ''} on this node"
+
+
+def torch_threads_per_rank(local_world_size: int) -> int:
+    """torch's intra-op threads on a CPU rank: the rank's share of cores, capped by
+    OMP_NUM_THREADS when that is set (the variable is meant for exactly these threads)."""
+    threads = cpu_threads_per_rank(local_world_size)
     omp = os.environ.get("OMP_NUM_THREADS", "")
     if omp.isdigit() and int(omp) > 0:
         threads = min(threads, int(omp))
     return threads
+
+
+class DistSetupError(RuntimeError):
+    """The launch does not fit the machine (e.g. more local ranks than GPUs); one line."""
 
 
 def setup_distributed(
@@ -75,6 +97,16 @@ def setup_distributed(
 
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda:
+        gpus = torch.cuda.device_count()
+        if local_world_size > gpus or local_rank >= gpus:
+            # Checked on every rank before joining the group, so all fail alike and at once
+            # (rank 0 says it) instead of rank k dying in set_device with a CUDA error.
+            raise DistSetupError(
+                f"{local_world_size} processes on this node but {gpus} GPU"
+                f"{'s' if gpus != 1 else ''}: local rank {local_rank} would have no GPU; start "
+                f"one process per GPU (torchrun --nproc_per_node={gpus}, or plain "
+                "`python trainer/main.py`, which starts one per GPU by itself)"
+            )
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
         # Fixed input shapes every step: let cuDNN pick the fastest kernels once.
@@ -83,7 +115,7 @@ def setup_distributed(
         dev = torch.device("cpu")
         # Each rank is its own process: without this every rank would use all cores and the
         # ranks would oversubscribe the machine (and starve the loader threads).
-        torch.set_num_threads(cpu_threads_per_rank(local_world_size))
+        torch.set_num_threads(torch_threads_per_rank(local_world_size))
 
     if world_size > 1 and not torch_dist.is_initialized():
         torch_dist.init_process_group(

@@ -1,0 +1,149 @@
+"""How the trainer is started: processes per machine, loader threads per rank, and the plan
+of loader settings it prints (issue 8: fast by default, and the first command runs anywhere).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+from test_trainer import MAIN, run, tiny_flags, torchrun
+
+from pipelines import tuning
+from trainer import dist
+from trainer.config import TrainerError, parse_config
+
+LOADER_LINE = re.compile(r"^loader: (.*)$", re.MULTILINE)
+
+
+def loader_line(stdout: str) -> str:
+    match = LOADER_LINE.search(stdout)
+    assert match, stdout[-3000:]
+    return match.group(1)
+
+
+def one_epoch(tiny_data, out, *extra: str) -> list[str]:
+    flags = tiny_flags(tiny_data, out, "--epochs", "1", *extra)
+    # tiny_flags pins --workers 1; these tests are about the default, so drop it.
+    at = flags.index("--workers")
+    return flags[:at] + flags[at + 2 :]
+
+
+@pytest.mark.slow
+def test_torchrun_omp_num_threads_does_not_limit_loader_threads(tiny_data, tmp_path):
+    # torchrun sets OMP_NUM_THREADS=1 for every worker of a multi-process job; here it is set
+    # explicitly for a one-process job, so the rank owns every usable core: the loader must
+    # get all of them, not OMP's 1.
+    cores = dist.usable_cpus()
+    proc = run(torchrun(1) + one_epoch(tiny_data, tmp_path), cwd=tmp_path, OMP_NUM_THREADS="1")
+    line = loader_line(proc.stdout)
+    assert line.startswith(f"dali, cpu decode, {cores} threads/GPU"), line
+    assert f"{cores} usable cores / 1 rank on this node" in line
+    assert "decode: auto = cpu without a GPU" in line
+
+
+@pytest.mark.slow
+def test_plain_python_with_processes_starts_torchrun_and_splits_cores(tiny_data, tmp_path):
+    import sys
+
+    cmd = [sys.executable, MAIN, "--processes", "2", *one_epoch(tiny_data, tmp_path)]
+    proc = run(cmd, cwd=tmp_path)
+    assert "starting 2 processes with torchrun (--processes)" in proc.stdout
+    assert "on 2 x cpu" in proc.stdout
+    threads = max(1, dist.usable_cpus() // 2)
+    line = loader_line(proc.stdout)
+    assert line.startswith(f"dali, cpu decode, {threads} threads/GPU"), line
+    assert f"{dist.usable_cpus()} usable cores / 2 ranks on this node" in line
+    assert os.path.isfile(tmp_path / "model.pt")
+
+
+def test_processes_under_torchrun_is_refused(tiny_data, tmp_path):
+    proc = run(
+        torchrun(1) + ["--processes", "2", "--train-list", tiny_data.train_list],
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode != 0  # torchrun returns 1 for a worker's exit status 2
+    assert (
+        "error: --processes is for runs without torchrun; under torchrun, --nproc_per_node decides"
+        in proc.stderr.splitlines()
+    )
+
+
+def test_more_local_ranks_than_gpus_is_one_clear_error(monkeypatch):
+    # The README's old quick start (torchrun --nproc_per_node=2) on a one-GPU workstation made
+    # rank 1 die in torch.cuda.set_device(1). Here: asking for CUDA with 2 local ranks on a
+    # machine with fewer GPUs (none, on CI) fails before any CUDA call, naming the fix.
+    import torch
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    gpus = torch.cuda.device_count()
+    if gpus >= 2:
+        pytest.skip("this machine has 2+ GPUs: the launch fits")
+    with pytest.raises(dist.DistSetupError) as info:
+        dist.setup_distributed(device="cuda")
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"2 processes on this node but {gpus} GPU" in message
+    assert f"--nproc_per_node={gpus}" in message
+
+
+def test_cpu_threads_per_rank_ignores_omp_num_threads(monkeypatch):
+    cores = dist.usable_cpus()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert dist.cpu_threads_per_rank(1) == cores
+    assert dist.cpu_threads_per_rank(cores + 5) == 1  # never 0
+    # torch's own intra-op threads do honour it: that is what the variable is for.
+    assert dist.torch_threads_per_rank(1) == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert dist.torch_threads_per_rank(1) == cores
+
+
+def plan(**kwargs) -> tuning.LoaderPlan:
+    args = dict(backend="dali", device_type="cuda", cores_reason="test cores")
+    return tuning.plan_loader(**{**args, **kwargs})
+
+
+def test_plan_gpu_decode_with_few_cores_per_gpu():
+    # An 8-GPU node with 16 cores: 2 per GPU, too few to decode on the host.
+    p = plan(cores_per_rank=2)
+    assert (p.decode, p.threads, p.hw_decoder_load, p.prefetch) == ("mixed", 2, 0.99, 2)
+    assert p.dali_options() == {"hw_decoder_load": 0.99}
+    assert "auto = mixed" in p.describe() and "test cores" in p.describe()
+
+
+def test_plan_caps_threads_for_gpu_decode():
+    p = plan(cores_per_rank=12)
+    assert (p.decode, p.threads) == ("mixed", tuning.MIXED_MAX_THREADS)
+
+
+def test_plan_decodes_on_host_with_16_cores_per_gpu():
+    p = plan(cores_per_rank=16)
+    assert (p.decode, p.threads, p.hw_decoder_load) == ("cpu", 16, None)
+    assert p.dali_options() == {}
+
+
+def test_plan_respects_what_the_user_gave():
+    p = plan(cores_per_rank=64, dali_decode="mixed", threads=12, hw_decoder_load=0.5, prefetch=3)
+    assert (p.decode, p.threads, p.hw_decoder_load, p.prefetch) == ("mixed", 12, 0.5, 3)
+    # Explicit threads decide auto's placement too.
+    assert plan(cores_per_rank=64, threads=4).decode == "mixed"
+    p = plan(cores_per_rank=4, dali_decode="cpu", hw_decoder_load=0.9)
+    assert p.hw_decoder_load is None and "ignored" in p.describe()
+
+
+def test_plan_without_gpu_and_for_pil():
+    assert plan(device_type="cpu", cores_per_rank=2).decode == "cpu"
+    p = plan(backend="pil", cores_per_rank=6)
+    assert (p.decode, p.threads, p.hw_decoder_load) == (None, 6, None)
+    assert p.describe().startswith("pil, 6 workers/GPU")
+
+
+def test_new_loader_flags_parse_and_check():
+    cfg = parse_config(["--dali-hw-decoder-load", "0.8", "--prefetch", "3", "--processes", "2"])
+    assert (cfg.dali_hw_decoder_load, cfg.prefetch, cfg.processes) == (0.8, 3, 2)
+    for bad in (["--dali-hw-decoder-load", "1.5"], ["--prefetch", "0"], ["--processes", "0"]):
+        with pytest.raises(TrainerError):
+            parse_config(bad)

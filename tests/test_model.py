@@ -169,6 +169,33 @@ def test_train_step_fits_a_fixed_batch(amp):
     assert sched.last_epoch == 8  # stepped once per train_step
 
 
+def test_fp16_scaler_skips_overflowed_steps_and_the_schedule_waits():
+    # fp16 with an enabled grad scaler, on the CPU: an overflowing scale makes the scaler
+    # skip optimizer.step(); the weights must not move and the schedule must not run ahead.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    opt = make_optimizer(model, name="sgd", lr=0.1, momentum=0.9, weight_decay=0.0)
+    sched = make_scheduler(opt, warmup_steps=2, total_steps=10)
+    # Any gradient times this scale overflows float32.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    images, labels = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
+    kwargs = dict(
+        criterion=nn.CrossEntropyLoss(),
+        optimizer=opt,
+        scaler=scaler,
+        scheduler=sched,
+        amp_dtype=torch.float16,
+    )
+    weights = model[1].weight.detach().clone()
+    train_step(model, images, labels, **kwargs)
+    assert torch.equal(model[1].weight, weights)  # skipped: gradients were inf
+    assert sched.last_epoch == 0 and scaler.get_scale() < 2.0**127
+    kwargs["scaler"] = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    train_step(model, images, labels, **kwargs)
+    assert not torch.equal(model[1].weight, weights)
+    assert sched.last_epoch == 1
+
+
 class FixedLogits(nn.Module):
     """Returns the logits stored for each input id (images[:, 0, 0, 0])."""
 

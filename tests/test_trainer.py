@@ -185,6 +185,22 @@ def test_distributed_eval_equals_single_process(trained, tiny_data, tmp_path):
 
 
 @pytest.mark.slow
+def test_saved_weights_evaluate_as_the_two_rank_run_did(trained, tiny_data, tmp_path):
+    # Without SyncBN each rank's BatchNorm running statistics follow its own last batches;
+    # they are averaged over ranks before evaluation and saving, so the epoch's 2-rank val
+    # figures are those of the saved weights evaluated by one process.
+    out, _ = trained
+    flags = tiny_flags(tiny_data, tmp_path / "x", "--eval-only", "--resume", str(out / "last.pt"))
+    run([sys.executable, MAIN, *flags, "--output-dir", str(tmp_path / "one")], cwd=tmp_path)
+    with open(tmp_path / "one" / "eval.json") as f:
+        one = json.load(f)
+    final = read_metrics(out)[-1]
+    assert one["val_images"] == 40
+    assert one["val_top1"] == pytest.approx(final["val_top1"], abs=1e-6)
+    assert one["val_loss"] == pytest.approx(final["val_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
 def test_resume_after_kill_mid_epoch(trained, tiny_data, tmp_path):
     steps_per_epoch = (120 // 2) // BATCH
     out = tmp_path / "resumed"

@@ -154,6 +154,11 @@ def _active() -> bool:
     return torch_dist.is_available() and torch_dist.is_initialized()
 
 
+def is_distributed() -> bool:
+    """True when a process group of more than one rank is up."""
+    return _active() and torch_dist.get_world_size() > 1
+
+
 def barrier() -> None:
     if _active():
         if _info is not None and _info.device.type == "cuda":

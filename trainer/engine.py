@@ -127,11 +127,50 @@ def train_step(
         loss = criterion(logits, labels)
     optimizer.zero_grad(set_to_none=True)  # frees the grads instead of writing zeros
     scaler.scale(loss).backward()
+    taken = optimizer_steps_taken(optimizer)
+    before = taken[0]
     scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
     scaler.update()
-    if scheduler is not None:
+    # The schedule counts optimizer steps: a step the scaler skipped must not advance it.
+    # Known on the host without a sync (the scaler decided on the host to skip or not).
+    if scheduler is not None and taken[0] > before:
         scheduler.step()
     return loss.detach()
+
+
+def optimizer_steps_taken(optimizer: torch.optim.Optimizer) -> list[int]:
+    """A one-item counter of the ``optimizer.step()`` calls that ran, kept by a step hook."""
+    counter = getattr(optimizer, "_trainer_steps_taken", None)
+    if counter is None:
+        counter = [0]
+
+        def count(*_args) -> None:
+            counter[0] += 1
+
+        optimizer.register_step_post_hook(count)
+        optimizer._trainer_steps_taken = counter
+    return counter
+
+
+def average_batchnorm_buffers(model: nn.Module) -> None:
+    """All-reduce BatchNorm running means and variances to their mean over ranks, in place.
+
+    Without SyncBN each rank's running statistics follow its own batches, so evaluation and
+    the saved weights would depend on which rank's copy they used (as timm's
+    ``distribute_bn``). After this, eval on N ranks equals eval of the saved weights on one.
+    A no-op for one process; SyncBN buffers already agree.
+    """
+    if not dist.is_distributed():
+        return
+    for module in model.modules():
+        if (
+            isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and not isinstance(module, nn.SyncBatchNorm)  # its buffers agree already
+            and module.track_running_stats
+        ):
+            for buffer in (module.running_mean, module.running_var):
+                if buffer is not None:
+                    dist.all_reduce_mean(buffer.data)
 
 
 class _TestExitHook:

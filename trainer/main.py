@@ -52,6 +52,7 @@ from trainer.config import (  # noqa: E402
     save_config,
 )
 from trainer.engine import (  # noqa: E402
+    average_batchnorm_buffers,
     evaluate,
     make_optimizer,
     make_scaler,
@@ -344,6 +345,8 @@ def fit(cfg: Config, info: dist.DistInfo, data: DataSpec, training: Training, lo
             device=info.device,
             log_interval=cfg.log_interval,
         )
+        # One set of BatchNorm statistics for evaluation and the checkpoint, whatever the rank.
+        average_batchnorm_buffers(training.model)
         val = {"val_top1": None, "val_top5": None, "val_loss": None}
         if val_loader is not None:
             val = evaluate(

@@ -273,6 +273,24 @@ def _write_val_list(path: str, samples: list[Sample], *, absolute: bool, why_emp
         f.write(f"# no validation samples: {why_empty}\n")
 
 
+def _require_two_classes(root: str, classes: list[str], samples: list[Sample], *, split: bool):
+    """One class is never a classification data set: a trainer would report 100% top-1."""
+    used = sorted({classes[s.label] for s in samples})
+    if len(used) >= 2:
+        return
+    where = os.path.join(root, "train") if split else root
+    found = f"one class with images ({used[0]!r})" if used else "no class with images"
+    hint = ""
+    if used and os.path.isdir(os.path.join(where, used[0])):
+        inner = os.path.join(where, used[0])
+        if find_classes(inner):
+            hint = f"; if {inner} holds the class folders, run on it instead"
+    raise ScanError(
+        f"{where}: {found}; a classifier needs at least 2 classes, one folder each "
+        f"({where}/<class>/<image>){hint}"
+    )
+
+
 def make_lists(
     root: str | os.PathLike,
     *,
@@ -324,6 +342,7 @@ def make_lists(
         layout, why_empty = "flat", f"--val-fraction {val_fraction} left none"
     if not train and not val:
         raise ScanError(f"{root}: no image files in {len(classes)} class folders")
+    _require_two_classes(root, classes, train + val, split=split_dirs is not None)
     excluded: list[tuple[str, str]] = []
     if verify:
         had_val = bool(val)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -154,7 +155,7 @@ def test_train_val_layout_keeps_each_split_and_the_train_class_map(tmp_path, mak
 
 def test_test_folder_serves_as_val_and_val_wins_over_test(tmp_path, make_image):
     root = tmp_path / "root"
-    make_tree(root / "train", make_image, {"a": 2})
+    make_tree(root / "train", make_image, {"a": 2, "b": 1})
     make_tree(root / "test", make_image, {"a": 1})
     report = make_lists(root, out_dir=tmp_path / "o1")
     assert report.layout == "split" and len(report.val) == 1
@@ -335,6 +336,8 @@ def test_cli_summary_and_absolute_paths(tmp_path, make_image):
         ("missing", "no such folder"),
         ("no_classes", "no class folders"),
         ("no_images", "no image files in 2 class folders"),
+        ("only_train", "one class with images ('train')"),
+        ("one_class", "a classifier needs at least 2 classes"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, make_image, capsys, layout, words):
@@ -346,9 +349,17 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, make_image, capsys, layout, 
         os.makedirs(root / "a")
         os.makedirs(root / "b")
         (root / "a" / "readme.txt").write_text("x")
-    with pytest.raises(ScanError, match=words):
+    elif layout == "only_train":  # pointed at the parent of train/, with no val/ beside it
+        make_tree(root / "train", make_image, {"cat": 2, "dog": 2})
+    elif layout == "one_class":
+        make_tree(root, make_image, {"cat": 3})
+        os.makedirs(root / "dog")  # an empty class folder does not make a second class
+    with pytest.raises(ScanError, match=re.escape(words)):
         make_lists(root, out_dir=tmp_path / "out")
     assert cli_main([str(root), "--out-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and words in err and err.count("\n") == 1
     assert not os.path.exists(tmp_path / "out")
+    if layout == "only_train":
+        assert f"if {root / 'train' / 'train'} holds" not in err
+        assert "run on it instead" in err and str(root / "train") in err

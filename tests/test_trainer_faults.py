@@ -165,3 +165,49 @@ def test_bad_image_mid_training_is_named(capsys, tmp_path, tiny_data, loader, da
         capsys, [*flags, "--classes", tiny_data.classes_file, "--loader", loader], str(bad)
     )
     assert "rank 0" in line
+    assert "make_lists.py ROOT --out-dir DIR --verify" in line  # how to find them all first
+
+
+def test_one_class_is_refused(capsys, tmp_path, tiny_data):
+    one = tmp_path / "classes.txt"
+    one.write_text("cat\n")
+    flags = [*base_flags(tiny_data, tmp_path / "out"), "--classes", str(one)]
+    fails(capsys, flags, str(one), "needs at least 2")
+
+
+def test_earlier_results_are_never_replaced(capsys, tmp_path, tiny_data):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    (out / "best.pt").write_bytes(b"an earlier run's best weights")
+    line = fails(capsys, base_flags(tiny_data, out), str(out), "--resume auto", "--overwrite")
+    assert "best.pt" in line and "metrics.jsonl" in line
+    assert (out / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
+    assert (out / "best.pt").read_bytes() == b"an earlier run's best weights"
+    # --resume auto with no last.pt to continue from is no licence to replace them either.
+    fails(capsys, [*base_flags(tiny_data, out), "--resume", "auto"], "already holds a run")
+
+
+def test_unwritable_output_folder_found_at_start(capsys, tmp_path, tiny_data):
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a folder")
+    fails(capsys, base_flags(tiny_data, blocker / "out"), "output folder is not writable")
+
+
+def test_failed_checkpoint_write_says_what_and_how_much(tmp_path):
+    import errno
+
+    from trainer import checkpoint
+    from trainer.config import TrainerError
+
+    state = {"model": {"w": torch.zeros(1024, 256)}}  # 1 MiB of float32
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a folder")
+    with pytest.raises(TrainerError, match=r"could not write .*last\.pt .*no earlier one"):
+        checkpoint.atomic_save(state, str(blocker / "last.pt"))
+    # A full disk: the message gives the space needed and what to do.
+    (tmp_path / "last.pt").write_bytes(b"previous")
+    full = OSError(errno.ENOSPC, "No space left on device")
+    message = checkpoint._save_failure(str(tmp_path / "last.pt"), str(tmp_path), state, full)
+    assert "No space left on device" in message and "previous one is intact" in message
+    assert "needs about 1 MiB" in message and "--resume auto" in message

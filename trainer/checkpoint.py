@@ -22,7 +22,10 @@ the interpolation recorded in ``preprocessing["interpolation"]``.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -44,19 +47,79 @@ def atomic_save(obj: Any, path: str) -> None:
 
     Same folder so the rename is atomic (one filesystem): a reader, or a run killed at any
     moment, sees either the old complete file or the new complete file, never half of one.
+    A failed write (a full disk, a folder gone read-only) raises TrainerError saying what
+    failed, that the previous file is intact, and, for a full disk, the space needed.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
+        os.makedirs(folder, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a short write as RuntimeError
+        raise TrainerError(_save_failure(path, folder, obj, exc)) from exc
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _save_failure(path: str, folder: str, obj: Any, exc: BaseException) -> str:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    previous = "the previous one is intact" if os.path.isfile(path) else "no earlier one exists"
+    message = f"could not write {path} ({reason}); {previous}"
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return message
+    needed = _tensor_bytes(obj)
+    if needed >= free or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+        message += (
+            f"; it needs about {needed / 2**20:.0f} MiB and {free / 2**20:.0f} MiB are free "
+            "there: free some space or use another --output-dir, then --resume auto"
+        )
+    return message
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) checkpoint: close to its size on disk."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+RESULT_FILES = (LAST, BEST, EXPORT, "metrics.jsonl")
+
+
+def earlier_results(output_dir: str) -> list[str]:
+    """The files of an earlier training run in ``output_dir`` (empty when there are none)."""
+    return [name for name in RESULT_FILES if os.path.isfile(os.path.join(output_dir, name))]
+
+
+def check_writable(output_dir: str) -> None:
+    """Write and remove a probe file where ``output_dir`` is (or will be created): a
+    read-only or blocked path is found at start, not at the first checkpoint. Nothing is
+    left behind, not even the folder."""
+    existing = os.path.abspath(output_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    try:
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), existing)
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise TrainerError(
+            f"{output_dir}: output folder is not writable ({exc.strerror or exc}"
+            f"{'' if existing == os.path.abspath(output_dir) else ': ' + existing}); "
+            "choose another with --output-dir"
+        ) from None
 
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -134,7 +134,11 @@ class Config:
         None,
         "weight decay, not applied to norm layers and biases (default: 1e-4 sgd/adam, 0.05 adamw)",
     )
-    warmup_epochs: float = _opt(5.0, "linear learning-rate warmup, epochs (then cosine decay)")
+    warmup_epochs: float = _opt(
+        5.0,
+        "linear learning-rate warmup, epochs, then cosine decay; at most a quarter of --epochs "
+        "(a longer one is cut, and the start says so)",
+    )
     label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss, 0 to <1")
     amp: str = _opt(
         "bf16",
@@ -152,6 +156,11 @@ class Config:
         "checkpoint to continue from, or 'auto' = last.pt in --output-dir if there (default: "
         "start fresh)",
         metavar="PATH|auto",
+    )
+    overwrite: bool = _opt(
+        False,
+        "replace an earlier run's results in --output-dir (without it such a folder is refused "
+        "unless --resume continues that run)",
     )
     eval_only: bool = _opt(False, "evaluate the --resume / --pretrained weights once and exit")
     log_interval: int = _opt(20, "steps between training log lines")
@@ -175,7 +184,7 @@ class Config:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # Not written to the saved config.toml: how this run was launched, not what it trains.
-NOT_SAVED = ("config", "local_rank", "processes")
+NOT_SAVED = ("config", "local_rank", "processes", "overwrite")
 
 
 def _field_types() -> dict[str, tuple[type, bool]]:

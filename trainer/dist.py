@@ -159,6 +159,15 @@ def is_distributed() -> bool:
     return _active() and torch_dist.get_world_size() > 1
 
 
+def broadcast_from_main(value):
+    """Rank 0's ``value`` (any picklable object) on every rank: how rank 0 decides for all."""
+    if not _active():
+        return value
+    holder = [value]
+    torch_dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def barrier() -> None:
     if _active():
         if _info is not None and _info.device.type == "cuda":

@@ -65,6 +65,7 @@ from trainer.model import build_model, compile_model, wrap_ddp  # noqa: E402
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.toml"
 EVAL_FILE = "eval.json"
+MAX_WARMUP_FRACTION = 0.25  # of the run's epochs
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,11 @@ def resolve_data(cfg: Config, info: dist.DistInfo) -> DataSpec:
     else:
         raise TrainerError(
             f"{train_list}: no {CLASSES_FILE} beside it; give --classes FILE or --num-classes N"
+        )
+    if len(class_names) < 2:
+        raise TrainerError(
+            f"{classes_file or '--num-classes'}: {len(class_names)} class; a classifier needs at "
+            "least 2 (top-1 over one class is always 100%)"
         )
     # Absolute, so the saved config.toml works from any folder.
     return DataSpec(
@@ -371,9 +377,47 @@ def fit(cfg: Config, info: dist.DistInfo, data: DataSpec, training: Training, lo
         end_epoch(cfg, training, data, record)
 
 
+def check_output_dir(cfg: Config) -> None:
+    """Before any work: never replace an earlier run's results by accident, and find a
+    folder that cannot be written now rather than at the first checkpoint."""
+    if not cfg.eval_only:
+        found = ckpt_io.earlier_results(cfg.output_dir)
+        resuming = ckpt_io.resolve_resume(cfg.resume, cfg.output_dir) is not None
+        if found and not resuming and not cfg.overwrite:
+            raise TrainerError(
+                f"{cfg.output_dir} already holds a run ({', '.join(found)}): continue it with "
+                "--resume auto, start a new one with --output-dir NEW_DIR, or replace it "
+                "with --overwrite"
+            )
+        if found and cfg.overwrite and not resuming:
+            for name in found:
+                os.remove(os.path.join(cfg.output_dir, name))
+    ckpt_io.check_writable(cfg.output_dir)
+
+
 def run(cfg: Config, info: dist.DistInfo) -> None:
     """Everything after the ranks are up: data, model, resume, then train or evaluate."""
+    # Rank 0 alone owns the output folder (other nodes may not even see it); its verdict,
+    # error or not, reaches every rank, so all stop together with one line from rank 0.
+    problem = None
+    if info.is_main:
+        try:
+            check_output_dir(cfg)
+        except TrainerError as exc:
+            problem = str(exc)
+    problem = dist.broadcast_from_main(problem)
+    if problem:
+        raise TrainerError(problem)
     data = resolve_data(cfg, info)
+    if cfg.warmup_epochs > cfg.epochs * MAX_WARMUP_FRACTION:
+        # A warmup longer than the run never reaches the peak rate: a 3-epoch fine-tune with
+        # 5 warmup epochs ended at chance on data that reaches 98% with 1.
+        capped = cfg.epochs * MAX_WARMUP_FRACTION
+        dist.print0(
+            f"--warmup-epochs {cfg.warmup_epochs:g} is over a quarter of the {cfg.epochs} "
+            f"epochs: warming up for {capped:g} epochs instead"
+        )
+        cfg = replace(cfg, warmup_epochs=capped)
     plan = plan_loader(cfg, info)
     cfg = resolve_config(cfg, data, info, plan)
     amp_dtype, note = resolve_amp(cfg.amp, info.device)
@@ -421,8 +465,6 @@ def run(cfg: Config, info: dist.DistInfo) -> None:
     metrics_path = os.path.join(cfg.output_dir, METRICS_FILE)
     if checkpoint is not None:
         resume_training(training, checkpoint, resume_path, metrics_path)
-    elif info.is_main and os.path.exists(metrics_path):
-        os.remove(metrics_path)  # a fresh run: old records belong to another run
     del checkpoint  # its tensors are in the model now; free the CPU copy
     # compile and DDP after loading, so the checkpoint's bare names match the bare model.
     training.model = wrap_ddp(compile_model(model, cfg.compile), info.device, info.world_size)
@@ -533,7 +575,12 @@ def main(argv: list[str] | None = None) -> int:
     except ImageError as exc:
         # A bad image met mid-epoch: only the rank reading it knows, so that rank says it; its
         # exit makes torchrun stop the others.
-        print(f"error: rank {info.rank}: {exc}", file=sys.stderr, flush=True)
+        print(
+            f"error: rank {info.rank}: {exc} (to find every unreadable image before training: "
+            "python tools/make_lists.py ROOT --out-dir DIR --verify)",
+            file=sys.stderr,
+            flush=True,
+        )
         return 2
     finally:
         dist.cleanup_distributed()

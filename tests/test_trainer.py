@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -252,3 +253,62 @@ def test_dead_rank_fails_the_job_promptly(tiny_data, tmp_path):
     assert proc.returncode != 0
     assert proc.elapsed < 45, proc.elapsed  # torchrun stops the survivor, no hang
     assert not (tmp_path / "last.pt").exists()
+
+
+# --- two torchrun "nodes" on this machine (c10d rendezvous on localhost, one process each):
+# every rank has local rank 0, so a trainer sharding by local rank would feed both nodes the
+# same half of each epoch. The run must retrace the one-node, two-process run exactly.
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(flags: list[str], *, cwd, timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        cmd = [
+            os.path.join(BIN, "torchrun"),
+            "--nnodes=2",
+            f"--node-rank={node}",
+            "--nproc-per-node=1",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            # Both "nodes" resolve to this host: say which one serves the rendezvous store.
+            f"--rdzv-conf=is_host={'true' if node == 0 else 'false'}",
+            "--rdzv-id=multinode-test",
+            MAIN,
+            *flags,
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results
+
+
+@pytest.mark.slow
+def test_two_nodes_shard_by_global_rank_and_match_one_node(trained, tiny_data, tmp_path):
+    reference_dir, _ = trained  # the same flags on one node with two processes
+    out = tmp_path / "two-nodes"
+    node0, node1 = two_nodes(tiny_flags(tiny_data, out), cwd=tmp_path)
+    for node in (node0, node1):
+        assert node.returncode == 0, node.stdout[-3000:] + node.stderr[-3000:]
+    assert "on 2 x cpu" in node0.stdout
+    got = load(out / "last.pt")["model"]
+    want = load(reference_dir / "last.pt")["model"]
+    # Same global ranks, same shards, same gloo all-reduce: the same weights, bit for bit.
+    # Sharding by local rank would have trained both ranks on shard 0 and diverged at once.
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert [m["train_loss"] for m in read_metrics(out)] == [
+        m["train_loss"] for m in read_metrics(reference_dir)
+    ]

@@ -266,7 +266,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_nodes(flags: list[str], *, cwd, timeout: float = 300) -> list[subprocess.CompletedProcess]:
+def two_nodes(
+    flags: list[str], *, cwd, timeout: float = 300, **env_extra
+) -> list[subprocess.CompletedProcess]:
+    """Run both nodes; ``cwd`` is one folder or one per node (a node's own disk)."""
+    cwds = cwd if isinstance(cwd, list | tuple) else [cwd, cwd]
     port = free_port()
     procs = []
     for node in (0, 1):
@@ -285,7 +289,12 @@ def two_nodes(flags: list[str], *, cwd, timeout: float = 300) -> list[subprocess
         ]
         procs.append(
             subprocess.Popen(
-                cmd, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                cmd,
+                cwd=cwds[node],
+                env=env(**env_extra),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
             )
         )
     results = []
@@ -312,3 +321,44 @@ def test_two_nodes_shard_by_global_rank_and_match_one_node(trained, tiny_data, t
     assert [m["train_loss"] for m in read_metrics(out)] == [
         m["train_loss"] for m in read_metrics(reference_dir)
     ]
+
+
+@pytest.mark.slow
+def test_two_nodes_resume_where_they_stopped(trained, tiny_data, tmp_path):
+    reference_dir, _ = trained
+    out = tmp_path / "two-nodes"
+    steps_per_epoch = (120 // 2) // BATCH
+    killed = two_nodes(
+        tiny_flags(tiny_data, out),
+        cwd=tmp_path,
+        TRAINER_TEST_EXIT_AFTER_STEPS=str(2 * steps_per_epoch + 3),  # inside the third epoch
+    )
+    assert all(node.returncode != 0 for node in killed)
+    assert load(out / "last.pt")["epoch"] == 2
+    resumed = two_nodes(tiny_flags(tiny_data, out, "--resume", "auto"), cwd=tmp_path)
+    for node in resumed:
+        assert node.returncode == 0, node.stdout[-3000:] + node.stderr[-3000:]
+    assert "2 epoch(s) done" in resumed[0].stdout
+    got = load(out / "last.pt")["model"]
+    want = load(reference_dir / "last.pt")["model"]
+    assert all(torch.equal(got[k], want[k]) for k in want)  # as if never stopped
+
+
+@pytest.mark.slow
+def test_a_node_that_cannot_read_rank0s_checkpoint_fails_the_job_naming_it(
+    trained, tiny_data, tmp_path
+):
+    # Each "node" has its own disk (its own working folder) and a relative --output-dir:
+    # node 0 holds last.pt, node 1 does not. Rank 1 must not start from scratch in silence.
+    reference_dir, _ = trained
+    disk0, disk1 = tmp_path / "node0", tmp_path / "node1"
+    (disk0 / "run").mkdir(parents=True)
+    disk1.mkdir()
+    (disk0 / "run" / "last.pt").write_bytes((reference_dir / "last.pt").read_bytes())
+    flags = tiny_flags(tiny_data, "run", "--resume", "auto", "--epochs", str(EPOCHS + 1))
+    node0, node1 = two_nodes([*flags, "--dist-timeout", "30"], cwd=[disk0, disk1], timeout=120)
+    assert node0.returncode != 0 and node1.returncode != 0
+    assert (
+        "error: rank 1: run/last.pt: rank 0 resumes from this checkpoint, but it is not there "
+        "on this node; put --output-dir on a filesystem every node sees"
+    ) in node1.stderr.splitlines()

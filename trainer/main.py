@@ -1,8 +1,10 @@
-"""Train an image classifier with DDP:  torchrun --nproc_per_node=N trainer/main.py [flags]
+"""Train an image classifier with DDP:  python trainer/main.py [flags]
 
-With no flags it generates the demo data once (reused afterwards) and trains the demo recipe
-on it; ``--train-list Train.txt`` trains on your data with ImageNet-like defaults (resnet50,
-224 px). One process without torchrun works too (``python trainer/main.py``). ``--help``
+Run without a launcher it starts one process per visible GPU through torchrun (one process,
+no torchrun, on a CPU-only machine or a one-GPU one); ``torchrun --nproc_per_node=N
+trainer/main.py`` works as well, on one machine or several. With no flags it generates the
+demo data once (reused afterwards) and trains the demo recipe on it; ``--train-list
+Train.txt`` trains on your data with ImageNet-like defaults (resnet50, 224 px). ``--help``
 lists every flag with its default.
 
 Phases, one function each: parse the config, set up the ranks, resolve the data, build the
@@ -395,19 +397,45 @@ def check_output_dir(cfg: Config) -> None:
     ckpt_io.check_writable(cfg.output_dir)
 
 
-def run(cfg: Config, info: dist.DistInfo) -> None:
-    """Everything after the ranks are up: data, model, resume, then train or evaluate."""
-    # Rank 0 alone owns the output folder (other nodes may not even see it); its verdict,
-    # error or not, reaches every rank, so all stop together with one line from rank 0.
-    problem = None
+class RankError(TrainerError):
+    """A fault only this rank sees (e.g. a file missing on its node): this rank says it."""
+
+
+def decided_by_main(info: dist.DistInfo, decide):
+    """Run ``decide()`` on rank 0 only and hand its result to every rank; a TrainerError it
+    raises is raised on every rank (rank 0 prints it), so all stop together."""
+    outcome = None
     if info.is_main:
         try:
-            check_output_dir(cfg)
+            outcome = ("ok", decide())
         except TrainerError as exc:
-            problem = str(exc)
-    problem = dist.broadcast_from_main(problem)
-    if problem:
-        raise TrainerError(problem)
+            outcome = ("error", str(exc))
+    kind, value = dist.broadcast_from_main(outcome)
+    if kind == "error":
+        raise TrainerError(value)
+    return value
+
+
+def load_agreed_checkpoint(path: str, info: dist.DistInfo) -> dict:
+    """Every rank loads the checkpoint rank 0 chose; a rank that cannot fails the job naming
+    the file (each node reads it from its own view of the output folder)."""
+    try:
+        return ckpt_io.load_checkpoint(path)
+    except TrainerError as exc:
+        if info.is_main:
+            raise
+        if not os.path.isfile(path):
+            raise RankError(
+                f"{path}: rank 0 resumes from this checkpoint, but it is not there on this "
+                "node; put --output-dir on a filesystem every node sees"
+            ) from None
+        raise RankError(str(exc)) from None
+
+
+def run(cfg: Config, info: dist.DistInfo) -> None:
+    """Everything after the ranks are up: data, model, resume, then train or evaluate."""
+    # Rank 0 alone owns the output folder (other nodes may not even see it).
+    decided_by_main(info, lambda: check_output_dir(cfg))
     data = resolve_data(cfg, info)
     if cfg.warmup_epochs > cfg.epochs * MAX_WARMUP_FRACTION:
         # A warmup longer than the run never reaches the peak rate: a 3-epoch fine-tune with
@@ -428,10 +456,12 @@ def run(cfg: Config, info: dist.DistInfo) -> None:
     # The loaders parse the lists and stat every file: a bad line or a missing image fails
     # here, before any checkpoint or model work.
     train_loader, val_loader = build_loaders(cfg, data, info, plan, amp_dtype or torch.float32)
-    resume_path = ckpt_io.resolve_resume(cfg.resume, cfg.output_dir)
+    # Rank 0 decides what every rank resumes from: a node that saw another last.pt (or none)
+    # must not start from something else, or from scratch, in silence.
+    resume_path = decided_by_main(info, lambda: ckpt_io.resolve_resume(cfg.resume, cfg.output_dir))
     if cfg.resume == "auto" and resume_path is None:
         dist.print0(f"--resume auto: no {ckpt_io.LAST} in {cfg.output_dir}, starting fresh")
-    checkpoint = ckpt_io.load_checkpoint(resume_path) if resume_path else None
+    checkpoint = load_agreed_checkpoint(resume_path, info) if resume_path else None
     if checkpoint is not None:
         ckpt_io.check_compatible(
             checkpoint, resume_path, arch=cfg.arch, num_classes=len(data.class_names)
@@ -566,6 +596,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run(cfg, info)
+    except RankError as exc:
+        print(f"error: rank {info.rank}: {exc}", file=sys.stderr, flush=True)
+        return 2
     except (TrainerError, ListError) as exc:
         # The user's input, not our bug: one line, no traceback. Every rank finds the same
         # fault (each checks its inputs), so all exit 2; rank 0 alone says why.

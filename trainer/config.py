@@ -208,8 +208,9 @@ def flag_name(name: str) -> str:
 
 
 DESCRIPTION = """\
-Train an image classifier with DDP:  torchrun --nproc_per_node=N trainer/main.py [flags]
-(or python trainer/main.py for one process). With no --train-list the demo data is generated
+Train an image classifier with DDP:  python trainer/main.py [flags] starts one process per
+GPU of this machine (one process on a CPU); torchrun --nproc_per_node=N trainer/main.py works
+too, on one machine or several. With no --train-list the demo data is generated
 once (reused after) and the demo recipe trains on it in a few minutes on a CPU; its values
 replace the defaults marked 'demo recipe' below and apply only when no data is given. With
 --train-list the defaults are ImageNet-like. Precedence: defaults < --config FILE (TOML,

@@ -136,8 +136,37 @@ def test_fault_under_torchrun_exits_promptly(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    worker_output = proc.stdout + proc.stderr
-    assert worker_output.count(f"error: {missing}: list file not found") == 1  # rank 0 only
+    lines = (proc.stdout + proc.stderr).splitlines()
+    # Rank 0 alone prints it; torchrun's summary quotes it once more from the error file.
+    assert lines.count(f"error: {missing}: list file not found") == 1
+    assert any(line.endswith(f"error: {missing}: list file not found") for line in lines)
+
+
+@pytest.mark.slow
+def test_torchrun_names_the_rank_that_met_a_bad_image(tmp_path, tiny_data):
+    from pipelines.lists import read_list, write_list
+
+    # The last val image is garbage: it is in rank 1's half of the list, met in evaluation.
+    samples = read_list(tiny_data.val_list)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image " * 50)
+    val_list = tmp_path / "Test.txt"
+    write_list(val_list, [(s.path, s.label) for s in samples[:-1]] + [(str(bad), 0)])
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
+        "--nproc_per_node=2", os.path.join(REPO, "trainer", "main.py"),
+        *base_flags(tiny_data, tmp_path / "out"), "--val-list", str(val_list),
+        "--classes", tiny_data.classes_file,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    errors = [ln for ln in output.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: rank 1: {bad}"), errors
+    root_cause = output.split("Root Cause (first observed failure):")[1]
+    assert "rank      : 1 (local_rank: 1)" in root_cause
+    assert f"error: rank 1: {bad}" in root_cause
 
 
 @pytest.mark.parametrize("loader", ["dali", "pil"])

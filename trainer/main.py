@@ -571,8 +571,29 @@ def relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
         return 130
 
 
+def fail(message: str, *, speak: bool = True) -> int:
+    """Print one ``error:`` line (when ``speak``) and return exit status 2.
+
+    Under torchrun the speaking rank also writes the line to torchrun's error file, so the
+    job summary shows it, with this rank, as the root cause instead of an empty traceback.
+    """
+    if speak:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+        if error_file:
+            record = {"message": message, "extraInfo": {"py_callstack": f"error: {message}"}}
+            record["extraInfo"]["timestamp"] = str(int(time.time()))
+            try:
+                with open(error_file, "w", encoding="utf-8") as f:
+                    json.dump({"message": record}, f)
+            except OSError:
+                pass  # the report is a courtesy; the line above is what counts
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    first_rank = int(os.environ.get("RANK", "0")) == 0
     try:
         cfg = parse_config(argv)
         if launched_by_torchrun(cfg) and cfg.processes is not None:
@@ -580,9 +601,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--processes is for runs without torchrun; under torchrun, --nproc_per_node decides"
             )
     except TrainerError as exc:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+        return fail(str(exc), speak=first_rank)
     if not launched_by_torchrun(cfg):
         nproc, why = processes_to_start(cfg)
         if nproc > 1:
@@ -591,30 +610,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = dist.setup_distributed(timeout_s=cfg.dist_timeout, local_rank=cfg.local_rank)
     except dist.DistSetupError as exc:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+        return fail(str(exc), speak=first_rank)
     try:
         run(cfg, info)
     except RankError as exc:
-        print(f"error: rank {info.rank}: {exc}", file=sys.stderr, flush=True)
-        return 2
+        return fail(f"rank {info.rank}: {exc}")
     except (TrainerError, ListError) as exc:
         # The user's input, not our bug: one line, no traceback. Every rank finds the same
-        # fault (each checks its inputs), so all exit 2; rank 0 alone says why.
-        if info.is_main:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+        # fault (each checks its inputs, or rank 0 decided for all), so all exit 2; rank 0
+        # alone says why.
+        return fail(str(exc), speak=info.is_main)
     except ImageError as exc:
         # A bad image met mid-epoch: only the rank reading it knows, so that rank says it; its
         # exit makes torchrun stop the others.
-        print(
-            f"error: rank {info.rank}: {exc} (to find every unreadable image before training: "
-            "python tools/make_lists.py ROOT --out-dir DIR --verify)",
-            file=sys.stderr,
-            flush=True,
+        return fail(
+            f"rank {info.rank}: {exc} (to find every unreadable image before training: "
+            "python tools/make_lists.py ROOT --out-dir DIR --verify)"
         )
-        return 2
     finally:
         dist.cleanup_distributed()
     return 0

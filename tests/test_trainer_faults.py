@@ -164,6 +164,9 @@ def test_torchrun_names_the_rank_that_met_a_bad_image(tmp_path, tiny_data):
     output = proc.stdout + proc.stderr
     errors = [ln for ln in output.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(f"error: rank 1: {bad}"), errors
+    # The rank that did not fail stops with one line, not a "Connection closed" traceback.
+    assert "rank 0: stopping: another rank failed (its error line says why)" in output
+    assert "[rank0]: Traceback" not in output and "Connection closed by peer" not in output
     root_cause = output.split("Root Cause (first observed failure):")[1]
     assert "rank      : 1 (local_rank: 1)" in root_cause
     assert f"error: rank 1: {bad}" in root_cause

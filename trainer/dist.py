@@ -168,6 +168,24 @@ def broadcast_from_main(value):
     return holder[0]
 
 
+# What gloo and NCCL say when the rank at the other end of a collective has gone away.
+_PEER_GONE = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "NCCL communicator was aborted",
+    "remote process exited",
+)
+
+
+def peer_failed(exc: BaseException) -> bool:
+    """True when ``exc`` is a collective failing because another rank died."""
+    dist_error = getattr(torch_dist, "DistError", ())
+    if dist_error and isinstance(exc, dist_error):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _PEER_GONE)
+
+
 def barrier() -> None:
     if _active():
         if _info is not None and _info.device.type == "cuda":

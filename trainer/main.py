@@ -627,6 +627,17 @@ def main(argv: list[str] | None = None) -> int:
             f"rank {info.rank}: {exc} (to find every unreadable image before training: "
             "python tools/make_lists.py ROOT --out-dir DIR --verify)"
         )
+    except Exception as exc:
+        if info.distributed and dist.peer_failed(exc):
+            # Another rank died (and said why): this one stops with one line, no traceback,
+            # and writes no error file, so torchrun's root cause stays the rank that failed.
+            print(
+                f"rank {info.rank}: stopping: another rank failed (its error line says why)",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 3
+        raise
     finally:
         dist.cleanup_distributed()
     return 0

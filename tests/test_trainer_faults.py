@@ -243,3 +243,28 @@ def test_failed_checkpoint_write_says_what_and_how_much(tmp_path):
     message = checkpoint._save_failure(str(tmp_path / "last.pt"), str(tmp_path), state, full)
     assert "No space left on device" in message and "previous one is intact" in message
     assert "needs about 1 MiB" in message and "--resume auto" in message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_sigterm_and_ctrl_c_end_with_one_line(tmp_path, tiny_data, signame):
+    import signal
+
+    flags = [*base_flags(tiny_data, tmp_path / "out"), "--epochs", "3", "--log-interval", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "trainer", "main.py"), *flags],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in proc.stdout:  # wait until training is under way, then stop it
+        if "step 2/" in line:
+            break
+    proc.send_signal(getattr(signal, signame))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + getattr(signal, signame)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"stopped by {signame}"), err

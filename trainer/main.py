@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -571,6 +572,27 @@ def relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
         return 130
 
 
+class Stopped(Exception):
+    """SIGTERM or SIGINT arrived: the run ends with one line, not a traceback."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+
+
+def install_stop_handlers() -> dict:
+    """SIGTERM (a scheduler's preemption, forwarded by torchrun) and SIGINT (Ctrl-C) both
+    end the run the same way: unwind to main, say where the last checkpoint is, exit
+    128 + signal. Checkpoints are written atomically, so any moment is safe to stop at.
+    Returns the previous handlers, for ``signal.signal`` to put back."""
+
+    def stop(signum, _frame):
+        raise Stopped(signum)
+
+    return {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+
 def fail(message: str, *, speak: bool = True) -> int:
     """Print one ``error:`` line (when ``speak``) and return exit status 2.
 
@@ -611,8 +633,24 @@ def main(argv: list[str] | None = None) -> int:
         info = dist.setup_distributed(timeout_s=cfg.dist_timeout, local_rank=cfg.local_rank)
     except dist.DistSetupError as exc:
         return fail(str(exc), speak=first_rank)
+    previous_handlers = install_stop_handlers()
     try:
         run(cfg, info)
+    except Stopped as exc:
+        if info.is_main:
+            last = os.path.join(cfg.output_dir, ckpt_io.LAST)
+            where = (
+                f"continue from {last} with --resume auto"
+                if os.path.isfile(last)
+                else "no checkpoint was written yet"
+            )
+            print(
+                f"stopped by {exc.signal_name} (a preemption, Ctrl-C, or torchrun ending the job "
+                f"after another rank failed); {where}",
+                file=sys.stderr,
+                flush=True,
+            )
+        return 128 + exc.signum
     except RankError as exc:
         return fail(f"rank {info.rank}: {exc}")
     except (TrainerError, ListError) as exc:
@@ -639,6 +677,8 @@ def main(argv: list[str] | None = None) -> int:
             return 3
         raise
     finally:
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
         dist.cleanup_distributed()
     return 0
 

@@ -6,45 +6,48 @@ operators and ``device_id=None``. Only the device differs, never the logic.
 
 Decisions, with what DALI 2.4 does that led to them:
 
-- Train order: our own global permutation per epoch (``common.epoch_permutation``), identical
-  on all ranks, truncated so that every rank's reader shard (``shard_id=rank``) holds exactly
-  ``steps * batch_size`` samples. DALI's ``random_shuffle`` shuffles only within a buffer and
-  per shard, and ``shuffle_after_epoch`` resumes at epoch k only through DALI's checkpoints;
-  passing ``files=`` and ``labels=`` in our order gives an exact global shuffle that any run
-  can rebuild from (seed, epoch). The pipeline is rebuilt
-  for every training pass (cheap next to an epoch), seeded from (seed, rank, epoch).
-- Val sharding is done here, not by the reader: with ``num_shards`` > samples the reader fails
-  to build ("The number of input samples: 2, needs to be at least equal to the requested number
-  of shards: 4"), and with ``pad_last_batch`` + ``LastBatchPolicy.PARTIAL`` the iterator gives
-  the shorter shards an extra, empty batch and a ``len`` one too large. So each rank gets its
-  contiguous slice (the same bounds the reader would use) as a one-shard reader with
-  ``pad_last_batch=True``, and PARTIAL strips the padding: every image exactly once.
+- Reading: ``fn.external_source`` feeds each batch's paths (uint8 views into the loader's
+  ``SampleTable``, no copies) and labels, and ``fn.io.file.read`` reads the files; the decode
+  graph after it is a reader's. ``fn.readers.file`` would need the whole list as a Python
+  ``files=`` list at every build: for ImageNet's 1.28M files that cost 4-6 s at every epoch
+  start (the pipeline is rebuilt per epoch, below) and took a rank to 2.4 GB of host memory
+  (``benchmarks/imagenet_scale.py``); fed batch by batch, a build takes 30 ms whatever the
+  list's length, and reads as fast (1146-1224 against 1003-1114 img/s on the demo list,
+  224 px, 2 threads).
+- Train order: ``common.ShardedLoader``'s plan, our own global permutation per epoch,
+  identical on all ranks, rank r reading its r-th block. DALI's ``random_shuffle`` shuffles
+  only within a buffer and per shard, and ``shuffle_after_epoch`` resumes at epoch k only
+  through DALI's checkpoints; our order can be rebuilt by any run from (seed, epoch). The
+  pipeline is rebuilt for every training pass, seeded from (seed, rank, epoch), so a run
+  resumed at epoch k draws the augmentation the uninterrupted run drew.
+- Val: each rank's contiguous ``val_shard`` in list order, fed as whole batches and a short
+  last one (DALI takes any batch up to the pipeline's ``batch_size``): every image exactly
+  once, and a rank with an empty shard yields nothing.
 - Hand-off: ``DALIGenericIterator``. With the dynamic executor (DALI's default since 2.0, set
   explicitly here) it hands outputs over by DLPack without a copy, and every output batch is a
   separately allocated, reference-counted buffer: a batch stays valid while torch holds it,
   even after later batches are produced or the pipeline is destroyed (tested). Without the
   dynamic executor the same iterator copies into fresh torch tensors, so either way it is safe.
-- Errors: DALI names the file for a truncated JPEG ("Failed to decode sample #1 : path") or a
-  missing one ("File mapping failed: path"), but not for undecodable bytes or an unsupported
-  format such as GIF ("nvImageCodec failure: '#4'"). Then the loader looks for the culprit among
-  the files of the batches in flight (PIL full decode and a format check) and raises a
-  RuntimeError naming it, chained to DALI's error.
+- Errors: DALI names the file when ``io.file.read`` cannot open it, but the decoders, fed
+  bytes rather than files, name no file at all ("nvImageCodec failure: '#4'"). Then the
+  loader looks for the culprit among the files of the batches in flight (PIL full decode and
+  a format check) and raises an ImageError (a RuntimeError) naming it, chained to DALI's.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
+import itertools
+import traceback
+from collections.abc import Iterable, Iterator
 
+import numpy as np
 import nvidia.dali.math as dmath
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from . import common
-from .lists import ImageError, Sample
-
-READER_NAME = "Reader"
+from .lists import ImageError, SampleTable
 
 # DALI 2.4 has no BFLOAT16 (types.DALIDataType lists FLOAT, FLOAT16, ...), so a bfloat16
 # batch is emitted in another float type and cast in torch. On the GPU: FLOAT16, half of
@@ -61,21 +64,63 @@ def dali_output_dtype(dtype: torch.dtype, device: torch.device):
     return _DALI_DTYPE[dtype]
 
 
-# GPU decoder knobs, as NVIDIA's ResNet50 DALI example sets them (mixed decode only).
+# nvJPEG's own defaults (DALI 2.4) for the two paddings below, used where we set none.
+DALI_DEVICE_MEMORY_PADDING = 16 << 20
+DALI_HOST_MEMORY_PADDING = 8 << 20
+
+# GPU decoder knobs of the train pipeline (mixed decode only).
 MIXED_DECODER_DEFAULTS = {
-    # nvJPEG device buffer preallocated per thread, sized for the largest ImageNet image, so it
-    # never regrows (a regrowth is a cudaMalloc, which synchronizes the device).
+    # Share of the JPEGs sent to the hardware decoder (A100 and newer), the rest to the CUDA
+    # decoder. While training saturates the SMs every CUDA-decoded image costs training time:
+    # on an H100 (resnet50, bf16, batch 256, 8 threads) 0.99 gave 3,896 img/s end to end
+    # against 3,694 at DALI's default 0.65 (ceiling 3,969).
+    "hw_decoder_load": 0.99,
+    # nvJPEG's device buffer, ONE PER THREAD, sized for the largest ImageNet image so that it
+    # never regrows (a regrowth is a cudaMalloc, which synchronizes the device): 201 MiB x 8
+    # threads = 1.6 GiB of an 80 GB GPU, kept because a sync mid-epoch stalls training.
     "device_memory_padding": 211025920,
-    # The same for nvJPEG's pinned host buffers (two per thread, double-buffered).
-    "host_memory_padding": 140544512,
-    # Largest ImageNet image (width, height): preallocates the hardware JPEG decoder's buffers
-    # (A100 and newer; ignored elsewhere).
+    # nvJPEG's pinned host buffers: TWO PER THREAD (double-buffered), used by the images
+    # that go to the CUDA decoder, about 1 in 100 at the load above. NVIDIA's example sizes
+    # them like the device buffer (134 MiB x 2 x 8 threads = 2.1 GiB of pinned memory per
+    # rank, 17 GiB on an 8-GPU node); 8 MiB (nvJPEG's default) holds the Huffman output of
+    # images up to about 2.8 MP, which nearly every ImageNet image is under, and the rare
+    # larger one regrows a buffer once: 8 MiB x 2 x 8 threads = 128 MiB per rank.
+    "host_memory_padding": DALI_HOST_MEMORY_PADDING,
+    # Largest ImageNet image (width, height): preallocates the hardware decoder's buffers
+    # once (A100 and newer; ignored elsewhere).
     "preallocate_width_hint": 5980,
     "preallocate_height_hint": 6430,
-    # Share of the JPEGs sent to the hardware decoder, the rest to the CUDA/hybrid decoder;
-    # the best split depends on the GPU and the thread count: measure it.
-    "hw_decoder_load": 0.65,
 }
+
+# The val pipeline decodes each val image once per epoch while the model only evaluates, so
+# a buffer regrowth there stalls nothing: no paddings or hints of ours (nvJPEG's defaults),
+# so that the val pipeline, alive all run long, holds no training-sized buffers.
+MIXED_VAL_DECODER_DEFAULTS = {
+    "hw_decoder_load": MIXED_DECODER_DEFAULTS["hw_decoder_load"],
+    # Upsample chroma as libjpeg-turbo (DALI's CPU decoder and PIL) does, so GPU validation
+    # tensors match the CPU ones more closely; it may cost some decode speed.
+    "jpeg_fancy_upsampling": True,
+}
+
+
+def decoder_memory_estimate(
+    num_threads: int, train: bool, overrides: dict | None = None, *, decode: str = "mixed"
+) -> dict[str, int]:
+    """Bytes the decoder preallocates per rank: ``pinned_host_bytes`` and ``device_bytes``.
+
+    nvJPEG's paddings only: two pinned host buffers and one device buffer per thread. With
+    the defaults and 8 threads: train 128 MiB pinned + 1.57 GiB device, val 128 MiB pinned +
+    128 MiB device, so 256 MiB pinned per rank with both loaders alive (2.3 GiB with the old
+    134 MiB host padding). Not counted: the hardware decoder's buffers for one image of the
+    preallocation hint's size, and what nvJPEG allocates beyond the paddings on demand.
+    CPU decode preallocates none of these.
+    """
+    if decode != "mixed":
+        return {"pinned_host_bytes": 0, "device_bytes": 0}
+    options = decoder_options("mixed", overrides, train=train)
+    host = options.get("host_memory_padding", DALI_HOST_MEMORY_PADDING)
+    device = options.get("device_memory_padding", DALI_DEVICE_MEMORY_PADDING)
+    return {"pinned_host_bytes": 2 * host * num_threads, "device_bytes": device * num_threads}
 
 
 def _normalize_args(*, image_size: int, image_dtype) -> dict:
@@ -90,29 +135,31 @@ def _normalize_args(*, image_size: int, image_dtype) -> dict:
     )
 
 
+def read_batches(source, *, cycle: str | None = None):
+    """``(encoded files, labels)`` of the batches ``source`` yields: each batch a list of
+    uint8 path arrays and an int64 label array, read by ``fn.io.file.read``."""
+    paths, labels = fn.external_source(
+        source=source,
+        num_outputs=2,
+        batch=True,
+        dtype=[types.UINT8, types.INT64],
+        cycle=cycle,
+    )
+    return fn.io.file.read(paths), labels
+
+
 @pipeline_def(enable_conditionals=False)
 def train_pipeline(
     *,
-    files: list[str],
-    labels: list[int],
-    shard_id: int,
-    num_shards: int,
+    source,
     image_size: int,
     decode_device: str,
     to_gpu: bool,
     image_dtype,
     decoder_options: dict,
 ):
-    """Read this rank's shard in the given order; decode a random crop; resize; flip+normalize."""
-    jpegs, labels = fn.readers.file(
-        files=files,
-        labels=labels,
-        shard_id=shard_id,
-        num_shards=num_shards,
-        random_shuffle=False,  # the order is ours (a global per-epoch permutation)
-        stick_to_shard=True,  # read-ahead past the epoch's end stays in this rank's files
-        name=READER_NAME,
-    )
+    """Read the batches of ``source``; decode a random crop; resize; flip+normalize."""
+    jpegs, labels = read_batches(source)
     # ROI decode fused with RandomResizedCrop's window choice: only the crop is decoded.
     images = fn.decoders.image_random_crop(
         jpegs,
@@ -182,22 +229,15 @@ def torchvision_val_geometry(images, *, image_size: int):
 @pipeline_def(enable_conditionals=False)
 def val_pipeline(
     *,
-    files: list[str],
-    labels: list[int],
+    source,
     image_size: int,
     decode_device: str,
     to_gpu: bool,
     image_dtype,
     decoder_options: dict,
 ):
-    """Read this rank's slice in list order; decode; resize shorter side; center crop."""
-    jpegs, labels = fn.readers.file(
-        files=files,
-        labels=labels,
-        random_shuffle=False,
-        pad_last_batch=True,  # repeat the last sample to fill a batch; the iterator strips it
-        name=READER_NAME,
-    )
+    """Read the batches of ``source`` (again on every pass); decode; resize; center crop."""
+    jpegs, labels = read_batches(source, cycle="raise")
     images = fn.decoders.image(
         jpegs, device=decode_device, output_type=types.RGB, **decoder_options
     )
@@ -239,11 +279,9 @@ def resolve_decode(dali_decode: str, device: torch.device) -> str:
 
 def decoder_options(decode_device: str, overrides: dict | None, *, train: bool) -> dict:
     """Decoder arguments: the GPU defaults above for mixed decode, then ``overrides``."""
-    options = dict(MIXED_DECODER_DEFAULTS) if decode_device == "mixed" else {}
-    if decode_device == "mixed" and not train:
-        # Val: upsample chroma as libjpeg-turbo (DALI's CPU decoder and PIL) does, so GPU
-        # validation tensors match the CPU ones more closely; it may cost some decode speed.
-        options["jpeg_fancy_upsampling"] = True
+    options = {}
+    if decode_device == "mixed":
+        options = dict(MIXED_DECODER_DEFAULTS if train else MIXED_VAL_DECODER_DEFAULTS)
     options.update(overrides or {})
     return options
 
@@ -274,7 +312,7 @@ def _header_problem(path: str) -> str | None:
     return None
 
 
-def find_unreadable(paths: list[str], *, decode: bool = True) -> tuple[str, str] | None:
+def find_unreadable(paths: Iterable[str], *, decode: bool = True) -> tuple[str, str] | None:
     """The first path DALI cannot decode and why: a header check, then a full PIL decode."""
     for path in paths:
         problem = _header_problem(path)
@@ -288,80 +326,60 @@ def find_unreadable(paths: list[str], *, decode: bool = True) -> tuple[str, str]
     return None
 
 
-class DaliLoader:
+class PathBatches:
+    """A pass's batches for ``fn.external_source``: ``(paths, labels)`` per batch.
+
+    ``paths`` is a list of uint8 views into the table's buffer (external_source copies them
+    into the pipeline, so nothing is copied before that), ``labels`` an int64 ``(B, 1)``
+    array like a reader's. Whole batches of ``batch_size``, then a shorter last one if the
+    indices end there (validation). Iterable again from the start: DALI calls ``iter`` once
+    per pass.
+    """
+
+    def __init__(self, table: SampleTable, indices: np.ndarray, batch_size: int):
+        self.table = table
+        self.indices = indices
+        self.batch_size = batch_size
+
+    def __iter__(self):
+        blob, labels = self.table.blob, self.table.labels
+        starts = self.table.offsets[self.indices]
+        ends = self.table.offsets[self.indices + 1] - 1  # without the NUL
+        for first in range(0, len(self.indices), self.batch_size):
+            last = first + self.batch_size
+            bounds = zip(starts[first:last].tolist(), ends[first:last].tolist(), strict=True)
+            yield [blob[a:b] for a, b in bounds], labels[self.indices[first:last], None]
+
+
+class DaliLoader(common.ShardedLoader):
     """Iterable of ``(images, labels)`` for one rank; see ``pipelines.build_loader``."""
 
     def __init__(
         self,
-        samples: list[Sample],
+        table: SampleTable,
         *,
-        list_file: str,
-        train: bool,
-        batch_size: int,
-        image_size: int,
-        rank: int,
-        world_size: int,
-        device: torch.device,
         num_threads: int,
-        seed: int,
-        dtype: torch.dtype,
         dali_decode: str,
-        prefetch: int,
         dali_options: dict | None,
+        **shared,
     ):
-        self.list_file = list_file
-        self.train = train
-        self.batch_size = batch_size
-        self.image_size = image_size
-        self.rank = rank
-        self.world_size = world_size
-        self.device = device
+        super().__init__(table, **shared)
         self.num_threads = num_threads
-        self.seed = seed
-        self.dtype = dtype
-        self.prefetch = prefetch
-        self.decode_device = resolve_decode(dali_decode, device)
-        self.decoder_options = decoder_options(self.decode_device, dali_options, train=train)
-        self.dataset_size = len(samples)
-        self._files = [s.path for s in samples]
-        self._labels = [s.label for s in samples]
-        self.epoch = 0
-        if train:
-            self.steps = common.train_steps(
-                len(samples), world_size=world_size, batch_size=batch_size, list_file=list_file
-            )
-            self.num_samples = self.steps * batch_size
-            self._val_slice = None
-        else:
-            self._val_slice = common.val_shard(len(samples), rank=rank, world_size=world_size)
-            self.num_samples = len(self._val_slice)
-            self.steps = math.ceil(self.num_samples / batch_size)
+        self.decode_device = resolve_decode(dali_decode, self.device)
+        self.decoder_options = decoder_options(self.decode_device, dali_options, train=self.train)
         self._iterator: DALIGenericIterator | None = None
         self._reusable = False  # a val iterator that finished a clean pass can run again
 
-    def __len__(self) -> int:
-        return self.steps
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    # --- the files this rank reads in the current pass, in order -------------------------
-    def _pass_order(self) -> tuple[list[str], list[int], list[str]]:
-        """(files and labels given to the reader, the files this rank reads, in order)."""
-        if self.train:
-            order = common.epoch_permutation(self.dataset_size, seed=self.seed, epoch=self.epoch)
-            order = order[: self.world_size * self.num_samples]
-            files = [self._files[i] for i in order]
-            labels = [self._labels[i] for i in order]
-            start = self.rank * self.num_samples
-            return files, labels, files[start : start + self.num_samples]
-        files = [self._files[i] for i in self._val_slice]
-        labels = [self._labels[i] for i in self._val_slice]
-        return files, labels, files
-
-    def _build(self, files: list[str], labels: list[int]) -> DALIGenericIterator:
+    def _build(self, indices: np.ndarray) -> DALIGenericIterator:
         to_gpu = self.device.type == "cuda"
-        pipeline_args = dict(
+        pipeline = train_pipeline if self.train else val_pipeline
+        pipe = pipeline(
+            source=PathBatches(self.table, indices, self.batch_size),
+            image_size=self.image_size,
+            decode_device=self.decode_device,
+            to_gpu=to_gpu,
+            image_dtype=dali_output_dtype(self.dtype, self.device),
+            decoder_options=self.decoder_options,
             batch_size=self.batch_size,
             num_threads=self.num_threads,
             device_id=self.device.index if to_gpu else None,
@@ -369,25 +387,10 @@ class DaliLoader:
             prefetch_queue_depth=self.prefetch,
             exec_dynamic=True,
         )
-        graph_args = dict(
-            files=files,
-            labels=labels,
-            image_size=self.image_size,
-            decode_device=self.decode_device,
-            to_gpu=to_gpu,
-            image_dtype=dali_output_dtype(self.dtype, self.device),
-            decoder_options=self.decoder_options,
-        )
-        if self.train:
-            pipe = train_pipeline(
-                shard_id=self.rank, num_shards=self.world_size, **graph_args, **pipeline_args
-            )
-            policy = LastBatchPolicy.DROP  # shards are whole batches: nothing is dropped
-        else:
-            pipe = val_pipeline(**graph_args, **pipeline_args)
-            policy = LastBatchPolicy.PARTIAL  # with pad_last_batch: padding is stripped
+        # No reader and no size: a pass ends when the source does, after its last (maybe
+        # short) batch, which PARTIAL hands out as it is.
         return DALIGenericIterator(
-            [pipe], ["images", "labels"], reader_name=READER_NAME, last_batch_policy=policy
+            [pipe], ["images", "labels"], last_batch_policy=LastBatchPolicy.PARTIAL
         )
 
     def _release(self) -> None:
@@ -398,22 +401,28 @@ class DaliLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.num_samples == 0:  # a val rank whose slice is empty (list shorter than world)
             return
-        files, labels, rank_files = self._pass_order()
+        indices = self.pass_indices()
         yielded = 0
         while True:
             try:  # only DALI's own calls: an error elsewhere is not a bad image
                 if yielded == 0:
                     if not (self._reusable and self._iterator is not None):
                         self._release()
-                        self._iterator = self._build(files, labels)
+                        self._iterator = self._build(indices)
                     self._reusable = False
                     iter(self._iterator)  # rewinds a finished val pass; no-op when fresh
                 batch = next(self._iterator)
             except StopIteration:
                 break
             except RuntimeError as e:
-                self._release()  # after an error DALI's pipeline object is no longer valid
-                raise self._named_error(e, rank_files, yielded) from e
+                # After an error DALI's pipeline object is no longer valid: drop it now, here.
+                # The error's traceback holds the iterator's frames, which hold the pipeline;
+                # cleared, nothing keeps it (the traceback and its frames form a cycle, left
+                # to the garbage collector, which may run in a forked DataLoader worker, where
+                # destroying a pipeline whose threads live in the parent crashes).
+                traceback.clear_frames(e.__traceback__)
+                self._release()
+                raise self._named_error(e, indices, yielded) from e
             out = batch[0]
             yield common.to_output(
                 out["images"], out["labels"], device=self.device, dtype=self.dtype, layout="NHWC"
@@ -424,27 +433,28 @@ class DaliLoader:
         else:
             self._reusable = True
 
-    def _named_error(self, error: RuntimeError, rank_files: list[str], batches_done: int):
+    def _named_error(self, error: RuntimeError, indices: np.ndarray, batches_done: int):
         message = str(error)
-        for path in rank_files:
-            if path in message:
-                return ImageError(
-                    f"{path}: DALI failed on this image (rank {self.rank}): {_last_lines(message)}"
-                )
-        # Not named by DALI: look among the batches in flight (the pipeline runs `prefetch`
-        # batches ahead of the one being handed out) with a full decode, then, by header only
-        # (16 bytes a file), through all of this rank's files of the pass.
+        # The batches in flight: the pipeline runs `prefetch` batches ahead of the one being
+        # handed out. Their paths first, then (only now, on an error) the whole pass's.
         first = max(0, batches_done - 1) * self.batch_size
         last = (batches_done + self.prefetch + 2) * self.batch_size
-        window = rank_files[first:last]
-        found = find_unreadable(window) or find_unreadable(rank_files, decode=False)
+        window = [self.table.path(int(i)) for i in indices[first:last]]
+
+        def pass_paths():  # all of this rank's files of the pass, decoded only if needed
+            return (self.table.path(int(i)) for i in indices)
+
+        named = next((p for p in itertools.chain(window, pass_paths()) if p in message), None)
+        if named is not None:
+            return ImageError(f"{named}: DALI failed on this image: {_last_lines(message)}")
+        # Not named by DALI: look among the batches in flight with a full decode, then, by
+        # header only (16 bytes a file), through all of this rank's files of the pass.
+        found = find_unreadable(window) or find_unreadable(pass_paths(), decode=False)
         if found is not None:
             path, why = found
-            return ImageError(
-                f"{path}: image {why} (rank {self.rank}; DALI said: {_last_lines(message)})"
-            )
+            return ImageError(f"{path}: image {why} (DALI said: {_last_lines(message)})")
         return ImageError(
-            f"DALI failed on rank {self.rank} in a batch read from files {first}.."
+            f"DALI failed in a batch read from files {first}.."
             f"{first + len(window) - 1} of this pass ({window[0] if window else '?'}, ...), "
             f"all of which PIL decodes: {_last_lines(message)}"
         )

@@ -12,6 +12,8 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 CLASSES_FILE = "classes.txt"
 TRAIN_LIST = "Train.txt"
 VAL_LIST = "Test.txt"
@@ -64,35 +66,192 @@ def _numbered_lines(path: str) -> list[tuple[int, str]]:
     return list(enumerate(lines, start=1))
 
 
-def read_list(list_file: str | os.PathLike, *, num_classes: int | None = None) -> list[Sample]:
-    """Parse a list file into samples with absolute paths.
+class SampleTable:
+    """The samples of a list, compact: what a loader holds for a million-line list.
 
-    Raises ListError naming ``file:line`` for a malformed line, a negative label or a label
-    ``>= num_classes`` (when given); a missing or empty list is an error too.
+    One uint8 buffer of UTF-8 paths, each followed by a NUL byte (a byte no POSIX path holds);
+    ``offsets`` (int64, n + 1) where each path starts, so path i is
+    ``blob[offsets[i] : offsets[i + 1] - 1]``; ``labels`` (int64, n). For ImageNet's 1.28M
+    training images that is about 100 MB in three arrays instead of 1.28M Python strings and
+    sample objects (3-4 times as much), and numpy buffers stay shared with forked workers,
+    where the reference counts of Python objects would copy every page they touch.
     """
-    list_file = os.fspath(list_file)
-    if not os.path.isfile(list_file):
-        raise ListError(f"{list_file}: list file not found")
+
+    def __init__(self, blob: np.ndarray, offsets: np.ndarray, labels: np.ndarray):
+        if len(offsets) != len(labels) + 1:
+            raise ValueError(f"{len(offsets)} offsets for {len(labels)} labels: need n + 1")
+        self.blob = blob
+        self.offsets = offsets
+        self.labels = labels
+
+    @classmethod
+    def from_pairs(cls, paths: Sequence[str], labels: Sequence[int]) -> SampleTable:
+        encoded, lengths = _encode_paths(paths)
+        return cls._from_parts([encoded], [lengths], [np.asarray(labels, dtype=np.int64)])
+
+    @classmethod
+    def _from_parts(cls, encoded: list[bytes], lengths: list, labels: list) -> SampleTable:
+        """From chunks of ``_encode_paths`` output and their labels, in order."""
+        blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        lengths_all = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+        offsets = np.zeros(len(lengths_all) + 1, dtype=np.int64)
+        np.cumsum(lengths_all + 1, out=offsets[1:])  # + 1: each path's NUL
+        labels_all = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
+        return cls(blob, offsets, labels_all.astype(np.int64, copy=False).reshape(-1))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def nbytes(self) -> int:
+        return self.blob.nbytes + self.offsets.nbytes + self.labels.nbytes
+
+    def path_bytes(self, index: int) -> np.ndarray:
+        """Path ``index`` as a uint8 view into the buffer (no copy, no NUL)."""
+        return self.blob[self.offsets[index] : self.offsets[index + 1] - 1]
+
+    def path(self, index: int) -> str:
+        return self.path_bytes(index).tobytes().decode("utf-8", "surrogateescape")
+
+    def paths(self, start: int = 0, stop: int | None = None) -> list[str]:
+        """Paths ``start:stop`` as strings, decoded in one go."""
+        stop = len(self) if stop is None else min(stop, len(self))
+        if start >= stop:
+            return []
+        chunk = self.blob[self.offsets[start] : self.offsets[stop] - 1].tobytes()
+        return chunk.decode("utf-8", "surrogateescape").split("\0")
+
+    def samples(self) -> list[Sample]:
+        return [Sample(p, int(k)) for p, k in zip(self.paths(), self.labels.tolist(), strict=True)]
+
+
+def _join_path(base_dir: str, path: str) -> str:
+    full = path if os.path.isabs(path) else os.path.join(base_dir, path)
+    return os.path.normpath(full)
+
+
+def _check_line(where: str, label: int, num_classes: int | None) -> None:
+    if label < 0:
+        raise ListError(f"{where}: negative label {label}")
+    if num_classes is not None and label >= num_classes:
+        raise ListError(
+            f"{where}: label {label} is outside [0, {num_classes}) "
+            f"(the class count comes from {CLASSES_FILE} or --num-classes)"
+        )
+
+
+def _read_lines_checked(list_file: str, num_classes: int | None) -> list[tuple[str, int]]:
+    """Line by line with line numbers: the reference parser, and the one that names errors."""
     base = os.path.dirname(os.path.abspath(list_file))
-    samples: list[Sample] = []
+    pairs: list[tuple[str, int]] = []
     for lineno, raw in _numbered_lines(list_file):
         where = f"{list_file}:{lineno}"
         parsed = _parse_line(raw, where)
         if parsed is None:
             continue
         path, label = parsed
-        if label < 0:
-            raise ListError(f"{where}: negative label {label}")
-        if num_classes is not None and label >= num_classes:
-            raise ListError(
-                f"{where}: label {label} is outside [0, {num_classes}) "
-                f"(the class count comes from {CLASSES_FILE} or --num-classes)"
-            )
-        full = path if os.path.isabs(path) else os.path.join(base, path)
-        samples.append(Sample(os.path.normpath(full), label))
-    if not samples:
+        _check_line(where, label, num_classes)
+        pairs.append((_join_path(base, path), label))
+    return pairs
+
+
+def _encode_paths(paths: Sequence[str]) -> tuple[bytes, np.ndarray]:
+    """NUL-terminated UTF-8 paths in one buffer, and each path's length in bytes."""
+    if not paths:
+        return b"", np.zeros(0, dtype=np.int64)
+    # One join and one encode: C loops, not a Python loop over the paths.
+    encoded = ("\0".join(paths) + "\0").encode("utf-8", "surrogateescape")
+    if encoded.isascii():  # the common case: one byte per character
+        return encoded, np.fromiter(map(len, paths), dtype=np.int64, count=len(paths))
+    ends = np.flatnonzero(np.frombuffer(encoded, dtype=np.uint8) == 0)
+    return encoded, np.diff(ends, prepend=-1) - 1
+
+
+# Characters of list text parsed per pass of the fast parser: large enough that the per-pass
+# overhead vanishes, small enough that the per-line Python objects of a pass (about 5 times
+# its text) never add up to more than a few MB, whatever the length of the list.
+_PARSE_CHUNK_CHARS = 1 << 20
+
+
+def read_table(list_file: str | os.PathLike, *, num_classes: int | None = None) -> SampleTable:
+    """Parse a list file into a compact ``SampleTable`` with absolute, normalized paths.
+
+    The same rules and errors as ``read_list`` (which is built on it), about twice as fast
+    (2 s for ImageNet's 1.28M lines on one core here) and with a bounded transient footprint:
+    the list is parsed a chunk at a time, each chunk in a few whole-chunk C passes. A list
+    with any line the fast pass cannot take as valid goes through the line-by-line parser
+    instead, which raises naming ``file:line``.
+    """
+    list_file = os.fspath(list_file)
+    if not os.path.isfile(list_file):
+        raise ListError(f"{list_file}: list file not found")
+    with open(list_file, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = None  # the line-by-line parser names the line
+    del data
+    table = None if text is None else _fast_table(text, list_file, num_classes)
+    if table is None:
+        checked = _read_lines_checked(list_file, num_classes)
+        table = SampleTable.from_pairs([p for p, _ in checked], [k for _, k in checked])
+    if len(table) == 0:
         raise ListError(f"{list_file}: the list holds no samples")
-    return samples
+    return table
+
+
+def _fast_table(text: str, list_file: str, num_classes: int | None) -> SampleTable | None:
+    """The table of a valid list, or None when some line needs the careful parser."""
+    if os.sep != "/":  # the joins below are POSIX's; elsewhere the careful parser does it
+        return None
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    base = os.path.join(os.path.dirname(os.path.abspath(list_file)), "")  # ends in "/"
+    encoded, lengths, labels = [], [], []
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start + _PARSE_CHUNK_CHARS)
+        end = len(text) if end < 0 else end + 1
+        fields = [
+            line.rsplit(None, 1)
+            for raw in text[start:end].split("\n")
+            if (line := raw.strip()) and not line.startswith("#")
+        ]
+        start = end
+        if not fields:
+            continue
+        if any(len(f) != 2 for f in fields):
+            return None
+        try:
+            chunk_labels = np.array([int(f[1]) for f in fields], dtype=np.int64)
+        except (ValueError, OverflowError):
+            return None
+        if int(chunk_labels.min()) < 0:
+            return None
+        if num_classes is not None and int(chunk_labels.max()) >= num_classes:
+            return None
+        paths = [f[0] if f[0].startswith("/") else base + f[0] for f in fields]
+        # normpath only where it can change something ("." and ".." parts, doubled or
+        # trailing slashes): it is the slowest step, and most lists need it on no line.
+        paths = [
+            os.path.normpath(p) if ("/." in p or "//" in p or p.endswith("/")) else p for p in paths
+        ]
+        chunk_encoded, chunk_lengths = _encode_paths(paths)
+        encoded.append(chunk_encoded)
+        lengths.append(chunk_lengths)
+        labels.append(chunk_labels)
+    return SampleTable._from_parts(encoded, lengths, labels)
+
+
+def read_list(list_file: str | os.PathLike, *, num_classes: int | None = None) -> list[Sample]:
+    """Parse a list file into samples with absolute paths.
+
+    Raises ListError naming ``file:line`` for a malformed line, a negative label or a label
+    ``>= num_classes`` (when given); a missing or empty list is an error too. Loaders use
+    ``read_table``, the compact form of the same result.
+    """
+    return read_table(list_file, num_classes=num_classes).samples()
 
 
 def read_classes(classes_file: str | os.PathLike) -> list[str]:

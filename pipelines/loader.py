@@ -7,7 +7,7 @@ import os
 import torch
 
 from . import common
-from .lists import classes_beside, read_classes, read_list
+from .lists import classes_beside, read_classes, read_table
 
 BACKENDS = ("dali", "pil", "pil-gpu")
 
@@ -49,8 +49,10 @@ def build_loader(
     dali_options: extra or overriding arguments for DALI's decoder (e.g. ``hw_decoder_load``).
     num_classes: None takes the count from ``classes.txt`` beside the list when there is one;
     labels outside ``[0, num_classes)`` are an error naming ``file:line``.
-    check_files: stat every file the rank may read before the first step (missing or empty
-    files fail here, named); about a second per million files on a local disk.
+    check_files: before the first step, stat the files of this rank's 1/world_size slice of
+    the list (``common.check_slice``; missing or empty files fail here, named): all ranks
+    together check every file once, about a second per million files on a local disk. A file
+    in another rank's slice fails that rank, and a failed rank ends the job.
     """
     list_file = os.fspath(list_file)
     device = common.resolve_device(device)
@@ -72,14 +74,9 @@ def build_loader(
         classes_file = classes_beside(list_file)
         if classes_file is not None:
             num_classes = len(read_classes(classes_file))
-    samples = read_list(list_file, num_classes=num_classes)
+    table = read_table(list_file, num_classes=num_classes)
     if check_files:
-        if train:
-            checked = samples  # any rank may read any file in some epoch
-        else:
-            shard = common.val_shard(len(samples), rank=rank, world_size=world_size)
-            checked = samples[shard.start : shard.stop]
-        common.check_files_exist(checked, list_file=list_file)
+        common.check_files_exist(table, list_file=list_file, rank=rank, world_size=world_size)
 
     shared = dict(
         list_file=list_file,
@@ -97,7 +94,7 @@ def build_loader(
         from .dali import DaliLoader  # DALI is imported only by those who use it
 
         loader = DaliLoader(
-            samples,
+            table,
             num_threads=num_threads,
             dali_decode=dali_decode,
             dali_options=dali_options,
@@ -107,7 +104,7 @@ def build_loader(
         from .pil import PilLoader
 
         loader = PilLoader(
-            samples,
+            table,
             num_workers=num_threads,
             normalize_on_device=backend == "pil-gpu",
             **shared,

@@ -1,14 +1,19 @@
-"""The baseline: torchvision's standard recipe, PIL + DistributedSampler + DataLoader.
+"""The baseline: torchvision's standard recipe, PIL transforms + a DataLoader.
 
 Same semantics as the DALI loader: same steps per rank in training, every validation image
-exactly once across ranks, the same output contract. Two choices beyond the textbook recipe:
+exactly once across ranks, the same output contract. Three choices beyond the textbook recipe:
+
+- The order is ``common.ShardedLoader``'s plan, the one the DALI loader reads: the same global
+  permutation per epoch, and rank r's contiguous block of it, where DistributedSampler would
+  give each rank every world_size-th sample of a torch permutation. Same steps and the same
+  disjoint shards either way; this way both backends read the same images in the same order.
 
 - Augmentation randomness is seeded per sample from (seed, rank, epoch, index), inside a
   forked RNG. So it repeats per seed whatever the worker count, resumes exactly at epoch k,
   differs per rank, and never touches the caller's global RNG (which num_workers=0 would).
   The sampler tags each index with the epoch, so persistent workers see the current epoch.
-- Validation uses a contiguous exactly-once shard, not DistributedSampler (which pads with
-  duplicates or drops the tail).
+- Validation uses a contiguous exactly-once shard (DistributedSampler pads with duplicates or
+  drops the tail).
 
 Backend "pil-gpu" is the strong PyTorch baseline (NVIDIA's and timm's prefetchers): workers do
 the PIL crop/flip only and collate uint8 HWC; the float conversion and normalization run on
@@ -17,17 +22,16 @@ the device on a side stream, one batch ahead.
 
 from __future__ import annotations
 
-import math
+import weakref
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torch.utils.data.distributed import DistributedSampler
 
 from . import common
-from .lists import ImageError, Sample
+from .lists import ImageError, SampleTable
 
 
 def train_transform(image_size: int, *, normalize: bool = True) -> T.Compose:
@@ -70,127 +74,89 @@ def _to_uint8_hwc(image) -> torch.Tensor:
 class ListDataset(Dataset):
     """Samples of a list file; ``dataset[(index, epoch)]`` -> (image tensor, label)."""
 
-    def __init__(self, samples: list[Sample], *, transform, random: bool, seed: int, rank: int):
-        self.samples = samples
+    def __init__(self, table: SampleTable, *, transform, random: bool, seed: int, rank: int):
+        self.table = table
         self.transform = transform
         self.random = random
         self.seed = seed
         self.rank = rank
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.table)
 
     def __getitem__(self, key: tuple[int, int]):
         index, epoch = key
-        sample = self.samples[index]
+        path, label = self.table.path(index), int(self.table.labels[index])
         try:
-            image = common.open_rgb(sample.path)
+            image = common.open_rgb(path)
         except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, ...: name the file
-            raise ImageError(f"{sample.path}: cannot decode image ({type(e).__name__}: {e})") from e
+            raise ImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
         if not self.random:
-            return self.transform(image), sample.label
+            return self.transform(image), label
         # The CPU generator only (torch.manual_seed would reseed CUDA's too, which fork_rng
         # with devices=[] does not restore).
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(
                 common.derived_seed(self.seed, self.rank, epoch, index)
             )
-            return self.transform(image), sample.label
+            return self.transform(image), label
 
 
-class EpochTaggedSampler(Sampler):
-    """Yields ``(index, epoch)`` from an inner sampler, so workers know the epoch."""
+class PassSampler(Sampler):
+    """Yields ``(index, epoch)`` for the loader's current pass, so workers know the epoch."""
 
-    def __init__(self, indices):
-        self.indices = indices
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        if hasattr(self.indices, "set_epoch"):
-            self.indices.set_epoch(epoch)
+    def __init__(self, loader: common.ShardedLoader):
+        # A weak reference: the loader holds the DataLoader, which holds this sampler. A
+        # cycle would leave a dropped loader to the garbage collector, whose delayed
+        # collection shuts the persistent workers down at some later moment, maybe in
+        # another process forked meanwhile (see PilLoader._stop_workers).
+        self.loader = weakref.ref(loader)
+        self.num_samples = loader.num_samples
 
     def __iter__(self):
-        epoch = self.epoch
-        return ((int(i), epoch) for i in self.indices)
+        loader = self.loader()
+        epoch = loader.epoch
+        return ((i, epoch) for i in loader.pass_indices().tolist())
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return self.num_samples
 
 
-class PilLoader:
+class PilLoader(common.ShardedLoader):
     """Iterable of ``(images, labels)`` for one rank; see ``pipelines.build_loader``."""
 
     def __init__(
         self,
-        samples: list[Sample],
+        table: SampleTable,
         *,
-        list_file: str,
-        train: bool,
-        batch_size: int,
-        image_size: int,
-        rank: int,
-        world_size: int,
-        device: torch.device,
         num_workers: int,
-        seed: int,
-        dtype: torch.dtype,
-        prefetch: int,
         normalize_on_device: bool = False,
+        **shared,
     ):
-        self.list_file = list_file
-        self.train = train
-        self.batch_size = batch_size
-        self.device = device
-        self.dtype = dtype
-        self.rank = rank
-        self.dataset_size = len(samples)
+        super().__init__(table, **shared)
         self.normalize_on_device = normalize_on_device
-        make = train_transform if train else val_transform
+        make = train_transform if self.train else val_transform
         dataset = ListDataset(
-            samples,
-            transform=make(image_size, normalize=not normalize_on_device),
-            random=train,
-            seed=seed,
-            rank=rank,
+            table,
+            transform=make(self.image_size, normalize=not normalize_on_device),
+            random=self.train,
+            seed=self.seed,
+            rank=self.rank,
         )
-        if train:
-            self.steps = common.train_steps(
-                len(samples), world_size=world_size, batch_size=batch_size, list_file=list_file
-            )
-            # Same global permutation on every rank (seed + epoch); drop_last trims it to a
-            # multiple of world_size, and the DataLoader's drop_last to whole batches.
-            inner = DistributedSampler(
-                dataset,
-                num_replicas=world_size,
-                rank=rank,
-                shuffle=True,
-                seed=seed,
-                drop_last=True,
-            )
-        else:
-            inner = common.val_shard(len(samples), rank=rank, world_size=world_size)
-            self.steps = math.ceil(len(inner) / batch_size)
-        self.sampler = EpochTaggedSampler(inner)
-        self.num_samples = self.steps * batch_size if train else len(inner)
         self.loader = DataLoader(
             dataset,
-            batch_size=batch_size,
-            sampler=self.sampler,
+            batch_size=self.batch_size,
+            # Every pass yields num_samples indices: whole batches in training, the shard
+            # with a short last batch in validation.
+            sampler=PassSampler(self),
             num_workers=num_workers,
-            pin_memory=device.type == "cuda",
-            drop_last=train,
+            pin_memory=self.device.type == "cuda",
+            drop_last=False,
             persistent_workers=num_workers > 0,
-            prefetch_factor=prefetch if num_workers > 0 else None,
+            prefetch_factor=self.prefetch if num_workers > 0 else None,
             # The loader draws its workers' base seed from this, not from the global RNG.
-            generator=torch.Generator().manual_seed(common.derived_seed(seed, rank)),
+            generator=torch.Generator().manual_seed(common.derived_seed(self.seed, self.rank)),
         )
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(int(epoch))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.num_samples == 0:  # an empty val slice: no workers started for nothing

@@ -172,3 +172,33 @@ def test_file_removed_after_the_check_is_named_during_the_epoch(tmp_path, make_i
     with pytest.raises(RuntimeError) as info:
         run_epoch(list_file, backend=backend, train=False, check_files=False)
     assert bad in str(info.value)
+
+
+def test_dali_error_leaves_no_pipeline_to_the_garbage_collector(tmp_path, make_image):
+    """The failed pipeline is freed at once, in this process: left in a reference cycle, it
+    would be destroyed by whichever process collects it, e.g. a DataLoader worker forked
+    later, which crashes (DALI's threads live in the parent)."""
+    import gc
+
+    from nvidia.dali.pipeline import Pipeline
+
+    def pipelines_alive() -> int:
+        return sum(1 for o in gc.get_objects() if issubclass(type(o), Pipeline))
+
+    def fail_and_keep_the_error() -> str:
+        # Returns with `info` among its locals: its frame, the error and the error's
+        # traceback (which holds that frame) form a cycle, as in any caller that keeps it.
+        with pytest.raises(RuntimeError) as info:
+            run_epoch(list_file, backend="dali", train=False)
+        return str(info.value)
+
+    bad = write_broken("garbage.jpg", tmp_path, make_image)
+    list_file = list_around(tmp_path, make_image, bad)
+    gc.collect()
+    before = pipelines_alive()
+    gc.disable()
+    try:
+        assert bad in fail_and_keep_the_error()
+        assert pipelines_alive() == before
+    finally:
+        gc.enable()

@@ -186,3 +186,60 @@ def test_unwritable_class_names_are_refused(tmp_path):
     with pytest.raises(ListError, match="cannot write class name"):
         write_classes(tmp_path / "classes.txt", ["ok", "two\nlines"])
     assert not os.path.exists(tmp_path / "classes.txt")
+
+
+# --- the compact table -----------------------------------------------------------------------
+
+
+def test_fast_parser_agrees_with_the_line_by_line_one(tmp_path):
+    """read_table's whole-chunk passes against the reference parser, on every path shape that
+    needs joining or normalizing, with CRLF, a byte-order mark, tabs and Unicode."""
+    from pipelines.lists import _read_lines_checked, read_table
+
+    text = (
+        "\ufeff# header\r\n"
+        "a/x.jpg 0\r\n"
+        "  ./b.jpg\t1  \r\n"
+        "../up/c.jpg 2\r\n"
+        "d//e/./f.jpg 3\r\n"
+        "/abs/./g/../h.jpg 4\r\n"
+        "//net/share.jpg 5\r\n"
+        "dir/ 6\r\n"
+        "ñandú café/日本 語.png 7\r\n"
+        ".hidden/i.jpg 8\r\n"
+        "\r\n"
+        "with\u3000ideographic space.jpg 9\r\n"
+    )
+    lst = write_text(tmp_path / "lists" / "L.txt", text)
+    table = read_table(lst, num_classes=10)
+    expected = [Sample(p, k) for p, k in _read_lines_checked(lst, 10)]
+    assert table.samples() == expected
+    assert len(table) == 10
+    assert table.path(2) == str(tmp_path / "up" / "c.jpg")
+    assert table.path(4) == "/abs/h.jpg" and table.path(5) == "//net/share.jpg"
+
+
+def test_fast_parser_errors_still_name_the_line(tmp_path):
+    """A bad line in a later chunk of a long list: the careful parser takes over, names it."""
+    from pipelines import lists
+
+    good = "".join(f"img/{i:06d}.jpg {i % 3}\n" for i in range(100_000))  # > one chunk
+    assert len(good) > lists._PARSE_CHUNK_CHARS
+    lst = write_text(tmp_path / "L.txt", good + "last.jpg 3\n")
+    with pytest.raises(ListError, match=r"L\.txt:100001: label 3 is outside \[0, 3\)"):
+        lists.read_table(lst, num_classes=3)
+    assert len(lists.read_table(lst)) == 100_001
+
+
+def test_sample_table_round_trips_unicode_paths():
+    from pipelines.lists import SampleTable
+
+    paths = ["/a/plain.jpg", "/b/ñandú café.jpg", "/c/日本 語.png", "/d/x"]
+    table = SampleTable.from_pairs(paths, [3, 1, 4, 1])
+    assert len(table) == 4 and table.labels.tolist() == [3, 1, 4, 1]
+    assert [table.path(i) for i in range(4)] == paths
+    assert table.paths() == paths and table.paths(1, 3) == paths[1:3] and table.paths(2, 2) == []
+    view = table.path_bytes(2)
+    assert view.base is not None and bytes(view) == paths[2].encode()  # a view, no NUL
+    assert table.nbytes == sum(len(p.encode()) + 1 for p in paths) + 8 * 5 + 8 * 4
+    assert table.samples() == [Sample(p, k) for p, k in zip(paths, [3, 1, 4, 1], strict=True)]

@@ -219,6 +219,35 @@ def test_train_ranks_equal_steps_disjoint_and_reshuffled(indexed_list, backend):
         assert orders[0] != orders[1]
 
 
+def test_backends_share_the_epoch_plan(indexed_list):
+    """One plan for both backends (common.ShardedLoader): the same samples in the same order
+    on every rank, each epoch, as the global permutation's contiguous blocks."""
+    from pipelines.common import epoch_permutation
+
+    for world in (1, 3):
+        for ep in (0, 1):
+            for rank in range(world):
+                orders = {
+                    backend: labels_of(
+                        epoch(
+                            loader(
+                                indexed_list,
+                                backend=backend,
+                                train=True,
+                                batch_size=2,
+                                rank=rank,
+                                world_size=world,
+                            ),
+                            ep,
+                        )
+                    )
+                    for backend in ("dali", "pil")
+                }
+                per_rank = (11 // world) // 2 * 2
+                block = epoch_permutation(11, seed=0, epoch=ep)[rank * per_rank :][:per_rank]
+                assert orders["dali"] == orders["pil"] == block.tolist(), (world, ep, rank)
+
+
 @pytest.mark.parametrize("backend", ["dali", "pil"])
 def test_train_seeded_repeatable_and_resumable(labelled_list, backend):
     first = epoch(loader(labelled_list, backend=backend, train=True, seed=3), 2)
@@ -298,17 +327,49 @@ def test_argument_errors(labelled_list):
 
 
 def test_dali_options_reach_the_decoder(labelled_list):
-    from pipelines.dali import MIXED_DECODER_DEFAULTS, decoder_options
+    from pipelines.dali import (
+        MIXED_DECODER_DEFAULTS,
+        MIXED_VAL_DECODER_DEFAULTS,
+        decoder_options,
+    )
 
     assert decoder_options("cpu", None, train=True) == {}
     mixed = decoder_options("mixed", {"hw_decoder_load": 0.9}, train=True)
     assert mixed == {**MIXED_DECODER_DEFAULTS, "hw_decoder_load": 0.9}
     val = decoder_options("mixed", {"jpeg_fancy_upsampling": False}, train=False)
-    assert val == {**MIXED_DECODER_DEFAULTS, "jpeg_fancy_upsampling": False}
+    assert val == {**MIXED_VAL_DECODER_DEFAULTS, "jpeg_fancy_upsampling": False}
     ld = loader(labelled_list, backend="dali", train=True, dali_options={"use_fast_idct": True})
     assert len(epoch(ld)) == len(ld)
     with pytest.raises(KeyError, match="no_such_option"):  # DALI checks argument names
         epoch(loader(labelled_list, backend="dali", train=True, dali_options={"no_such_option": 1}))
+
+
+def test_gpu_decoder_defaults_are_bounded():
+    """GPU decode: most JPEGs to the hardware decoder, and nvJPEG's preallocated buffers
+    bounded (they were 2.1 GiB of pinned host memory per rank with 8 threads)."""
+    from pipelines.dali import (
+        MIXED_DECODER_DEFAULTS,
+        MIXED_VAL_DECODER_DEFAULTS,
+        decoder_memory_estimate,
+    )
+
+    assert MIXED_DECODER_DEFAULTS["hw_decoder_load"] == 0.99
+    assert MIXED_VAL_DECODER_DEFAULTS["hw_decoder_load"] == 0.99
+    # The val pipeline, alive all run long, preallocates nothing of ours.
+    assert not {k for k in MIXED_VAL_DECODER_DEFAULTS if "padding" in k or "hint" in k}
+    mib = 1 << 20
+    train = decoder_memory_estimate(8, True)
+    val = decoder_memory_estimate(8, False)
+    assert train["pinned_host_bytes"] == val["pinned_host_bytes"] == 2 * 8 * 8 * mib
+    assert train["device_bytes"] == 8 * 211025920  # one never-regrowing buffer per thread
+    assert val["device_bytes"] == 8 * 16 * mib  # nvJPEG's default padding
+    assert train["pinned_host_bytes"] + val["pinned_host_bytes"] <= 256 * mib
+    overridden = decoder_memory_estimate(4, True, {"host_memory_padding": 0})
+    assert overridden["pinned_host_bytes"] == 0
+    assert decoder_memory_estimate(8, True, decode="cpu") == {
+        "pinned_host_bytes": 0,
+        "device_bytes": 0,
+    }
 
 
 @pytest.mark.parametrize("decode", ["mixed", "cpu"])
@@ -320,8 +381,7 @@ def test_gpu_graphs_are_well_formed_without_a_gpu(labelled_list, decode, train):
     from pipelines.common import derived_seed
 
     graph = dict(
-        files=[labelled_list],
-        labels=[0],
+        source=[],  # defining the graph reads nothing
         image_size=IMAGE_SIZE,
         decode_device=decode,
         to_gpu=True,
@@ -329,10 +389,8 @@ def test_gpu_graphs_are_well_formed_without_a_gpu(labelled_list, decode, train):
         decoder_options=dali.decoder_options(decode, None, train=train),
     )
     pipeline = dict(batch_size=2, num_threads=1, device_id=0, seed=derived_seed(0, 0, 0))
-    if train:
-        pipe = dali.train_pipeline(shard_id=0, num_shards=1, **graph, **pipeline)
-    else:
-        pipe = dali.val_pipeline(**graph, **pipeline)
+    make = dali.train_pipeline if train else dali.val_pipeline
+    pipe = make(**graph, **pipeline)
     assert pipe.device_id == 0
 
 
@@ -370,3 +428,22 @@ def test_pil_in_process_augmentation_leaves_the_global_rng_alone(labelled_list):
     torch.manual_seed(123)
     epoch(loader(labelled_list, backend="pil", train=True, num_threads=0))
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("backend", ["dali", "pil"])
+def test_a_dropped_loader_is_freed_at_once(labelled_list, backend):
+    """No reference cycle: a loader dropped after an epoch goes at once, with its pipeline or
+    persistent workers, not whenever the garbage collector runs (maybe mid-step, or in a
+    process forked meanwhile, where stopping another process's workers or threads fails)."""
+    import gc
+    import weakref
+
+    ld = loader(labelled_list, backend=backend, train=True, num_threads=2)
+    epoch(ld)
+    gone = weakref.ref(ld)
+    gc.disable()
+    try:
+        del ld
+        assert gone() is None
+    finally:
+        gc.enable()

@@ -1,0 +1,274 @@
+"""ImageNet-scale start-up, epoch boundaries and host memory of one rank's DALI loaders.
+
+    python benchmarks/imagenet_scale.py                       # rank 0 of 8, batch 32, 224 px
+    python benchmarks/imagenet_scale.py --image-size 64 --json scale.json
+
+No ImageNet needed: the demo data's train files are listed again and again up to ImageNet's
+1,281,167 lines (and its val files up to 50,000), a list of ImageNet's length, not a million
+files. Then one rank's work (``--rank`` of ``--world-size``) is measured on that list and on
+the demo list itself, each case in a fresh process so that its max RSS is its own:
+
+- ``parse_s``: ``read_table`` of the train list; ``check_s``: this rank's share of the file
+  check (``check_files_exist``), both timed alone first;
+- ``build_train_s``, ``build_val_s``: ``build_loader`` (parse, check, set-up) for each list;
+- ``start_to_first_batch_s``: both builds plus the first training batch, what the trainer
+  pays before its first step (the parse and check again, with the lists' pages cached);
+- per epoch: ``boundary_s`` from ``set_epoch`` to the first batch of the epoch (a new
+  pipeline each epoch) and ``step_s``, the median time of the next ``--steps`` batches;
+- ``max_rss_mb``: ``ru_maxrss`` with the train and val loaders alive, each having made
+  batches; ``table_mb``: the train loader's compact list (paths and labels).
+
+Only as many steps of each epoch run as are timed, so the script takes about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+if __package__ in (None, ""):
+    # `python benchmarks/imagenet_scale.py` puts benchmarks/ first on sys.path; the project
+    # root must be there for `pipelines` even without the editable install.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipelines.lists import CLASSES_FILE, TRAIN_LIST, VAL_LIST, format_line  # noqa: E402
+
+IMAGENET_TRAIN = 1_281_167
+IMAGENET_VAL = 50_000
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--data",
+        help="folder with Train.txt, Test.txt and classes.txt "
+        "(default: the demo data, generated once)",
+    )
+    p.add_argument(
+        "--work-dir",
+        help="where the long lists go (default: a temporary folder, removed afterwards)",
+    )
+    p.add_argument(
+        "--train-size",
+        type=int,
+        default=IMAGENET_TRAIN,
+        help="lines of the long train list (default: %(default)s, ImageNet's)",
+    )
+    p.add_argument(
+        "--val-size",
+        type=int,
+        default=IMAGENET_VAL,
+        help="lines of the long val list (default: %(default)s, ImageNet's)",
+    )
+    p.add_argument("--rank", type=int, default=0, help="rank measured (default: %(default)s)")
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=8,
+        help="ranks the work is split over (default: %(default)s)",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="per rank (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=224, help="crop side (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="DALI threads (default: %(default)s)")
+    p.add_argument(
+        "--epochs", type=int, default=3, help="epochs whose start is timed (default: %(default)s)"
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=20,
+        help="batches timed per epoch after its first (default: %(default)s)",
+    )
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--case", nargs=3, metavar=("NAME", "TRAIN", "VAL"), help=argparse.SUPPRESS)
+    return p
+
+
+def write_long_list(source: str, target: str, lines: int) -> None:
+    """``lines`` lines that repeat ``source``'s samples in order, with absolute paths."""
+    from pipelines.lists import read_table
+
+    table = read_table(source)
+    # Each distinct line is formatted once; the long list is that block repeated.
+    block = [
+        format_line(path, int(label))
+        for path, label in zip(table.paths(), table.labels.tolist(), strict=True)
+    ]
+    with open(target, "w", encoding="utf-8") as f:
+        f.write("".join(block[i % len(block)] for i in range(lines)))
+
+
+def max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def measure_case(args, train_list: str, val_list: str) -> dict:
+    """One rank's figures for one pair of lists (run in a fresh process)."""
+    import torch
+
+    from pipelines import build_loader, common
+    from pipelines.lists import read_table
+
+    loader_args = dict(
+        backend="dali",
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        rank=args.rank,
+        world_size=args.world_size,
+        device="cpu",
+        num_threads=args.threads,
+        seed=0,
+        dtype=torch.float32,
+    )
+    out: dict = {"rss_after_imports_mb": round(max_rss_mb())}
+    start = time.perf_counter()
+    table = read_table(train_list)
+    out["parse_s"] = time.perf_counter() - start
+    out["train_samples"] = len(table)
+    start = time.perf_counter()
+    checked = common.check_files_exist(
+        table, list_file=train_list, rank=args.rank, world_size=args.world_size
+    )
+    out["check_s"] = time.perf_counter() - start
+    out["files_checked"] = len(checked)
+    del table
+
+    start = time.perf_counter()
+    train = build_loader(train_list, train=True, **loader_args)
+    out["build_train_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    val = build_loader(val_list, train=False, **loader_args)
+    out["build_val_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    train.set_epoch(0)
+    batches = iter(train)
+    next(batches)
+    out["first_batch_s"] = time.perf_counter() - start
+    out["start_to_first_batch_s"] = out["build_train_s"] + out["build_val_s"] + out["first_batch_s"]
+    out["steps_per_epoch"] = len(train)
+    out["table_mb"] = train.table.nbytes / 1e6
+
+    epochs = []
+    for epoch in range(args.epochs):
+        if epoch > 0:  # epoch 0's first batch is the one above
+            start = time.perf_counter()
+            train.set_epoch(epoch)
+            batches = iter(train)
+            next(batches)
+            boundary = time.perf_counter() - start
+        else:
+            boundary = out["first_batch_s"]
+        times = []
+        for _ in range(min(args.steps, len(train) - 1)):
+            start = time.perf_counter()
+            next(batches)
+            times.append(time.perf_counter() - start)
+        epochs.append({"epoch": epoch, "boundary_s": boundary, "step_s": statistics.median(times)})
+    batches.close()  # the pass stops here; the next one would start a new pipeline
+    out["epochs"] = epochs
+    val_batches = iter(val)
+    next(val_batches)  # the val pipeline alive and its buffers allocated, as in a run
+    out["max_rss_mb"] = round(max_rss_mb())
+    val_batches.close()
+    return out
+
+
+def run_case(args, name: str, train_list: str, val_list: str) -> dict:
+    """``measure_case`` in a fresh interpreter: its own max RSS, nothing cached in-process."""
+    command = [sys.executable, os.path.abspath(__file__), "--case", name, train_list, val_list]
+    for flag in ("rank", "world_size", "batch_size", "image_size", "threads", "epochs", "steps"):
+        command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"case {name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def markdown(results: dict, args) -> str:
+    names = list(results)
+    rows = [
+        ("train list lines", "train_samples", "{:,}"),
+        ("list parse (s)", "parse_s", "{:.2f}"),
+        ("file check, this rank's share (s)", "check_s", "{:.2f}"),
+        ("files checked by this rank", "files_checked", "{:,}"),
+        ("build_loader train (s)", "build_train_s", "{:.2f}"),
+        ("build_loader val (s)", "build_val_s", "{:.2f}"),
+        ("first training batch (s)", "first_batch_s", "{:.2f}"),
+        ("start to first batch (s)", "start_to_first_batch_s", "{:.2f}"),
+        ("max RSS, train + val alive (MB)", "max_rss_mb", "{:,}"),
+        ("RSS after imports (MB)", "rss_after_imports_mb", "{:,}"),
+        ("compact train list (MB)", "table_mb", "{:.1f}"),
+    ]
+    lines = [
+        f"rank {args.rank} of {args.world_size}, batch {args.batch_size}, {args.image_size} px, "
+        f"{args.threads} DALI threads, CPU",
+        "",
+        "| | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for label, key, fmt in rows:
+        lines.append(
+            f"| {label} | " + " | ".join(fmt.format(results[n][key]) for n in names) + " |"
+        )
+    for i in range(args.epochs):
+        for label, key in (("set_epoch to first batch (s)", "boundary_s"), ("step (s)", "step_s")):
+            cells = " | ".join(f"{results[n]['epochs'][i][key]:.3f}" for n in names)
+            lines.append(f"| epoch {i}: {label} | {cells} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.case:
+        name, train_list, val_list = args.case
+        print(json.dumps({"case": name, **measure_case(args, train_list, val_list)}))
+        return 0
+    if args.data is None:
+        from pipelines.demo import default_demo_root, ensure_demo_data
+
+        args.data = os.path.dirname(ensure_demo_data(default_demo_root()).train_list)
+    small_train = os.path.join(args.data, TRAIN_LIST)
+    small_val = os.path.join(args.data, VAL_LIST)
+    with tempfile.TemporaryDirectory(prefix="imagenet_scale_") as scratch:
+        work = args.work_dir or scratch
+        os.makedirs(work, exist_ok=True)
+        start = time.perf_counter()
+        big_train, big_val = os.path.join(work, TRAIN_LIST), os.path.join(work, VAL_LIST)
+        write_long_list(small_train, big_train, args.train_size)
+        write_long_list(small_val, big_val, args.val_size)
+        with open(os.path.join(args.data, CLASSES_FILE), "rb") as f:
+            classes = f.read()
+        with open(os.path.join(work, CLASSES_FILE), "wb") as f:
+            f.write(classes)
+        print(
+            f"wrote {args.train_size:,} + {args.val_size:,} lines to {work} "
+            f"in {time.perf_counter() - start:.1f} s",
+            flush=True,
+        )
+        results = {
+            "demo list": run_case(args, "demo", small_train, small_val),
+            "ImageNet-length list": run_case(args, "imagenet", big_train, big_val),
+        }
+    print(markdown(results, args))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "settings": {k: v for k, v in vars(args).items() if k != "case"},
+                    "results": results,
+                },
+                f,
+                indent=2,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

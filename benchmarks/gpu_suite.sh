@@ -1,49 +1,117 @@
 #!/usr/bin/env bash
-# The GPU check, in one go: the gpu-marked tests, then the benchmark matrix
-#   ResNet50, AMP bf16, channels_last, batch 256 per GPU;
-#   PIL with as many workers as cores  vs  DALI mixed (GPU decode)  vs  DALI CPU decode;
-#   loader, train and synthetic ceiling.
-# Writes logs and JSON to OUTDIR. Every knob below can be overridden from the environment,
-# e.g. ARCH=resnet18 BATCH=8 IMAGE_SIZE=64 ITERS=2 for a smoke run on a CPU-only machine.
+# The GPU check in one call, about 6 minutes on an H100 with 16 cores; every stage under its own
+# `timeout`, most valuable first, so a cut run still leaves what it measured (the benchmark
+# rewrites its JSON after every row; logs stream to OUTDIR):
+#   1. table    resnet50, bf16, channels_last, batch 256/GPU, one process: pil and pil-gpu with
+#               every core as workers, DALI with the trainer's defaults (no flags), DALI tuned
+#               (mixed, hw_decoder_load 0.99, 8 threads), DALI cpu decode with every core; loader,
+#               train, synthetic ceiling; epoch-boundary cost of each loader.
+#   2. sweep    throughput.py --sweep, small grid (mixed,cpu x 0.8,0.99 x 8,cores x prefetch 2)
+#   3. compile  DALI defaults with --compile (compare with the table's dali train row: no compile)
+#   4. tests    the gpu-marked tests
+# Measured on a LIST_ENTRIES-line list repeating the demo train files (written to OUTDIR), so
+# every loader's warm-up and windows lie in one epoch. nvidia-smi dmon runs alongside
+# (dmon.txt: its jpg column is the hardware JPEG decoder). summary.md gathers the figures.
 #
 #   bash benchmarks/gpu_suite.sh OUTDIR
+# Smoke run on a CPU-only machine (mixed-decode rows are skipped there; the compile stage is
+# cut on purpose, so it exits 1), about 2-3 minutes on 2 cores:
+#   PYTHON=.venv/bin/python ARCH=resnet18 BATCH=4 IMAGE_SIZE=32 WARMUP=1 ITERS=2 REPEATS=2 \
+#     BOUNDARIES=1 LIST_ENTRIES=800 T_TABLE=300 T_COMPILE=5 bash benchmarks/gpu_suite.sh /tmp/suite
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUTDIR}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 ARCH=${ARCH:-resnet50}
 BATCH=${BATCH:-256}
 IMAGE_SIZE=${IMAGE_SIZE:-224}
 AMP=${AMP:-bf16}
-WORKERS=${WORKERS:-$(nproc)}
+CORES=${CORES:-$(nproc)}
+TUNED_THREADS=${TUNED_THREADS:-8}
 WARMUP=${WARMUP:-10}
 ITERS=${ITERS:-20}
 REPEATS=${REPEATS:-3}
+BOUNDARIES=${BOUNDARIES:-3}
+LIST_ENTRIES=${LIST_ENTRIES:-25600}
 LIST=${LIST:-}
+# Seconds per stage: 30 + 150 + 55 + 75 + 35 = 345, under 6 minutes with the start-up.
+T_DATA=${T_DATA:-30}
+T_TABLE=${T_TABLE:-150}
+T_SWEEP=${T_SWEEP:-55}
+T_COMPILE=${T_COMPILE:-75}
+T_TESTS=${T_TESTS:-35}
 status=0
+start=$SECONDS
+
+stage() {  # name, seconds, command...: runs it under timeout, logs to OUTDIR/name.log
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s, at $((SECONDS - start))s)"
+  timeout -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  if [ $rc -ne 0 ]; then
+    status=1
+    echo "   $name: exit $rc$([ $rc -eq 124 ] && echo ' (cut by its time limit)')"
+  fi
+  tail -n 30 "$out/$name.log"
+}
 
 {
   echo "date: $(date -u +%FT%TZ)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || echo "no nvidia-smi"
   $py -c "import torch, nvidia.dali as d; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'dali', d.__version__)"
+  echo "cores: $CORES"
 } > "$out/env.txt" 2>&1
 cat "$out/env.txt"
+cuda=$($py -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 
-echo "== gpu tests"
-$py -m pytest -m gpu -v -p no:cacheprovider tests > "$out/gpu_tests.log" 2>&1 || status=1
-tail -n 25 "$out/gpu_tests.log"
+if command -v nvidia-smi > /dev/null; then
+  nvidia-smi dmon -s u -d 1 > "$out/dmon.txt" 2>&1 &
+  dmon_pid=$!
+  trap 'kill "$dmon_pid" 2> /dev/null' EXIT
+fi
 
-bench() {  # name, then extra flags
-  local name=$1; shift
-  echo "== benchmark: $name"
-  $py benchmarks/throughput.py ${LIST:+--list "$LIST"} --arch "$ARCH" --batch-size "$BATCH" \
-    --image-size "$IMAGE_SIZE" --amp "$AMP" --workers "$WORKERS" --warmup "$WARMUP" \
-    --iters "$ITERS" --repeats "$REPEATS" --json "$out/$name.json" "$@" \
-    > "$out/$name.log" 2>&1 || status=1
-  tail -n 12 "$out/$name.log"
-}
-# PIL and DALI (mixed decode under auto on CUDA) side by side in one process, then CPU decode.
-bench pil_vs_dali_mixed --backends pil,pil-gpu,dali --modes loader,train,synthetic --dali-decode auto
-bench dali_cpu_decode --backends dali --modes loader,train --dali-decode cpu
+if [ -z "$LIST" ]; then
+  LIST="$out/train_${LIST_ENTRIES}.txt"
+  stage data "$T_DATA" $py - "$LIST" "$LIST_ENTRIES" << 'EOF'
+import os, shutil, sys
+from pipelines.demo import default_demo_root, ensure_demo_data
+from pipelines.lists import read_list, write_list
+demo = ensure_demo_data(default_demo_root(), preset="default")
+samples = read_list(demo.train_list)
+target, entries = sys.argv[1], int(sys.argv[2])
+write_list(target, (samples[i % len(samples)] for i in range(entries)), absolute=True)
+shutil.copy(os.path.join(os.path.dirname(demo.train_list), "classes.txt"), os.path.dirname(target))
+print(f"{target}: {entries} entries repeating the {len(samples)} demo train images")
+EOF
+fi
+
+common=(--list "$LIST" --arch "$ARCH" --batch-size "$BATCH" --image-size "$IMAGE_SIZE"
+  --amp "$AMP" --warmup "$WARMUP" --iters "$ITERS" --repeats "$REPEATS")
+if [ "$cuda" = 1 ]; then
+  tuned="dali:decode=mixed:hw=0.99:threads=$TUNED_THREADS"
+  sweep_decode=mixed,cpu
+else
+  tuned=""  # mixed decode needs a GPU
+  sweep_decode=cpu
+  echo "no CUDA: mixed-decode rows skipped"
+fi
+table="pil:threads=$CORES,pil-gpu:threads=$CORES,dali${tuned:+,$tuned},dali:decode=cpu:threads=$CORES"
+stage table "$T_TABLE" $py benchmarks/throughput.py "${common[@]}" --backends "$table" \
+  --modes loader,train,synthetic --boundaries "$BOUNDARIES" --json "$out/table.json"
+
+stage sweep "$T_SWEEP" $py benchmarks/throughput.py --sweep --list "$LIST" --arch "$ARCH" \
+  --batch-size "$BATCH" --image-size "$IMAGE_SIZE" --amp "$AMP" --sweep-decode "$sweep_decode" \
+  --sweep-hw-decoder-load 0.8,0.99 --sweep-threads "$TUNED_THREADS,$CORES" --sweep-prefetch 2 \
+  --json "$out/sweep.json" --toml "$out/best_loader.toml"
+
+stage compile "$T_COMPILE" $py benchmarks/throughput.py "${common[@]}" --backends dali \
+  --modes train,synthetic --boundaries 0 --compile --json "$out/compile.json"
+
+stage gpu_tests "$T_TESTS" $py -m pytest -m gpu -q -p no:cacheprovider tests
+
+$py -m benchmarks.report "$out" > "$out/summary.md" 2>&1 || status=1
+cat "$out/summary.md"
+echo "suite: $((SECONDS - start)) s, exit $status"
 exit $status

@@ -83,26 +83,121 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+def _percent(fraction: float | None) -> str:
+    return "n/a" if fraction is None else f"{100 * fraction:.1f}%"
+
+
+def windows_cell(row: dict) -> str:
+    """Every window's rate, first to last, flagged when the first ran ahead of the median."""
+    cell = " / ".join(f"{rate:,.0f}" for rate in row["window_images_per_sec_per_gpu"])
+    if row.get("first_window_drift"):
+        cell += f" (first +{row['first_window_above_median_percent']:.0f}%: not steady)"
+    return cell
+
+
+def progress_line(row: dict) -> str:
+    """One line per measured row, printed as it lands (a cut run still shows it)."""
+    line = (
+        f"{row['variant']:>12} {row['mode']:<9} {row['images_per_sec_per_gpu']:10.1f} img/s "
+        f"per GPU, windows {windows_cell(row)}"
+    )
+    if row.get("epoch_boundary_seconds") is not None:
+        line += f", epoch boundary {row['epoch_boundary_seconds']:.3f} s"
+    return line
+
+
+def header_line(payload: dict) -> str:
+    settings, env = payload["settings"], payload["environment"]
+    repeated = (
+        f", list repeated to {settings['measured_list_entries']:,} entries so warm-up and "
+        "windows lie in one epoch"
+        if settings["list_repeated"]
+        else ""
+    )
+    return (
+        f"{settings['arch']}, batch {settings['batch_size_per_gpu']}/GPU, crop "
+        f"{settings['image_size']}, amp {settings['amp']}, compile {settings['compile']}, "
+        f"{settings['world_size']} x {env['gpu_name'] or 'CPU'} ({env['cpu_count']} CPUs: "
+        f"{env['cpu_model']}), {settings['num_images']:,} images{repeated}; median of "
+        f"{settings['repeats']} windows x {settings['iters']} steps after a warm-up of each "
+        f"loader's queue depth + {settings['warmup_beyond_queue']} steps"
+    )
+
+
 def markdown_table(rows: list[dict]) -> str:
+    """The figures. Headline: gap to ceiling, what the loader costs the training. GPU idle:
+    the share of window time the GPU had no training work queued (CUDA only). Host data wait:
+    host time blocked in next(loader); high whenever the host merely runs ahead of the GPU,
+    so it is no measure of what the GPU lost."""
     header = (
-        "| backend | mode | img/s per GPU (median) | min | max | img/s total "
-        "| gap to ceiling | data wait |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|\n"
+        "| loader | mode | img/s per GPU (median) | windows, first to last | img/s total "
+        "| gap to ceiling | GPU idle | host data wait |\n"
+        "|---|---|---:|---|---:|---:|---:|---:|\n"
     )
     lines = []
     for row in rows:
         gap = row.get("gap_to_ceiling_percent")
-        wait = row.get("data_wait_fraction")
+        loader_row = row["mode"] == "loader"
         lines.append(
-            f"| {row['backend']} | {row['mode']} "
+            f"| {row['variant']} | {row['mode']} "
             f"| {_fmt(row['images_per_sec_per_gpu'])} "
-            f"| {_fmt(row['images_per_sec_per_gpu_min'])} "
-            f"| {_fmt(row['images_per_sec_per_gpu_max'])} "
+            f"| {windows_cell(row)} "
             f"| {_fmt(row['images_per_sec_total'])} "
             f"| {'-' if gap is None else f'{gap:.1f}%'} "
-            f"| {'-' if wait is None else f'{100 * wait:.0f}%'} |"
+            f"| {'-' if loader_row else _percent(row.get('gpu_idle_fraction'))} "
+            f"| {'-' if loader_row else _percent(row.get('host_data_wait_fraction'))} |"
         )
     return header + "\n".join(lines) + "\n"
+
+
+def loader_table(rows: list[dict]) -> str:
+    """What each loader ran with, its warm-up, and what one epoch end costs it."""
+    header = (
+        "| loader | decode | threads | prefetch | hw_decoder_load | queue (batches) "
+        "| warm-up steps | epoch boundary, s (each) |\n"
+        "|---|---|---:|---:|---:|---:|---:|---|\n"
+    )
+    lines, seen = [], set()
+    for row in rows:
+        if row["backend"] == "synthetic" or row["variant"] in seen:
+            continue
+        seen.add(row["variant"])
+        boundary = next(
+            (
+                r
+                for r in rows
+                if r["variant"] == row["variant"] and r.get("epoch_boundary_seconds") is not None
+            ),
+            None,
+        )
+        boundary_cell = (
+            "-"
+            if boundary is None
+            else f"{boundary['epoch_boundary_seconds']:.3f} "
+            f"({', '.join(f'{c:.3f}' for c in boundary['epoch_boundary_seconds_each'])}; "
+            f"{boundary['mode']})"
+        )
+        hw = row.get("hw_decoder_load")
+        lines.append(
+            f"| {row['variant']} | {row.get('dali_decode') or '-'} | {row['workers']} "
+            f"| {row['prefetch']} | {'-' if hw is None else f'{hw:g}'} "
+            f"| {row['queue_depth_batches']} | {row['warmup_steps']} | {boundary_cell} |"
+        )
+    return header + "\n".join(lines) + "\n"
+
+
+def notes(rows: list[dict]) -> list[str]:
+    """Warnings a reader must not miss."""
+    out = []
+    for row in rows:
+        if row.get("first_window_drift"):
+            out.append(
+                f"note: {row['variant']} {row['mode']}: the first window ran "
+                f"{row['first_window_above_median_percent']:.0f}% above the median: not steady "
+                "state (batches made before timing began, or the machine's load changed); "
+                "raise --warmup or rerun"
+            )
+    return out
 
 
 def write_json(path: str, payload: dict) -> None:
@@ -130,7 +225,7 @@ def plot(path: str, rows: list[dict], *, title: str) -> None:
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['backend']}\n{r['mode']}" for r in rows]
+    labels = [f"{r['variant']}\n{r['mode']}" for r in rows]
     medians = [r["images_per_sec_per_gpu"] for r in rows]
     lows = [r["images_per_sec_per_gpu"] - r["images_per_sec_per_gpu_min"] for r in rows]
     highs = [r["images_per_sec_per_gpu_max"] - r["images_per_sec_per_gpu"] for r in rows]
@@ -148,3 +243,63 @@ def plot(path: str, rows: list[dict], *, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _load(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def suite_summary(outdir: str) -> str:
+    """gpu_suite.sh's figures in one page, from whatever JSON its stages left (a stage cut by
+    its time limit leaves the rows it finished; its file says complete: false)."""
+    parts = [f"# Benchmark suite: {os.path.abspath(outdir)}\n"]
+    table = _load(os.path.join(outdir, "table.json"))
+    if table:
+        parts.append(f"## Table{'' if table.get('complete') else ' (cut: partial)'}\n")
+        parts.append(header_line(table) + "\n")
+        parts.append(markdown_table(table["results"]))
+        parts.append(loader_table(table["results"]))
+        parts.extend(note + "\n" for note in notes(table["results"]))
+    else:
+        parts.append("table: no results\n")
+    sweep = _load(os.path.join(outdir, "sweep.json"))
+    if sweep:
+        trained = [r for r in sweep["results"] if r["mode"] == "train"]
+        ranked = sorted(trained, key=lambda r: r["images_per_sec_per_gpu"], reverse=True)
+        parts.append(f"\n## Sweep{'' if 'sweep' in sweep else ' (cut: partial)'}\n")
+        parts.extend(
+            f"{i}. {r['variant']}: {r['images_per_sec_per_gpu']:,.1f} img/s per GPU, gap "
+            f"{_fmt(r['gap_to_ceiling_percent'])}%\n"
+            for i, r in enumerate(ranked, 1)
+        )
+        if "sweep" in sweep:
+            parts.append(f"\nbest: {sweep['sweep']['best_trainer_flags']}\n")
+    else:
+        parts.append("\nsweep: no results\n")
+    compiled = _load(os.path.join(outdir, "compile.json"))
+    parts.append("\n## torch.compile, DALI defaults, train\n")
+    plain = {r["mode"]: r for r in (table or {}).get("results", []) if r["variant"] == "dali"}
+    plain_ceiling = next(
+        (r for r in (table or {}).get("results", []) if r["mode"] == "synthetic"), None
+    )
+    on = {r["mode"]: r for r in (compiled or {}).get("results", [])}
+    for label, rows, ceiling in (
+        ("off", plain, plain_ceiling),
+        ("on", {k: v for k, v in on.items() if v["variant"] == "dali"}, on.get("synthetic")),
+    ):
+        train = rows.get("train")
+        parts.append(
+            f"- compile {label}: train "
+            f"{_fmt(train['images_per_sec_per_gpu']) if train else 'not measured'}, ceiling "
+            f"{_fmt(ceiling['images_per_sec_per_gpu']) if ceiling else 'not measured'} "
+            "img/s per GPU\n"
+        )
+    return "".join(parts)
+
+
+if __name__ == "__main__":
+    print(suite_summary(sys.argv[1]))

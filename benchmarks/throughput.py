@@ -1,28 +1,37 @@
 """Images/sec per GPU: the DALI pipelines against the PIL DataLoader baseline.
 
-    python benchmarks/throughput.py                       # demo data, every backend and mode
+    python benchmarks/throughput.py                       # demo data, pil and dali, all modes
     torchrun --nproc_per_node=8 benchmarks/throughput.py --list /data/Train.txt --json out.json
+    python benchmarks/throughput.py --backends pil,dali,dali:decode=cpu,dali:hw=0.99:threads=8
+    python benchmarks/throughput.py --sweep --list /data/Train.txt   # tune DALI, print flags
 
-Three figures per backend, each the median of ``--repeats`` timed windows of ``--iters`` steps
-after ``--warmup`` untimed steps, the device synchronized at both ends of every window:
+Three figures per loader, each the median of ``--repeats`` timed windows of ``--iters`` steps,
+the device synchronized at both ends of every window:
 
 - ``loader``: the input pipeline alone, batches landing on the device;
 - ``train``: the trainer's own step (``trainer.engine.train_step``) fed by that loader;
 - ``synthetic``: the same step on one batch already on the device: the ceiling. The gap between
-  ``train`` and ``synthetic`` is what the loader costs the training.
+  ``train`` and ``synthetic`` is what the loader costs the training (the headline figure).
 
-Every backend gets the same list, batch size, crop size, dtype, layout, device and CPU budget
-(PIL workers = DALI threads, printed). The page cache is warmed by one untimed read of every file.
+Steady state only: the untimed warm-up is the loader's queue depth (batches it made ahead)
+plus ``--warmup`` steps, so no timed window consumes batches prepared during warm-up; warm-up
+and windows lie inside one epoch (a short list is repeated in a temporary list file to make it
+so); every window's rate is shown, with a flag when the first is >10% above the median. The
+cost of an epoch boundary is measured apart, over ``--boundaries`` natural epoch ends.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -33,13 +42,18 @@ if __package__ in (None, ""):
 
 from benchmarks import report  # noqa: E402
 from pipelines import build_loader  # noqa: E402
-from pipelines.lists import classes_beside, read_classes, read_list  # noqa: E402
+from pipelines.lists import Sample, classes_beside, read_classes, read_list, write_list  # noqa: E402
+from pipelines.tuning import LoaderPlan, plan_loader  # noqa: E402
 from trainer import dist  # noqa: E402
 from trainer.engine import build_step  # noqa: E402
 
 BACKENDS = ("pil", "pil-gpu", "dali")
 MODES = ("loader", "train", "synthetic")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}
+# A first window this much above the median drained batches made before timing began.
+FIRST_WINDOW_DRIFT_LIMIT = 0.10
+# Settings a --backends item may carry after its name: dali:hw=0.99:threads=8:prefetch=3.
+VARIANT_KEYS = {"threads": int, "prefetch": int, "decode": str, "hw": float}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backends",
         default="pil,dali",
-        help="comma-separated loaders to measure: pil (torchvision recipe), pil-gpu (uint8 batches normalized on the device), dali [default: pil,dali]",
+        help="comma-separated loaders to measure: pil (torchvision recipe), pil-gpu (uint8 "
+        "batches normalized on the device), dali; each may carry its own settings, e.g. "
+        "dali:decode=cpu:threads=16 or dali:hw=0.99:threads=8:prefetch=3 (keys: threads, "
+        "prefetch, decode, hw), so several DALI settings are compared in one process "
+        "[default: pil,dali]",
     )
     p.add_argument(
         "--modes",
@@ -88,32 +106,78 @@ def build_parser() -> argparse.ArgumentParser:
         help="model and batches in channels_last [default: on]",
     )
     p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile the model, as the trainer's --compile (compiled during the step "
+        "warm-up, before any loader runs) [default: off]",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=None,
-        help="PIL workers = DALI threads per GPU (default: usable cores / GPUs on this node)",
+        help="PIL workers = DALI threads per GPU (default: the trainer's choice: usable cores / "
+        "GPUs on this node, at most 8 with DALI GPU decode)",
     )
     p.add_argument(
         "--dali-decode",
         choices=("auto", "mixed", "cpu"),
         default="auto",
-        help="DALI decode: mixed (GPU), cpu, or auto = mixed on CUDA [default: auto]",
+        help="DALI decode: mixed (GPU), cpu, or auto = the trainer's choice (printed) "
+        "[default: auto]",
     )
     p.add_argument(
-        "--warmup", type=int, default=10, help="untimed steps before the windows [default: 10]"
+        "--hw-decoder-load",
+        type=float,
+        default=None,
+        help="share of JPEGs for the GPU's hardware decoder, 0-1, DALI mixed decode only "
+        "(default: the trainer's, 0.99)",
     )
-    p.add_argument("--iters", type=int, default=20, help="steps per timed window [default: 20]")
+    p.add_argument(
+        "--prefetch",
+        type=int,
+        default=None,
+        help="batches each loader prepares ahead: DALI's queue depth, PIL batches per worker "
+        "[default: 2]",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed steps after the loader's queue is drained: the warm-up is queue depth + "
+        "this, printed [default: 10; 3 with --sweep]",
+    )
+    p.add_argument(
+        "--iters",
+        type=int,
+        default=None,
+        help="steps per timed window [default: 20; 8 with --sweep]",
+    )
     p.add_argument(
         "--repeats",
         type=int,
+        default=None,
+        help="timed windows; median, min and max are reported [default: 3; 2 with --sweep]",
+    )
+    p.add_argument(
+        "--boundaries",
+        type=int,
         default=3,
-        help="timed windows; median, min and max are reported [default: 3]",
+        help="epoch ends to time per loader (train mode, else loader mode); 0 skips "
+        "[default: 3; 0 with --sweep]",
+    )
+    p.add_argument(
+        "--boundary-steps",
+        type=int,
+        default=8,
+        help="steps per epoch of the list the epoch ends are timed on [default: 8]",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of loaders and model [default: 0]")
     p.add_argument(
         "--json",
         default=None,
-        help="write every figure and the environment to this JSON file [default: none]",
+        help="write every figure and the environment to this JSON file, rewritten after each "
+        "row so a cut run keeps what it measured [default: none]",
     )
     p.add_argument(
         "--plot",
@@ -125,6 +189,35 @@ def build_parser() -> argparse.ArgumentParser:
         dest="warm_cache",
         action="store_false",
         help="skip the untimed read of every file before measuring [default: the cache is warmed]",
+    )
+    sweep = p.add_argument_group(
+        "tuning sweep (--sweep): DALI train-mode throughput over decode x hw_decoder_load x "
+        "threads x prefetch, ranked; the best printed as trainer flags and as TOML"
+    )
+    sweep.add_argument(
+        "--sweep", action="store_true", help="run the sweep instead of --backends/--modes"
+    )
+    sweep.add_argument(
+        "--sweep-decode",
+        default=None,
+        help="decode placements [default: mixed,cpu on a GPU; cpu without]",
+    )
+    sweep.add_argument(
+        "--sweep-hw-decoder-load",
+        default="0.65,0.8,0.99",
+        help="hardware-decoder shares, mixed decode only [default: 0.65,0.8,0.99]",
+    )
+    sweep.add_argument(
+        "--sweep-threads",
+        default=None,
+        help="DALI threads per GPU [default: 4, 8 (those below the cores per GPU) and the "
+        "cores per GPU]",
+    )
+    sweep.add_argument("--sweep-prefetch", default="2,3", help="prefetch depths [default: 2,3]")
+    sweep.add_argument(
+        "--toml",
+        default=None,
+        help="write the best settings as a TOML file for trainer/main.py --config [default: none]",
     )
     return p
 
@@ -139,23 +232,106 @@ def _split(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
     return items
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One ``--backends`` item: a backend and the settings it fixes (None: the default)."""
+
+    label: str  # as written on the command line; names the row
+    backend: str
+    threads: int | None = None
+    prefetch: int | None = None
+    decode: str | None = None
+    hw_decoder_load: float | None = None
+
+
+def parse_variants(text: str) -> list[Variant]:
+    """``pil,dali,dali:decode=cpu:threads=16`` -> Variants; SystemExit naming a bad item."""
+    variants = []
+    for item in [x.strip() for x in text.split(",") if x.strip()]:
+        name, *settings = item.split(":")
+        if name not in BACKENDS:
+            raise SystemExit(
+                f"error: --backends: unknown loader {name!r} in {item!r}; choose from "
+                f"{','.join(BACKENDS)}"
+            )
+        values: dict = {}
+        for setting in settings:
+            key, _, value = setting.partition("=")
+            if key not in VARIANT_KEYS or not value:
+                raise SystemExit(
+                    f"error: --backends: {setting!r} in {item!r} is not key=value with a key "
+                    f"among {','.join(VARIANT_KEYS)}"
+                )
+            try:
+                values[key] = VARIANT_KEYS[key](value)
+            except ValueError:
+                raise SystemExit(f"error: --backends: bad value in {setting!r}") from None
+        if name != "dali" and ("decode" in values or "hw" in values):
+            raise SystemExit(f"error: --backends: decode and hw apply to dali only ({item!r})")
+        if values.get("decode", "auto") not in ("auto", "mixed", "cpu"):
+            raise SystemExit(f"error: --backends: decode is auto, mixed or cpu ({item!r})")
+        variants.append(
+            Variant(
+                item,
+                name,
+                values.get("threads"),
+                values.get("prefetch"),
+                values.get("decode"),
+                values.get("hw"),
+            )
+        )
+    if not variants:
+        raise SystemExit(f"error: --backends names no loader: {text!r}")
+    return variants
+
+
+def resolve_plan(variant: Variant, args, info: dist.DistInfo) -> LoaderPlan:
+    """Concrete settings for one variant: its own, else the flags, else the trainer's defaults.
+
+    The trainer's own planner fills the gaps, so "dali" with no settings measures what
+    ``trainer/main.py`` would run on this machine.
+    """
+    return plan_loader(
+        backend=variant.backend,
+        device_type=info.device.type,
+        cores_per_rank=dist.cpu_threads_per_rank(info.local_world_size),
+        cores_reason=dist.loader_threads_reason(info.local_world_size),
+        dali_decode=variant.decode or args.dali_decode,
+        threads=variant.threads if variant.threads is not None else args.workers,
+        hw_decoder_load=(
+            variant.hw_decoder_load if variant.hw_decoder_load is not None else args.hw_decoder_load
+        ),
+        prefetch=variant.prefetch if variant.prefetch is not None else args.prefetch,
+    )
+
+
+def queue_depth(plan: LoaderPlan) -> int:
+    """Batches a loader holds ready ahead of the consumer when it runs ahead of it.
+
+    PIL: the DataLoader keeps ``prefetch_factor`` batches in flight per worker (16 workers x 2
+    = 32 batches, more than a 10-step warm-up); pil-gpu holds one more on the device. DALI:
+    its prefetch queue depth.
+    """
+    if plan.backend == "dali":
+        return plan.prefetch
+    return plan.threads * plan.prefetch + (1 if plan.backend == "pil-gpu" else 0)
+
+
 def warm_page_cache(paths: list[str]) -> int:
     """Read every file once so no backend pays for the disk and the first one isn't penalized."""
     total = 0
-    for path in paths:
+    for path in dict.fromkeys(paths):  # a repeated entry is one file
         with open(path, "rb") as f:
             while chunk := f.read(1 << 20):
                 total += len(chunk)
     return total
 
 
-def endless(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches across epoch ends, so a window never stops at the end of a small list."""
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+def write_repeated_list(samples: list[Sample], entries: int, folder: str, name: str) -> str:
+    """A list of exactly ``entries`` lines cycling through ``samples``: the same images."""
+    path = os.path.join(folder, name)
+    write_list(path, (samples[i % len(samples)] for i in range(entries)), absolute=True)
+    return path
 
 
 def sync(device: torch.device) -> None:
@@ -163,54 +339,130 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def one_epoch(loader, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``steps`` batches of epoch 0; an error if the epoch is shorter (a window
+    that crossed an epoch end would time the boundary, not the steady state)."""
+    loader.set_epoch(0)
+    batches = iter(loader)
+    for taken in range(steps):
+        try:
+            yield next(batches)
+        except StopIteration:
+            raise RuntimeError(
+                f"the epoch ended after {taken} of the {steps} steps warm-up and windows need"
+            ) from None
+
+
+@dataclass
+class Windows:
+    rates: list[float]  # images/sec of each timed window, this rank
+    host_data_wait_fraction: float | None  # host time blocked in next(loader) / window time
+    gpu_idle_fraction: float | None  # GPU time between steps with no step queued / window time
+
+
 def timed_windows(
-    step: Callable[[], float],
+    batches: Iterator,
     *,
+    train_step: Callable | None,
     device: torch.device,
     batch_size: int,
     warmup: int,
     iters: int,
     repeats: int,
-) -> tuple[list[float], float]:
-    """Images/sec of each window and the fraction of host time spent waiting for data.
+) -> Windows:
+    """``warmup`` untimed steps, then ``repeats`` windows of ``iters`` steps each.
 
-    ``step`` runs one step and returns the seconds it spent waiting for its batch.
+    A step pulls one batch and, given ``train_step``, trains on it. On CUDA, events recorded
+    just before and just after each step's work is queued give the GPU's idle time: from the
+    end of step k's work (or the window's start) to the start of step k+1's, the stream had
+    nothing of the training to run. Events are read after the window's closing sync, so the
+    timed loop never waits on the device.
     """
+
+    def step() -> None:
+        images, labels = next(batches)
+        if train_step is not None:
+            train_step(images, labels)
+
     for _ in range(warmup):
         step()
-    sync(device)
-    rates, waited, elapsed_total = [], 0.0, 0.0
+    use_events = device.type == "cuda" and train_step is not None
+    if use_events:
+        window_start = torch.cuda.Event(enable_timing=True)
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    rates, waited, idle_ms, elapsed_total = [], 0.0, 0.0, 0.0
     for _ in range(repeats):
         sync(device)
+        if use_events:
+            window_start.record()
         start = time.perf_counter()
-        for _ in range(iters):
-            waited += step()
+        for i in range(iters):
+            fetch_start = time.perf_counter()
+            images, labels = next(batches)
+            waited += time.perf_counter() - fetch_start
+            if train_step is not None:
+                if use_events:
+                    starts[i].record()
+                train_step(images, labels)
+                if use_events:
+                    ends[i].record()
         sync(device)  # the window ends when the device has done the work, not when it was queued
         elapsed = time.perf_counter() - start
         elapsed_total += elapsed
         rates.append(iters * batch_size / elapsed)
-    return rates, waited / elapsed_total
+        if use_events:
+            idle_ms += window_start.elapsed_time(starts[0])
+            idle_ms += sum(ends[i - 1].elapsed_time(starts[i]) for i in range(1, iters))
+    return Windows(
+        rates,
+        waited / elapsed_total if train_step is not None else None,
+        idle_ms / 1000.0 / elapsed_total if use_events else None,
+    )
 
 
-def measure(batches: Iterator, *, train_step=None, device, args) -> tuple[list[float], float]:
-    """Window rates of pulling batches (loader mode) or of training on them (train_step)."""
+def epoch_boundaries(
+    loader,
+    *,
+    train_step: Callable | None,
+    device: torch.device,
+    boundaries: int,
+    steady_step_seconds: float,
+) -> list[float]:
+    """Seconds each epoch end costs beyond a steady step, over ``boundaries`` natural ends.
 
-    def step() -> float:
+    Epoch 0 runs through untimed (the cold start is not a boundary). At each end the device
+    is synchronized (as the trainer's end-of-epoch metrics do), then timed: the last
+    ``next()`` that ends the epoch (DALI drops its pipeline there), ``set_epoch``, the first
+    batch of the next epoch and its step, to the device's finish; minus a steady step.
+    """
+    steps = len(loader)
+    costs = []
+
+    def run_steps(count: int) -> None:
+        for _ in range(count):
+            images, labels = next(batches)
+            if train_step is not None:
+                train_step(images, labels)
+
+    loader.set_epoch(0)
+    batches = iter(loader)
+    run_steps(steps)
+    for epoch in range(1, boundaries + 1):
+        sync(device)
         start = time.perf_counter()
+        if next(batches, None) is not None:
+            raise RuntimeError(f"the loader yielded more than len(loader) = {steps} batches")
+        loader.set_epoch(epoch)
+        batches = iter(loader)
         images, labels = next(batches)
-        waited = time.perf_counter() - start
         if train_step is not None:
             train_step(images, labels)
-        return waited
-
-    return timed_windows(
-        step,
-        device=device,
-        batch_size=args.batch_size,
-        warmup=args.warmup,
-        iters=args.iters,
-        repeats=args.repeats,
-    )
+        sync(device)
+        costs.append(time.perf_counter() - start - steady_step_seconds)
+        run_steps(steps - 1)  # the rest of the epoch, so the next end is a natural one
+    next(batches, None)  # ends the last epoch cleanly (DALI releases its pipeline)
+    return costs
 
 
 def synthetic_batches(*, args, num_classes, device, dtype) -> Iterator:
@@ -225,27 +477,31 @@ def synthetic_batches(*, args, num_classes, device, dtype) -> Iterator:
         yield images, labels
 
 
-def gather_rates(rates: list[float], info: dist.DistInfo) -> list[list[float]]:
-    """Every rank's window rates, on every rank (small: repeats floats per rank)."""
+def gather(value, info: dist.DistInfo) -> list:
+    """Every rank's ``value``, on every rank (small: a few floats per rank)."""
     if info.world_size == 1:
-        return [rates]
-    gathered: list[list[float] | None] = [None] * info.world_size
-    torch.distributed.all_gather_object(gathered, rates)
-    return [list(r) for r in gathered]
+        return [value]
+    gathered: list = [None] * info.world_size
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
 
 
-def summarize(
-    backend: str, mode: str, rates_per_rank: list[list[float]], data_wait: float | None, extra: dict
-) -> dict:
+def _mean_or_none(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else statistics.fmean(values)
+
+
+def summarize(label: str, mode: str, windows_per_rank: list[Windows], extra: dict) -> dict:
     # Per-GPU figures: each window's rate averaged over ranks, then median/min/max over windows;
     # total = per-GPU x ranks, since every rank processes its own batch in each step.
-    world = len(rates_per_rank)
+    world = len(windows_per_rank)
+    rates_per_rank = [w.rates for w in windows_per_rank]
     per_window = [
         statistics.fmean(r[i] for r in rates_per_rank) for i in range(len(rates_per_rank[0]))
     ]
     per_gpu = statistics.median(per_window)
+    first_excess = per_window[0] / per_gpu - 1.0
     return {
-        "backend": backend,
+        "variant": label,
         "mode": mode,
         "images_per_sec_per_gpu": per_gpu,
         "images_per_sec_per_gpu_min": min(per_window),
@@ -253,26 +509,34 @@ def summarize(
         "images_per_sec_total": per_gpu * world,
         "window_images_per_sec_per_gpu": per_window,
         "window_images_per_sec_per_rank": rates_per_rank,
-        "data_wait_fraction": data_wait,
+        "first_window_above_median_percent": 100.0 * first_excess,
+        "first_window_drift": first_excess > FIRST_WINDOW_DRIFT_LIMIT,
         "gap_to_ceiling_percent": None,
+        "gpu_idle_fraction": _mean_or_none([w.gpu_idle_fraction for w in windows_per_rank]),
+        "host_data_wait_fraction": _mean_or_none(
+            [w.host_data_wait_fraction for w in windows_per_rank]
+        ),
+        "epoch_boundary_seconds": None,
+        "epoch_boundary_seconds_each": None,
         **extra,
     }
 
 
 def run(args: argparse.Namespace) -> dict:
-    backends = _split(args.backends, BACKENDS, "--backends")
+    variants = parse_variants(args.backends)
     modes = _split(args.modes, MODES, "--modes")
     if args.plot:
         report.check_plot_available()
     info = dist.setup_distributed()
+    workdir = tempfile.mkdtemp(prefix="throughput-lists-")
     try:
-        return _run(args, info, backends, modes)
+        return _run(args, info, variants, modes, workdir)
     finally:
+        shutil.rmtree(workdir, ignore_errors=True)
         dist.cleanup_distributed()
 
 
-def _run(args, info: dist.DistInfo, backends: list[str], modes: list[str]) -> dict:
-    device = info.device
+def _resolve_list(args) -> list[Sample]:
     if args.list is None:
         from pipelines.demo import default_demo_root, ensure_demo_data
 
@@ -287,20 +551,66 @@ def _run(args, info: dist.DistInfo, backends: list[str], modes: list[str]) -> di
         args.num_classes = (
             len(read_classes(classes_file)) if classes_file else max(s.label for s in samples) + 1
         )
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    workers = args.workers or max(1, cores // local_world)
+    return samples
+
+
+def fill_defaults(args) -> None:
+    """Window defaults: long for the comparison, short for the sweep's many configurations."""
+    defaults = (3, 8, 2) if args.sweep else (10, 20, 3)
+    for name, value in zip(("warmup", "iters", "repeats"), defaults, strict=True):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.sweep:
+        args.boundaries = 0
+
+
+def _run(args, info: dist.DistInfo, variants: list[Variant], modes: list[str], workdir) -> dict:
+    fill_defaults(args)
+    device = info.device
+    samples = _resolve_list(args)
     dtype = AMP_DTYPES[args.amp]
+    env = report.environment()
+    plans = {v.label: resolve_plan(v, args, info) for v in variants}
+    warmups = {label: queue_depth(plan) + args.warmup for label, plan in plans.items()}
+    loader_modes = [m for m in modes if m != "synthetic"]
+
+    # Warm-up and windows must lie inside one epoch: a window that crossed an epoch end would
+    # time the boundary (queues drained, pipelines rebuilt), not the steady state.
+    needed_steps = (max(warmups.values()) if loader_modes else 0) + args.repeats * args.iters
+    step_samples = info.world_size * args.batch_size
+    steps_per_epoch = len(samples) // step_samples
+    measured_list, list_note = args.list, f"{steps_per_epoch} steps per epoch"
+    entries = len(samples)
+    if loader_modes and steps_per_epoch < needed_steps:
+        entries = needed_steps * step_samples
+        measured_list = write_repeated_list(samples, entries, workdir, "repeated.txt")
+        list_note = (
+            f"{len(samples)} entries give {steps_per_epoch} steps per epoch, fewer than the "
+            f"{needed_steps} warm-up + windows need: measured on {measured_list}, the same "
+            f"images repeated to {entries} entries ({needed_steps} steps, one epoch)"
+        )
+    boundary_mode = "train" if "train" in modes else "loader"
+    boundary_list = None
+    if loader_modes and args.boundaries > 0:
+        # A short epoch, so several natural epoch ends cost few steps; the images are the same.
+        boundary_list = write_repeated_list(
+            samples, args.boundary_steps * step_samples, workdir, "boundary.txt"
+        )
 
     if args.warm_cache and info.local_rank == 0:
         warm_page_cache([s.path for s in samples])
     dist.barrier()
     dist.print0(
-        f"benchmark: {len(samples)} images from {args.list}, {info.world_size} rank(s) on {device}, "
-        f"batch {args.batch_size}/GPU, crop {args.image_size}, amp {args.amp}, channels_last "
-        f"{args.channels_last}; PIL workers = DALI threads = {workers} per GPU; page cache "
+        f"benchmark: {len(samples)} images from {args.list} ({list_note}), {info.world_size} "
+        f"rank(s) on {device}, batch {args.batch_size}/GPU, crop {args.image_size}, amp "
+        f"{args.amp}, channels_last {args.channels_last}, compile {args.compile}; page cache "
         f"{'warmed by one untimed read of every file' if args.warm_cache else 'not warmed (--no-warm-cache)'}"
     )
+    for label, plan in plans.items():
+        dist.print0(
+            f"  {label}: {plan.describe()}; warm-up {warmups[label]} steps = queue "
+            f"{queue_depth(plan)} batches + --warmup {args.warmup}"
+        )
 
     train_step = None
     if "train" in modes or "synthetic" in modes:
@@ -312,64 +622,22 @@ def _run(args, info: dist.DistInfo, backends: list[str], modes: list[str]) -> di
             device=device,
             seed=args.seed,
             info=info,
+            compile=args.compile,
         )
-
-    rows: list[dict] = []
-    loader_kwargs = dict(
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        rank=info.rank,
-        world_size=info.world_size,
-        device=device,
-        num_threads=workers,
-        seed=args.seed,
-        dtype=dtype,
-        num_classes=args.num_classes,
-        dali_decode=args.dali_decode,
-    )
-    for backend in backends:
-        extra = {"workers": workers, "dali_decode": args.dali_decode if backend == "dali" else None}
-        for mode in [m for m in modes if m != "synthetic"]:
-            loader = build_loader(args.list, train=True, backend=backend, **loader_kwargs)
-            if mode == "loader":
-                rates, wait = measure(endless(loader), device=device, args=args)
-                wait = None  # waiting is all a loader-only window does
-            else:
-                rates, wait = measure(
-                    endless(loader), train_step=train_step, device=device, args=args
-                )
-            rows.append(summarize(backend, mode, gather_rates(rates, info), wait, extra))
-            dist.print0(
-                f"  {backend:>5} {mode:<9} {rows[-1]['images_per_sec_per_gpu']:10.1f} img/s per GPU"
-            )
-            del loader
-    if "synthetic" in modes:
-        batches = synthetic_batches(
+        # cuDNN autotuning, the allocator's first growth and torch.compile happen here, not
+        # in the first loader's warm-up (where its workers would fill their queue meanwhile).
+        synthetic = synthetic_batches(
             args=args, num_classes=args.num_classes, device=device, dtype=dtype
         )
-        rates, wait = measure(batches, train_step=train_step, device=device, args=args)
-        rows.append(
-            summarize(
-                "synthetic",
-                "synthetic",
-                gather_rates(rates, info),
-                None,
-                {"workers": None, "dali_decode": None},
-            )
-        )
-        dist.print0(
-            f"  {'-':>5} {'synthetic':<9} {rows[-1]['images_per_sec_per_gpu']:10.1f} img/s per GPU"
-        )
-        ceiling = rows[-1]["images_per_sec_per_gpu"]
-        for row in rows:
-            if row["mode"] == "train":
-                row["gap_to_ceiling_percent"] = 100.0 * (
-                    1.0 - row["images_per_sec_per_gpu"] / ceiling
-                )
+        for _ in range(max(1, args.warmup)):
+            train_step(*next(synthetic))
+        sync(device)
 
     settings = {
         "list": os.path.abspath(args.list),
         "num_images": len(samples),
+        "measured_list_entries": entries,
+        "list_repeated": measured_list != args.list,
         "arch": args.arch,
         "num_classes": args.num_classes,
         "batch_size_per_gpu": args.batch_size,
@@ -377,37 +645,140 @@ def _run(args, info: dist.DistInfo, backends: list[str], modes: list[str]) -> di
         "amp": args.amp,
         "dtype": str(dtype).replace("torch.", ""),
         "channels_last": args.channels_last,
-        "workers_per_gpu": workers,
-        "dali_decode": args.dali_decode,
-        "warmup": args.warmup,
+        "compile": args.compile,
+        "warmup_beyond_queue": args.warmup,
         "iters": args.iters,
         "repeats": args.repeats,
+        "boundaries": args.boundaries if boundary_list else 0,
+        "boundary_steps_per_epoch": args.boundary_steps if boundary_list else None,
+        "boundary_mode": boundary_mode if boundary_list else None,
         "world_size": info.world_size,
         "device": str(device) if info.world_size == 1 else device.type,
         "page_cache_warmed": bool(args.warm_cache),
     }
-    return {"settings": settings, "environment": report.environment(), "results": rows}
+    rows: list[dict] = []
+    payload = {"settings": settings, "environment": env, "results": rows, "complete": False}
+
+    def add_row(row: dict) -> None:
+        rows.append(row)
+        dist.print0(f"  {report.progress_line(row)}")
+        if args.json and info.is_main:
+            report.write_json(args.json, payload)  # after every row: a cut run keeps its rows
+
+    loader_kwargs = dict(
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        rank=info.rank,
+        world_size=info.world_size,
+        device=device,
+        seed=args.seed,
+        dtype=dtype,
+        num_classes=args.num_classes,
+    )
+    for variant in variants:
+        plan = plans[variant.label]
+        options = dict(
+            backend=plan.backend,
+            num_threads=plan.threads,
+            prefetch=plan.prefetch,
+            dali_decode=plan.decode or "auto",
+            dali_options=plan.dali_options(),
+        )
+        extra = {
+            "backend": plan.backend,
+            "workers": plan.threads,
+            "prefetch": plan.prefetch,
+            "dali_decode": plan.decode,
+            "hw_decoder_load": plan.hw_decoder_load,
+            "queue_depth_batches": queue_depth(plan),
+            "warmup_steps": warmups[variant.label],
+        }
+        for mode in loader_modes:
+            loader = build_loader(measured_list, train=True, **loader_kwargs, **options)
+            batches = one_epoch(loader, warmups[variant.label] + args.repeats * args.iters)
+            windows = timed_windows(
+                batches,
+                train_step=train_step if mode == "train" else None,
+                device=device,
+                batch_size=args.batch_size,
+                warmup=warmups[variant.label],
+                iters=args.iters,
+                repeats=args.repeats,
+            )
+            batches.close()
+            del batches, loader
+            gc.collect()  # stop this loader's workers/pipeline before the next one starts
+            row = summarize(variant.label, mode, gather(windows, info), extra)
+            if mode == boundary_mode and boundary_list:
+                loader = build_loader(boundary_list, train=True, **loader_kwargs, **options)
+                costs = epoch_boundaries(
+                    loader,
+                    train_step=train_step if mode == "train" else None,
+                    device=device,
+                    boundaries=args.boundaries,
+                    steady_step_seconds=args.batch_size / statistics.median(windows.rates),
+                )
+                del loader
+                gc.collect()
+                per_rank = gather(costs, info)
+                each = [statistics.fmean(c[i] for c in per_rank) for i in range(len(costs))]
+                row["epoch_boundary_seconds"] = statistics.median(each)
+                row["epoch_boundary_seconds_each"] = each
+            add_row(row)
+    if "synthetic" in modes:
+        batches = synthetic_batches(
+            args=args, num_classes=args.num_classes, device=device, dtype=dtype
+        )
+        windows = timed_windows(
+            batches,
+            train_step=train_step,
+            device=device,
+            batch_size=args.batch_size,
+            warmup=args.warmup,
+            iters=args.iters,
+            repeats=args.repeats,
+        )
+        no_loader = dict.fromkeys(
+            ("workers", "prefetch", "dali_decode", "hw_decoder_load", "queue_depth_batches")
+        )
+        ceiling_row = summarize(
+            "synthetic",
+            "synthetic",
+            gather(windows, info),
+            {"backend": "synthetic", **no_loader, "warmup_steps": args.warmup},
+        )
+        ceiling = ceiling_row["images_per_sec_per_gpu"]
+        for row in rows:
+            if row["mode"] == "train":
+                row["gap_to_ceiling_percent"] = 100.0 * (
+                    1.0 - row["images_per_sec_per_gpu"] / ceiling
+                )
+        add_row(ceiling_row)
+    payload["complete"] = True
+    return payload
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.sweep:
+        from benchmarks import sweep  # imports this module: loaded only when asked for
+
+        return sweep.main(args)
     payload = run(args)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
-    settings, env = payload["settings"], payload["environment"]
     print()
-    print(
-        f"{settings['arch']}, batch {settings['batch_size_per_gpu']}/GPU, crop {settings['image_size']}, "
-        f"amp {settings['amp']}, {settings['world_size']} x {env['gpu_name'] or 'CPU'} "
-        f"({env['cpu_count']} CPUs: {env['cpu_model']}), {settings['workers_per_gpu']} PIL workers = DALI threads per GPU, "
-        f"median of {settings['repeats']} windows x {settings['iters']} steps after {settings['warmup']} warm-up"
-    )
+    print(report.header_line(payload))
     print()
     print(report.markdown_table(payload["results"]))
+    print(report.loader_table(payload["results"]))
+    for note in report.notes(payload["results"]):
+        print(note)
     if args.json:
         report.write_json(args.json, payload)
         print(f"wrote {args.json}")
     if args.plot:
+        settings, env = payload["settings"], payload["environment"]
         title = f"{settings['arch']} bs{settings['batch_size_per_gpu']} {settings['image_size']}px {settings['amp']} on {env['gpu_name'] or env['cpu_model']}"
         report.plot(args.plot, payload["results"], title=title)
         print(f"wrote {args.plot}")

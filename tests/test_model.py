@@ -196,6 +196,36 @@ def test_fp16_scaler_skips_overflowed_steps_and_the_schedule_waits():
     assert sched.last_epoch == 1
 
 
+def test_ema_follows_each_optimizer_step_on_the_device():
+    from trainer.engine import make_ema
+
+    assert make_ema(nn.Linear(2, 2), 0.0) is None  # off
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    opt = make_optimizer(model, name="sgd", lr=0.5, momentum=0.0, weight_decay=0.0)
+    decay = 0.75
+    ema = make_ema(model, decay)
+    kwargs = dict(
+        criterion=nn.CrossEntropyLoss(),
+        optimizer=opt,
+        scaler=make_scaler(None, CPU),
+        ema=ema,
+    )
+    images, labels = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
+    train_step(model, images, labels, **kwargs)
+    after_first = model[1].weight.detach().clone()
+    assert torch.equal(ema.module[1].weight, after_first)  # the first update copies
+    train_step(model, images, labels, **kwargs)
+    expected = decay * after_first + (1 - decay) * model[1].weight.detach()
+    assert torch.allclose(ema.module[1].weight, expected, atol=1e-6)
+    assert not torch.allclose(ema.module[1].weight, model[1].weight)
+    # A step the fp16 scaler skips leaves the average alone too.
+    kwargs["scaler"] = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    frozen = ema.module[1].weight.detach().clone()
+    train_step(model, images, labels, amp_dtype=torch.float16, **kwargs)
+    assert torch.equal(ema.module[1].weight, frozen)
+
+
 class FixedLogits(nn.Module):
     """Returns the logits stored for each input id (images[:, 0, 0, 0])."""
 

@@ -46,7 +46,7 @@ def tiny_flags(tiny_data, output_dir, *extra: str) -> list[str]:
         "--train-list", tiny_data.train_list, "--arch", "resnet18", "--image-size", "32",
         "--batch-size", str(BATCH), "--optimizer", "adamw", "--lr", "0.002",
         "--warmup-epochs", "1", "--epochs", str(EPOCHS), "--workers", "1",
-        "--log-interval", "4", "--output-dir", str(output_dir), *extra,
+        "--log-interval", "4", "--ema-decay", "0.9", "--output-dir", str(output_dir), *extra,
     ]  # fmt: skip
 
 
@@ -92,6 +92,15 @@ def test_two_ranks_learn(trained):
     assert metrics[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine decayed to the end
     # Rank 0 alone prints: each epoch summary once, not once per rank.
     assert proc.stdout.count(f"epoch {EPOCHS}/{EPOCHS} done") == 1
+    # Progress lines: share of the epoch, speed, and the time left in the epoch and the run.
+    assert f"epoch 1/{EPOCHS} step 4/7 (57%)" in proc.stdout
+    assert " eta epoch " in proc.stdout and " run " in proc.stdout
+    # The same records as a CSV and as a picture.
+    with open(out / "metrics.csv", encoding="utf-8") as f:
+        rows = f.read().splitlines()
+    assert len(rows) == EPOCHS + 1 and rows[0].startswith("epoch,train_loss")
+    assert (out / "metrics.png").stat().st_size > 1000
+    assert f"loss and top-1 per epoch: {out / 'metrics.png'}" in proc.stdout
     assert "Traceback" not in proc.stderr
 
 
@@ -102,8 +111,20 @@ def test_checkpoints_and_config(trained, tiny_data):
     best = load(out / "best.pt")
     assert last["epoch"] == EPOCHS
     assert {"model", "optimizer", "scaler", "scheduler", "best_top1", "config", "rng"} <= set(last)
+    # --ema-decay 0.9: the average is saved, differs from the weights, and is evaluated.
+    ema = {k.removeprefix("module."): v for k, v in last["ema"].items() if k != "n_averaged"}
+    assert ema.keys() == last["model"].keys()
+    assert int(last["ema"]["n_averaged"]) == EPOCHS * 7  # one update per optimizer step
+    assert not torch.equal(ema["fc.weight"], last["model"]["fc.weight"])
+    records = read_metrics(out)
+    assert all(r["val_top1_ema"] is not None and r["val_loss_ema"] > 0 for r in records)
+    assert last["best_top1"] == max(max(r["val_top1"], r["val_top1_ema"]) for r in records)
+    exported = load(out / "model.pt")
+    final = records[-1]
+    assert exported["weights"] == ("raw" if final["val_top1"] > final["val_top1_ema"] else "ema")
+    source = last["model"] if exported["weights"] == "raw" else ema
+    assert all(torch.equal(exported["model"][k], source[k]) for k in source)
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in last["model"])
-    assert last["best_top1"] == max(m["val_top1"] for m in read_metrics(out))
     assert best["best_top1"] == last["best_top1"]
     with open(tiny_data.classes_file, encoding="utf-8") as f:
         assert last["class_names"] == f.read().split()
@@ -227,6 +248,7 @@ def test_resume_after_kill_mid_epoch(trained, tiny_data, tmp_path):
     for got, want in zip(metrics, reference, strict=True):
         assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-3)
         assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-3)
+        assert got["val_loss_ema"] == pytest.approx(want["val_loss_ema"], rel=1e-3)
         assert abs(got["val_top1"] - want["val_top1"]) <= 2.5  # one of 40 images
     assert metrics[-1]["elapsed"] > metrics[1]["elapsed"]  # time carries over the restart
 

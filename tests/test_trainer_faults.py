@@ -143,6 +143,33 @@ def test_fault_under_torchrun_exits_promptly(tmp_path):
 
 
 @pytest.mark.slow
+def test_missing_file_found_by_one_rank_stops_every_rank(tmp_path, tiny_data):
+    from pipelines.lists import read_list, write_list
+
+    # Each rank stats its own half of the list: the missing last file is rank 1's to find.
+    samples = read_list(tiny_data.train_list)
+    missing = tmp_path / "gone.jpg"
+    train_list = tmp_path / "Train.txt"
+    write_list(train_list, [(s.path, s.label) for s in samples[:-1]] + [(str(missing), 0)])
+    flags = base_flags(tiny_data, tmp_path / "out")
+    flags[1] = str(train_list)
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
+        "--nproc_per_node=2", os.path.join(REPO, "trainer", "main.py"), *flags,
+        "--classes", tiny_data.classes_file,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("error: ")]
+    assert errors == [
+        f"error: rank 1: {missing}: image file listed in {train_list} cannot be read "
+        "(No such file or directory)"
+    ]
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
 def test_torchrun_names_the_rank_that_met_a_bad_image(tmp_path, tiny_data):
     from pipelines.lists import read_list, write_list
 

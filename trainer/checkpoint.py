@@ -138,8 +138,9 @@ def checkpoint_state(
     best_top1: float,
     config: Mapping[str, Any],
     class_names: Sequence[str],
+    ema: nn.Module | None = None,
 ) -> dict[str, Any]:
-    return {
+    state = {
         "format_version": FORMAT_VERSION,
         "arch": config["arch"],
         "model": model_state(model),
@@ -152,6 +153,9 @@ def checkpoint_state(
         "class_names": list(class_names),
         "rng": {"seed": config["seed"], "torch": torch.get_rng_state()},
     }
+    if ema is not None:  # the AveragedModel: its weights, buffers and update count
+        state["ema"] = {k: v.detach().cpu() for k, v in ema.state_dict().items()}
+    return state
 
 
 def resolve_resume(resume: str | None, output_dir: str) -> str | None:
@@ -196,9 +200,15 @@ def restore_training_state(
     optimizer: torch.optim.Optimizer | None = None,
     scaler: torch.amp.GradScaler | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    ema: nn.Module | None = None,
 ) -> tuple[int, float, list[str]]:
     """Load what was saved into the live objects; returns (next epoch, best top-1, notes)."""
     notes: list[str] = []
+    if ema is not None:
+        if ckpt.get("ema"):
+            ema.load_state_dict(ckpt["ema"])
+        else:
+            notes.append("checkpoint has no EMA weights; the EMA starts from the current ones")
     unwrap_model(model).load_state_dict(ckpt["model"])
     if optimizer is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -234,12 +244,15 @@ def export_model(
     arch: str,
     class_names: Sequence[str],
     image_size: int,
+    weights: str = "raw",
 ) -> None:
-    """Weights + arch + class names + preprocessing; see the module docstring to load it."""
+    """Weights + arch + class names + preprocessing; see the module docstring to load it.
+    ``weights`` records which they are: "raw" (the trained ones) or "ema" (their average)."""
     atomic_save(
         {
             "format_version": FORMAT_VERSION,
             "arch": arch,
+            "weights": weights,
             "model": model_state(model),
             "class_names": list(class_names),
             "num_classes": len(class_names),

@@ -140,6 +140,11 @@ class Config:
         "(a longer one is cut, and the start says so)",
     )
     label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss, 0 to <1")
+    ema_decay: float = _opt(
+        0.0,
+        "exponential moving average of the weights: decay per optimizer step, 0 to <1 (e.g. "
+        "0.9998 for ImageNet; 0 = off); evaluated every epoch beside the raw weights",
+    )
     amp: str = _opt(
         "bf16",
         "mixed precision: bf16 (falls back to fp16 on GPUs without bf16), fp16 (with a grad "
@@ -316,6 +321,8 @@ def check_config(cfg: Config) -> None:
         raise TrainerError(
             f"--dali-hw-decoder-load must be in [0, 1], got {cfg.dali_hw_decoder_load}"
         )
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise TrainerError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise TrainerError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
 

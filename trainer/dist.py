@@ -186,6 +186,15 @@ def peer_failed(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _PEER_GONE)
 
 
+def all_gather_objects(value) -> list:
+    """Every rank's ``value`` (picklable), in rank order, on every rank."""
+    if not _active():
+        return [value]
+    gathered = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def barrier() -> None:
     if _active():
         if _info is not None and _info.device.type == "cuda":

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from trainer import dist
 from trainer.config import TrainerError
@@ -116,8 +117,12 @@ def train_step(
     scaler: torch.amp.GradScaler,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     amp_dtype: torch.dtype | None = None,
+    ema: AveragedModel | None = None,
 ) -> torch.Tensor:
     """One optimization step. Returns the loss, detached and still on the device (no sync).
+
+    ``ema``: an exponential moving average of the weights (``make_ema``), updated on the
+    device after every optimizer step that ran.
 
     Touches nothing but the model, optimizer, scaler and scheduler passed in, so the benchmark
     times exactly the step the trainer runs.
@@ -133,9 +138,23 @@ def train_step(
     scaler.update()
     # The schedule counts optimizer steps: a step the scaler skipped must not advance it.
     # Known on the host without a sync (the scaler decided on the host to skip or not).
-    if scheduler is not None and taken[0] > before:
-        scheduler.step()
+    if taken[0] > before:
+        if scheduler is not None:
+            scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)  # DDP and compile wrappers yield the same parameters
     return loss.detach()
+
+
+def make_ema(model: nn.Module, decay: float) -> AveragedModel | None:
+    """An EMA copy of ``model`` (weights and BatchNorm buffers), or None when decay is 0.
+
+    ``ema = decay * ema + (1 - decay) * weights`` after each optimizer step, as foreach ops on
+    the device (no host sync); the first update copies the weights.
+    """
+    if decay <= 0.0:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def optimizer_steps_taken(optimizer: torch.optim.Optimizer) -> list[int]:
@@ -204,6 +223,16 @@ class _TestExitHook:
 _test_exit_hook = _TestExitHook()
 
 
+def format_duration(seconds: float) -> str:
+    """4s, 3m05s, 2h07m: short enough for a log line."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -217,6 +246,7 @@ def train_one_epoch(
     amp_dtype: torch.dtype | None,
     device: torch.device,
     log_interval: int = 20,
+    ema: AveragedModel | None = None,
 ) -> dict[str, float]:
     """Train over one epoch of ``loader``; returns the epoch's figures, identical on all ranks.
 
@@ -254,6 +284,7 @@ def train_one_epoch(
             scaler=scaler,
             scheduler=scheduler,
             amp_dtype=amp_dtype,
+            ema=ema,
         )
         # Accumulated on the device: reading loss.item() here would stall the GPU pipeline.
         window_loss += loss
@@ -269,10 +300,15 @@ def train_one_epoch(
             mean_loss = dist.all_reduce_mean(window_loss / window_steps).item()
             now = time.perf_counter()
             elapsed = now - window_start
+            # ETA from this epoch's pace so far (evaluation time is not in it).
+            seconds_per_step = (now - start) / step
+            epoch_left = seconds_per_step * (steps - step)
+            run_left = epoch_left + seconds_per_step * steps * (epochs - epoch - 1)
             dist.print0(
-                f"epoch {epoch + 1}/{epochs} step {step}/{steps} loss {mean_loss:.4f} "
-                f"lr {optimizer.param_groups[0]['lr']:.4g} "
-                f"img/s/gpu {window_images / elapsed:.1f} data-wait {window_wait / elapsed:.0%}"
+                f"epoch {epoch + 1}/{epochs} step {step}/{steps} ({step / steps:.0%}) "
+                f"loss {mean_loss:.4f} lr {optimizer.param_groups[0]['lr']:.4g} "
+                f"img/s/gpu {window_images / elapsed:.1f} data-wait {window_wait / elapsed:.0%} "
+                f"eta epoch {format_duration(epoch_left)} run {format_duration(run_left)}"
             )
             window_loss.zero_()
             window_steps = window_images = 0

@@ -45,6 +45,7 @@ from pipelines.lists import (  # noqa: E402
 from pipelines.tuning import LoaderPlan  # noqa: E402
 from trainer import checkpoint as ckpt_io  # noqa: E402
 from trainer import dist  # noqa: E402
+from trainer import metrics as run_metrics  # noqa: E402
 from trainer.config import (  # noqa: E402
     Config,
     TrainerError,
@@ -57,6 +58,7 @@ from trainer.config import (  # noqa: E402
 from trainer.engine import (  # noqa: E402
     average_batchnorm_buffers,
     evaluate,
+    make_ema,
     make_optimizer,
     make_scaler,
     make_scheduler,
@@ -65,7 +67,6 @@ from trainer.engine import (  # noqa: E402
 )
 from trainer.model import build_model, compile_model, wrap_ddp  # noqa: E402
 
-METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.toml"
 EVAL_FILE = "eval.json"
 MAX_WARMUP_FRACTION = 0.25  # of the run's epochs
@@ -189,33 +190,18 @@ def build_loaders(
         prefetch=cfg.prefetch,
         dali_options=plan.dali_options(),
     )
-    try:
-        train = None if cfg.eval_only else build_loader(data.train_list, train=True, **common)
-        val = build_loader(data.val_list, train=False, **common) if data.val_list else None
-    except (ValueError, OSError) as exc:  # bad lists/files/sizes: the loaders name the file
-        raise TrainerError(str(exc)) from None
-    return train, val
 
+    def build():
+        try:
+            train = None if cfg.eval_only else build_loader(data.train_list, train=True, **common)
+            val = build_loader(data.val_list, train=False, **common) if data.val_list else None
+        except (ValueError, OSError) as exc:  # bad lists/files/sizes: the loaders name the file
+            raise TrainerError(str(exc)) from None
+        return train, val
 
-def append_metrics(path: str, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def truncate_metrics(path: str, *, completed_epochs: int) -> None:
-    """Keep the records of the epochs a resumed checkpoint holds; drop any after it."""
-    if not os.path.isfile(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        kept = [
-            line for line in f if line.strip() and json.loads(line)["epoch"] <= completed_epochs
-        ]
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    # Each rank checks only its slice of the files, so a missing one is found by one rank:
+    # all ranks learn of it here and stop together, rank 0 saying which rank found what.
+    return agreed_by_all(info, build)
 
 
 def run_eval_only(cfg, data, info, model, val_loader, amp_dtype) -> dict:
@@ -248,6 +234,7 @@ class Training:
     scaler: torch.amp.GradScaler
     criterion: nn.Module
     amp_dtype: torch.dtype | None
+    ema: nn.Module | None = None  # AveragedModel of the weights (--ema-decay), or None
     start_epoch: int = 0
     best_top1: float = 0.0
     elapsed_before: float = 0.0  # training seconds of the runs this one resumes
@@ -275,10 +262,11 @@ def build_training(
         scaler=make_scaler(amp_dtype, device),
         criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
         amp_dtype=amp_dtype,
+        ema=make_ema(model, cfg.ema_decay),
     )
 
 
-def resume_training(training: Training, checkpoint: dict, path: str, metrics_path: str) -> None:
+def resume_training(training: Training, checkpoint: dict, path: str, run_dir: str) -> None:
     """Load a checkpoint into the bare model and the optimizer, scheduler and scaler."""
     training.start_epoch, training.best_top1, notes = ckpt_io.restore_training_state(
         checkpoint,
@@ -286,6 +274,7 @@ def resume_training(training: Training, checkpoint: dict, path: str, metrics_pat
         optimizer=training.optimizer,
         scaler=training.scaler,
         scheduler=training.scheduler,
+        ema=training.ema,
     )
     training.elapsed_before = float(checkpoint.get("elapsed", 0.0))
     for line in notes:
@@ -295,20 +284,24 @@ def resume_training(training: Training, checkpoint: dict, path: str, metrics_pat
         f"best top-1 {training.best_top1:.2f}%"
     )
     if dist.is_main_process():
-        truncate_metrics(metrics_path, completed_epochs=training.start_epoch)
+        run_metrics.truncate(run_dir, completed_epochs=training.start_epoch)
 
 
 def end_epoch(cfg: Config, training: Training, data: DataSpec, record: dict) -> None:
     """Rank 0: print the summary, append metrics.jsonl, write last.pt (and best.pt)."""
     top1 = record["val_top1"]
-    is_best = top1 is None or top1 > training.best_top1
-    if top1 is not None:
-        training.best_top1 = max(training.best_top1, top1)
+    # With an EMA, an epoch is as good as the better of its two sets of weights.
+    score = max(top1, record["val_top1_ema"] or 0.0) if top1 is not None else None
+    is_best = score is None or score > training.best_top1
+    if score is not None:
+        training.best_top1 = max(training.best_top1, score)
     val_text = (
         f"val top1 {top1:.2f}% top5 {record['val_top5']:.2f}% loss {record['val_loss']:.4f} "
         if top1 is not None
         else ""
     )
+    if record["val_top1_ema"] is not None:
+        val_text += f"(EMA top1 {record['val_top1_ema']:.2f}%) "
     dist.print0(
         f"epoch {record['epoch']}/{cfg.epochs} done: train loss {record['train_loss']:.4f} "
         f"{val_text}{record['images_per_sec_per_gpu']:.1f} img/s/gpu "
@@ -316,7 +309,7 @@ def end_epoch(cfg: Config, training: Training, data: DataSpec, record: dict) -> 
     )
     if not dist.is_main_process():
         return
-    append_metrics(os.path.join(cfg.output_dir, METRICS_FILE), record)
+    run_metrics.append(cfg.output_dir, record)
     state = ckpt_io.checkpoint_state(
         model=training.model,
         optimizer=training.optimizer,
@@ -326,6 +319,7 @@ def end_epoch(cfg: Config, training: Training, data: DataSpec, record: dict) -> 
         best_top1=training.best_top1,
         config=config_dict(cfg),
         class_names=data.class_names,
+        ema=training.ema,
     )
     state["elapsed"] = record["elapsed"]
     ckpt_io.atomic_save(state, os.path.join(cfg.output_dir, ckpt_io.LAST))
@@ -353,10 +347,12 @@ def fit(cfg: Config, info: dist.DistInfo, data: DataSpec, training: Training, lo
             amp_dtype=training.amp_dtype,
             device=info.device,
             log_interval=cfg.log_interval,
+            ema=training.ema,
         )
         # One set of BatchNorm statistics for evaluation and the checkpoint, whatever the rank.
         average_batchnorm_buffers(training.model)
         val = {"val_top1": None, "val_top5": None, "val_loss": None}
+        ema_val = {"val_top1": None, "val_loss": None}
         if val_loader is not None:
             val = evaluate(
                 training.model,
@@ -365,12 +361,23 @@ def fit(cfg: Config, info: dist.DistInfo, data: DataSpec, training: Training, lo
                 amp_dtype=training.amp_dtype,
                 device=info.device,
             )
+            if training.ema is not None:
+                average_batchnorm_buffers(training.ema)
+                ema_val = evaluate(
+                    training.ema.module,
+                    val_loader,
+                    num_classes=len(data.class_names),
+                    amp_dtype=training.amp_dtype,
+                    device=info.device,
+                )
         record = {
             "epoch": epoch + 1,
             "train_loss": stats["train_loss"],
             "val_top1": val["val_top1"],
             "val_top5": val["val_top5"],
             "val_loss": val["val_loss"],
+            "val_top1_ema": ema_val["val_top1"],
+            "val_loss_ema": ema_val["val_loss"],
             "images_per_sec_per_gpu": stats["images_per_sec_per_gpu"],
             "data_wait_fraction": stats["data_wait_fraction"],
             "lr": stats["lr"],
@@ -378,6 +385,18 @@ def fit(cfg: Config, info: dist.DistInfo, data: DataSpec, training: Training, lo
             "elapsed": training.elapsed_before + time.perf_counter() - start_time,
         }
         end_epoch(cfg, training, data, record)
+
+
+def final_weights(training: Training, records: list[dict]) -> tuple[nn.Module, str]:
+    """The weights model.pt gets: the EMA's when it scored at least as well on the last
+    epoch's validation (or when there was none), else the raw ones; and which it was."""
+    if training.ema is None:
+        return training.model, "raw"
+    last = records[-1] if records else {}
+    raw, ema = last.get("val_top1"), last.get("val_top1_ema")
+    if raw is not None and ema is not None and raw > ema:
+        return training.model, "raw"
+    return training.ema.module, "ema"
 
 
 def check_output_dir(cfg: Config) -> None:
@@ -415,6 +434,20 @@ def decided_by_main(info: dist.DistInfo, decide):
     if kind == "error":
         raise TrainerError(value)
     return value
+
+
+def agreed_by_all(info: dist.DistInfo, action):
+    """Run ``action()`` on every rank; if it raised TrainerError on any rank, raise on every
+    rank the first such error (naming the rank that met it when that is not rank 0)."""
+    error = None
+    try:
+        result = action()
+    except TrainerError as exc:
+        error, result = str(exc), None
+    for rank, message in enumerate(dist.all_gather_objects(error)):
+        if message is not None:
+            raise TrainerError(message if rank == 0 else f"rank {rank}: {message}")
+    return result
 
 
 def load_agreed_checkpoint(path: str, info: dist.DistInfo) -> dict:
@@ -493,9 +526,8 @@ def run(cfg: Config, info: dist.DistInfo) -> None:
     training = build_training(
         cfg, model, steps_per_epoch=len(train_loader), amp_dtype=amp_dtype, device=info.device
     )
-    metrics_path = os.path.join(cfg.output_dir, METRICS_FILE)
     if checkpoint is not None:
-        resume_training(training, checkpoint, resume_path, metrics_path)
+        resume_training(training, checkpoint, resume_path, cfg.output_dir)
     del checkpoint  # its tensors are in the model now; free the CPU copy
     # compile and DDP after loading, so the checkpoint's bare names match the bare model.
     training.model = wrap_ddp(compile_model(model, cfg.compile), info.device, info.world_size)
@@ -517,17 +549,23 @@ def run(cfg: Config, info: dist.DistInfo) -> None:
 
     if info.is_main:
         export = os.path.join(cfg.output_dir, ckpt_io.EXPORT)
+        weights, which = final_weights(training, run_metrics.read(cfg.output_dir))
         ckpt_io.export_model(
             export,
-            model=training.model,
+            model=weights,
             arch=cfg.arch,
             class_names=data.class_names,
             image_size=cfg.image_size,
+            weights=which,
         )
         dist.print0(
-            f"done: best val top-1 {training.best_top1:.2f}%; weights for inference in {export} "
-            "(loading it needs only torchvision, see trainer/checkpoint.py)"
+            f"done: best val top-1 {training.best_top1:.2f}%; {which} weights for inference in "
+            f"{export} (loading it needs only torchvision, see trainer/checkpoint.py)"
         )
+        try:
+            dist.print0(f"loss and top-1 per epoch: {run_metrics.plot(cfg.output_dir)}")
+        except run_metrics.PlotUnavailable as exc:
+            dist.print0(f"no {run_metrics.PNG}: {exc}")
 
 
 def launched_by_torchrun(cfg: Config) -> bool:

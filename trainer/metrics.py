@@ -99,7 +99,8 @@ def plot(run_dir: str, out_path: str | None = None) -> str:
         values = series(key)
         if values:
             loss_ax.plot(epochs, values, marker="o", label=label)
-    loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
+    # Log scale: the first epochs' loss (often far above the rest) would flatten the others.
+    loss_ax.set(xlabel="epoch", ylabel="loss (log scale)", title="loss", yscale="log")
     loss_ax.legend()
     for key, label in (("val_top1", "val top-1"), ("val_top1_ema", "val top-1 (EMA)")):
         values = series(key)

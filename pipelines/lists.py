@@ -23,6 +23,11 @@ class ListError(ValueError):
     """A list or classes file that cannot be used; the message names ``file:line``."""
 
 
+class EmptyListError(ListError):
+    """A list file with no samples (only comments or blank lines), e.g. the Test.txt that
+    ``make_lists --val-fraction 0`` writes: a trainer may take it as "no validation"."""
+
+
 class ImageError(RuntimeError):
     """An image that a loader cannot read or decode mid-run; the message names the file."""
 
@@ -197,7 +202,7 @@ def read_table(list_file: str | os.PathLike, *, num_classes: int | None = None) 
         checked = _read_lines_checked(list_file, num_classes)
         table = SampleTable.from_pairs([p for p, _ in checked], [k for _, k in checked])
     if len(table) == 0:
-        raise ListError(f"{list_file}: the list holds no samples")
+        raise EmptyListError(f"{list_file}: the list holds no samples")
     return table
 
 

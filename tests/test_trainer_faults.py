@@ -6,6 +6,7 @@ command line, minus the interpreter start); one runs the real thing under torchr
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -295,3 +296,24 @@ def test_sigterm_and_ctrl_c_end_with_one_line(tmp_path, tiny_data, signame):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"stopped by {signame}"), err
+
+
+def test_val_fraction_zero_trains_without_validation(capsys, tmp_path, tiny_data):
+    from pipelines.scan import make_lists
+
+    # A flat class-folder tree split with --val-fraction 0: Test.txt holds only a comment.
+    report = make_lists(os.path.join(tiny_data.root, "train"), out_dir=tmp_path / "lists",
+                        val_fraction=0.0)  # fmt: skip
+    assert report.val == []
+    out = tmp_path / "out"
+    flags = base_flags(tiny_data, out)
+    flags[1] = report.train_list
+    assert main(flags) == 0
+    captured = capsys.readouterr()
+    assert f"{report.val_list} holds no samples: training without validation" in captured.out
+    (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert record["val_top1"] is None and record["train_loss"] > 0
+    assert (out / "best.pt").is_file() and (out / "model.pt").is_file()
+    # Evaluating needs images, though.
+    fails(capsys, [*flags, "--eval-only", "--resume", str(out / "last.pt"),
+                   "--output-dir", str(tmp_path / "eval")], "holds no samples")  # fmt: skip

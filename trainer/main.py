@@ -37,6 +37,7 @@ from pipelines import build_loader, tuning  # noqa: E402
 from pipelines.lists import (  # noqa: E402
     CLASSES_FILE,
     VAL_LIST,
+    EmptyListError,
     ImageError,
     ListError,
     classes_beside,
@@ -194,7 +195,16 @@ def build_loaders(
     def build():
         try:
             train = None if cfg.eval_only else build_loader(data.train_list, train=True, **common)
-            val = build_loader(data.val_list, train=False, **common) if data.val_list else None
+            val = None
+            if data.val_list:
+                try:
+                    val = build_loader(data.val_list, train=False, **common)
+                except EmptyListError:
+                    # make_lists --val-fraction 0 writes a val list of comments only: that
+                    # asks for no validation (but eval-only has nothing to do without one).
+                    if cfg.eval_only:
+                        raise
+                    dist.print0(f"{data.val_list} holds no samples: training without validation")
         except (ValueError, OSError) as exc:  # bad lists/files/sizes: the loaders name the file
             raise TrainerError(str(exc)) from None
         return train, val

@@ -13,6 +13,8 @@ from importlib import metadata
 
 import torch
 
+from pipelines.fileio import atomic_write_text
+
 
 def _version(package: str) -> str | None:
     try:
@@ -201,12 +203,7 @@ def notes(rows: list[dict]) -> list[str]:
 
 
 def write_json(path: str, payload: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 
 def check_plot_available() -> None:

@@ -28,6 +28,7 @@ from multiprocessing import get_context
 import numpy as np
 from PIL import Image
 
+from pipelines.fileio import atomic_write_text
 from pipelines.lists import CLASSES_FILE, TRAIN_LIST, VAL_LIST
 from pipelines.scan import make_lists
 
@@ -382,9 +383,7 @@ def ensure_demo_data(
             "train": len(report.train),
             "val": len(report.val),
         }
-        tmp = os.path.join(root, MARKER_FILE + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(marker, f, indent=2)
-        os.replace(tmp, os.path.join(root, MARKER_FILE))  # last: marks the tree complete
+        # Last: the marker says the tree is complete.
+        atomic_write_text(os.path.join(root, MARKER_FILE), json.dumps(marker, indent=2))
         os.remove(os.path.join(root, PARTIAL_FILE))
         return result

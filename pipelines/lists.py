@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .fileio import atomic_write, atomic_write_text
+
 CLASSES_FILE = "classes.txt"
 TRAIN_LIST = "Train.txt"
 VAL_LIST = "Test.txt"
@@ -310,34 +312,26 @@ def write_list(
     """
     list_file = os.fspath(list_file)
     base = os.path.dirname(os.path.abspath(list_file))
-    os.makedirs(base, exist_ok=True)
-    tmp = f"{list_file}.tmp{os.getpid()}"
     count = 0
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for sample in samples:
-                path, label = (sample.path, sample.label) if isinstance(sample, Sample) else sample
-                path = os.path.abspath(path)
-                if not absolute:
-                    path = os.path.relpath(path, base)
-                f.write(format_line(path.replace(os.sep, "/"), int(label)))
-                count += 1
-        os.replace(tmp, list_file)
-    except BaseException:
-        if os.path.exists(tmp):  # a path that cannot be written must not leave debris
-            os.remove(tmp)
-        raise
+
+    def write(f) -> None:
+        nonlocal count
+        for sample in samples:
+            path, label = (sample.path, sample.label) if isinstance(sample, Sample) else sample
+            path = os.path.abspath(path)
+            if not absolute:
+                path = os.path.relpath(path, base)
+            f.write(format_line(path.replace(os.sep, "/"), int(label)).encode("utf-8"))
+            count += 1
+
+    # A path that cannot be written raises mid-way: atomic_write leaves no half list behind.
+    atomic_write(list_file, write)
     return count
 
 
 def write_classes(classes_file: str | os.PathLike, names: Sequence[str]) -> None:
     classes_file = os.fspath(classes_file)
-    os.makedirs(os.path.dirname(os.path.abspath(classes_file)), exist_ok=True)
-    tmp = f"{classes_file}.tmp{os.getpid()}"
     for name in names:
         if not name.strip() or "\n" in name or "\r" in name:
             raise ListError(f"{classes_file}: cannot write class name {name!r}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for name in names:
-            f.write(f"{name}\n")
-    os.replace(tmp, classes_file)
+    atomic_write_text(classes_file, "".join(f"{name}\n" for name in names))

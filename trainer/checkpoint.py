@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from pipelines import common as preprocessing_constants
+from pipelines.fileio import atomic_write
 from trainer.config import TrainerError
 from trainer.model import strip_wrapper_prefixes, unwrap_model
 
@@ -51,19 +52,10 @@ def atomic_save(obj: Any, path: str) -> None:
     failed, that the previous file is intact, and, for a full disk, the space needed.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
-        os.makedirs(folder, exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save(obj, f))
     except (OSError, RuntimeError) as exc:  # torch.save reports a short write as RuntimeError
         raise TrainerError(_save_failure(path, folder, obj, exc)) from exc
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _save_failure(path: str, folder: str, obj: Any, exc: BaseException) -> str:

@@ -16,6 +16,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipelines.fileio import atomic_write_text
+
 
 class TrainerError(Exception):
     """Bad input the user can fix; main() prints ``error: <message>`` and exits 2."""
@@ -378,8 +380,5 @@ def to_toml(values: dict[str, Any]) -> str:
 
 
 def save_config(cfg: Config, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("# resolved settings of this run; reuse with --config\n")
-        f.write(to_toml(config_dict(cfg)))
-    os.replace(tmp, path)
+    header = "# resolved settings of this run; reuse with --config\n"
+    atomic_write_text(path, header + to_toml(config_dict(cfg)))

@@ -34,6 +34,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from pipelines import build_loader, tuning  # noqa: E402
+from pipelines.fileio import atomic_write_text  # noqa: E402
 from pipelines.lists import (  # noqa: E402
     CLASSES_FILE,
     VAL_LIST,
@@ -229,8 +230,7 @@ def run_eval_only(cfg, data, info, model, val_loader, amp_dtype) -> dict:
         f"loss {metrics['val_loss']:.4f} over {metrics['val_images']} images"
     )
     if info.is_main:
-        with open(os.path.join(cfg.output_dir, EVAL_FILE), "w", encoding="utf-8") as f:
-            json.dump(metrics, f)
+        atomic_write_text(os.path.join(cfg.output_dir, EVAL_FILE), json.dumps(metrics) + "\n")
     return metrics
 
 

@@ -13,6 +13,8 @@ import io
 import json
 import os
 
+from pipelines.fileio import atomic_write, atomic_write_text
+
 JSONL = "metrics.jsonl"
 CSV = "metrics.csv"
 PNG = "metrics.png"
@@ -45,7 +47,7 @@ def truncate(run_dir: str, *, completed_epochs: int) -> None:
     if not records:
         return
     kept = [r for r in records if r["epoch"] <= completed_epochs]
-    _replace(os.path.join(run_dir, JSONL), "".join(json.dumps(r) + "\n" for r in kept))
+    atomic_write_text(os.path.join(run_dir, JSONL), "".join(json.dumps(r) + "\n" for r in kept))
     write_csv(run_dir, kept)
 
 
@@ -58,16 +60,7 @@ def write_csv(run_dir: str, records: list[dict]) -> None:
     writer.writeheader()
     for record in records:
         writer.writerow({k: "" if v is None else v for k, v in record.items()})
-    _replace(os.path.join(run_dir, CSV), text.getvalue())
-
-
-def _replace(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(os.path.join(run_dir, CSV), text.getvalue())
 
 
 def plot(run_dir: str, out_path: str | None = None) -> str:
@@ -111,8 +104,6 @@ def plot(run_dir: str, out_path: str | None = None) -> str:
         top1_ax.legend()
     fig.suptitle(os.path.basename(os.path.abspath(run_dir)))
     fig.tight_layout()
-    tmp = f"{out_path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
+    atomic_write(out_path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, out_path)
     return out_path

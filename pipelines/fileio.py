@@ -1,0 +1,51 @@
+"""The one way this project writes a file: whole or not at all.
+
+Every file it writes (checkpoints, lists, classes, config, metrics, benchmark JSON) goes
+through ``atomic_write``: a temporary file in the same folder, flushed and fsynced, renamed
+over the target, then the folder fsynced so the rename itself survives a power cut. A reader,
+or a run killed at any moment, sees the old complete file or the new one, never half of one,
+and a failed write leaves no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import IO
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Call ``write(f)`` on a binary temp file beside ``path``, then put it in place."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    # Same folder, so the rename stays on one filesystem and is atomic.
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fsync_folder(folder)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def fsync_folder(folder: str) -> None:
+    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a folder; the rename is still atomic
+    finally:
+        os.close(fd)

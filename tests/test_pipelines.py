@@ -447,3 +447,69 @@ def test_a_dropped_loader_is_freed_at_once(labelled_list, backend):
         assert gone() is None
     finally:
         gc.enable()
+
+
+# --- augmentation pinned by its statistics: each backend's random-resized-crop (area 0.08-1,
+# aspect ratio 3/4-4/3), flip p=0.5 and ImageNet normalization, read back from the pixels.
+
+
+@pytest.fixture(scope="module")
+def coordinate_image_list(tmp_path_factory) -> str:
+    """A lossless 240x240 image whose red channel is x and green channel is y (0-255), listed
+    256 times: every output pixel says where in the source it came from."""
+    root = str(tmp_path_factory.mktemp("coords"))
+    ramp = np.linspace(0, 255, 240)
+    rgb = np.zeros((240, 240, 3), dtype=np.uint8)
+    rgb[..., 0] = np.round(ramp)[None, :]
+    rgb[..., 1] = np.round(ramp)[:, None]
+    rgb[..., 2] = 128
+    path = os.path.join(root, "coords.png")
+    Image.fromarray(rgb, "RGB").save(path)
+    list_file = os.path.join(root, "list.txt")
+    write_list(list_file, [(path, 0)] * 256)
+    return list_file
+
+
+def crop_windows(images: torch.Tensor):
+    """(width fraction, height fraction, flipped) of each output crop, from its pixels."""
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    pixels = (images.float() * std + mean) * 255  # undo the normalization
+    x, y = pixels[:, 0], pixels[:, 1]
+    x_left, x_right = x[:, :, 0].mean(1), x[:, :, -1].mean(1)
+    y_top, y_bottom = y[:, 0, :].mean(1), y[:, -1, :].mean(1)
+    size = images.shape[-1]
+    # The edge pixels' centres sit half a pixel in: scale the span out to the full window.
+    width = (x_right - x_left).abs() / 255 * size / (size - 1)
+    height = (y_bottom - y_top) / 255 * size / (size - 1)
+    return width, height, x_right < x_left
+
+
+@pytest.mark.parametrize("backend", ["dali", "pil"])
+def test_train_augmentation_statistics(coordinate_image_list, backend):
+    images = torch.cat(
+        [x for x, _ in loader(coordinate_image_list, train=True, backend=backend, batch_size=64)]
+    )
+    # The normalization is ImageNet's: the constant blue channel (128) reads back exactly.
+    blue = (images[:, 2].float() * 0.225 + 0.406) * 255
+    assert torch.allclose(blue, torch.full_like(blue, 128.0), atol=1.5)
+    width, height, flipped = crop_windows(images)
+    area, ratio = width * height, width / height
+    assert len(area) == 256
+    # torchvision's RandomResizedCrop on a square image: area uniform over 0.08-1 where the
+    # window fits, so a mean near 0.5, small crops and near-whole ones both present.
+    assert 0.38 < area.mean() < 0.62, area.mean()
+    assert area.min() < 0.15 and area.max() > 0.85
+    assert area.min() > 0.07
+    # Aspect ratio within 3/4-4/3 (a little slack for pixel rounding), both sides of 1.
+    assert ratio.min() > 0.72 and ratio.max() < 1.39, (ratio.min(), ratio.max())
+    assert ratio.min() < 0.85 and ratio.max() > 1.18
+    # Flip with probability 1/2: 128 expected of 256; 95 and 161 are 4 sigma away.
+    assert 95 < int(flipped.sum()) < 161, int(flipped.sum())
+
+
+def test_val_resize_is_crop_over_0875():
+    from pipelines import common
+
+    # torchvision's reference recipe: 224 crops from 256, so 64 from 73.
+    assert common.val_resize_size(224) == 256 and common.val_resize_size(64) == 73

@@ -317,3 +317,90 @@ def test_threads_split_among_local_ranks(monkeypatch):
     assert dist.loader_threads_reason(4) == "16 usable cores / 4 ranks on this node"
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert dist.torch_threads_per_rank(4) == 2  # torch's intra-op threads honour it
+
+
+def epoch_record(epoch: int, top1: float) -> dict:
+    return {
+        "epoch": epoch, "train_loss": 1.0, "val_top1": top1, "val_top5": 100.0,
+        "val_loss": 1.0, "val_top1_ema": None, "val_loss_ema": None,
+        "images_per_sec_per_gpu": 1.0, "data_wait_fraction": 0.0, "lr": 0.1,
+        "epoch_seconds": 1.0, "elapsed": float(epoch),
+    }  # fmt: skip
+
+
+def test_best_pt_keeps_the_best_epoch_when_the_score_falls(tmp_path):
+    from trainer.config import Config
+    from trainer.main import DataSpec, Training, end_epoch
+
+    model = nn.Linear(2, 2)
+    opt = make_optimizer(model, name="sgd", lr=0.1)
+    training = Training(
+        model=model,
+        optimizer=opt,
+        scheduler=make_scheduler(opt, warmup_steps=0, total_steps=10),
+        scaler=make_scaler(None, CPU),
+        criterion=nn.CrossEntropyLoss(),
+        amp_dtype=None,
+    )
+    cfg = Config(output_dir=str(tmp_path), epochs=3)
+    data = DataSpec("train.txt", "val.txt", ["a", "b"], None, False)
+    for epoch, top1 in ((1, 50.0), (2, 80.0), (3, 60.0)):
+        with torch.no_grad():
+            model.weight.fill_(epoch)  # weights that say which epoch they are from
+        end_epoch(cfg, training, data, epoch_record(epoch, top1))
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert (best["epoch"], best["best_top1"], float(best["model"]["weight"][0, 0])) == (2, 80.0, 2)
+    assert (last["epoch"], last["best_top1"], float(last["model"]["weight"][0, 0])) == (3, 80.0, 3)
+
+
+def _two_rank_epoch(rank: int, port: int, out_dir: str) -> None:
+    import torch.distributed as torch_dist
+
+    from trainer.engine import train_one_epoch
+
+    torch_dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
+    )
+    try:
+        # lr 0: the weights stay put, so each rank's loss is fixed by its own data alone.
+        model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+        with torch.no_grad():
+            model[1].weight.zero_()
+            model[1].bias.copy_(torch.tensor([0.0, 2.0 * (rank + 1)]))
+        opt = make_optimizer(model, name="sgd", lr=0.0, momentum=0.0, weight_decay=0.0)
+        batches = [(torch.zeros(3, 1, 2, 2), torch.zeros(3, dtype=torch.long))] * 2
+        stats = train_one_epoch(
+            model,
+            batches,
+            epoch=0,
+            epochs=1,
+            criterion=nn.CrossEntropyLoss(),
+            optimizer=opt,
+            scaler=make_scaler(None, CPU),
+            scheduler=None,
+            amp_dtype=None,
+            device=CPU,
+            log_interval=100,
+        )
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(repr(stats["train_loss"]))
+    finally:
+        torch_dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_epoch_train_loss_is_the_mean_over_ranks(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_rank_epoch, args=(port, str(tmp_path)), nprocs=2, join=True)
+    # Rank r predicts class 0 with logits (0, 2(r+1)): its loss is log(1 + e^(2(r+1))).
+    own = [math.log1p(math.exp(2.0 * (r + 1))) for r in (0, 1)]
+    for rank in (0, 1):
+        got = float((tmp_path / f"rank{rank}.txt").read_text())
+        assert got == pytest.approx(sum(own) / 2, rel=1e-6), (rank, got, own)

@@ -143,7 +143,11 @@ def checkpoint_state(
         "best_top1": best_top1,
         "config": dict(config),
         "class_names": list(class_names),
-        "rng": {"seed": config["seed"], "torch": torch.get_rng_state()},
+        # No generator states: every draw of a run is a function of (seed, epoch, rank). The
+        # epoch's order comes from epoch_permutation(seed, epoch), the loaders' augmentation
+        # from seeds derived from (seed, rank, epoch[, index]), and fit() reseeds torch at
+        # each epoch start; so a run resumed at an epoch boundary draws what it would have.
+        "rng": {"seed": config["seed"], "reseeded_each_epoch_from": "seed, epoch, rank"},
     }
     if ema is not None:  # the AveragedModel: its weights, buffers and update count
         state["ema"] = {k: v.detach().cpu() for k, v in ema.state_dict().items()}

@@ -165,6 +165,10 @@ class ShardedLoader:
         self.dataset_size = len(table)
         self.num_classes: int | None = None
         self.epoch = 0
+        # Where the next training pass starts (a run resumed mid-epoch) and the backend's
+        # state to start it from (DALI's pipeline checkpoint); both apply to one pass only.
+        self.start_step = 0
+        self.resume_state = None
         if train:
             self.steps = train_steps(
                 len(table), world_size=world_size, batch_size=batch_size, list_file=list_file
@@ -178,16 +182,30 @@ class ShardedLoader:
     def __len__(self) -> int:
         return self.steps
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, *, start_step: int = 0, state=None) -> None:
+        """The next pass is epoch ``epoch``; in training it may start at batch ``start_step``
+        with ``state`` (what ``state()`` returned after that many batches of that epoch), so
+        a resumed run continues with the very batches the uninterrupted one would have had."""
         self.epoch = int(epoch)
+        if not self.train and start_step:
+            raise ValueError("only a training pass can start mid-way")
+        if not 0 <= start_step <= self.steps:
+            raise ValueError(f"start_step {start_step} is outside [0, {self.steps}]")
+        self.start_step = int(start_step)
+        self.resume_state = state
+
+    def state(self):
+        """What a pass needs beyond its position to continue exactly (None: nothing)."""
+        return None
 
     def pass_indices(self) -> np.ndarray:
         """The list indices this rank reads in the current pass, in order (int64)."""
         if self.train:
             order = epoch_permutation(self.dataset_size, seed=self.seed, epoch=self.epoch)
-            start = self.rank * self.num_samples
+            start = self.rank * self.num_samples + self.start_step * self.batch_size
+            end = (self.rank + 1) * self.num_samples
             # A copy: the loader holds its block for the pass, not the whole permutation.
-            return order[start : start + self.num_samples].copy()
+            return order[start:end].copy()
         shard = val_shard(self.dataset_size, rank=self.rank, world_size=self.world_size)
         return np.arange(shard.start, shard.stop, dtype=np.int64)
 

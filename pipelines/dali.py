@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 import traceback
+import warnings
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -370,7 +371,7 @@ class DaliLoader(common.ShardedLoader):
         self._iterator: DALIGenericIterator | None = None
         self._reusable = False  # a val iterator that finished a clean pass can run again
 
-    def _build(self, indices: np.ndarray) -> DALIGenericIterator:
+    def _build(self, indices: np.ndarray, checkpoint: bytes | None = None) -> DALIGenericIterator:
         to_gpu = self.device.type == "cuda"
         pipeline = train_pipeline if self.train else val_pipeline
         pipe = pipeline(
@@ -386,12 +387,28 @@ class DaliLoader(common.ShardedLoader):
             seed=common.derived_seed(self.seed, self.rank, self.epoch),
             prefetch_queue_depth=self.prefetch,
             exec_dynamic=True,
+            # Training pipelines track their random generators' state (DALI says at no cost)
+            # so that a run stopped mid-epoch resumes with the same crops and flips: the
+            # state after batch k (``state()``) restores into a new pipeline fed from k on.
+            enable_checkpointing=self.train,
+            checkpoint=checkpoint,
         )
-        # No reader and no size: a pass ends when the source does, after its last (maybe
-        # short) batch, which PARTIAL hands out as it is.
-        return DALIGenericIterator(
-            [pipe], ["images", "labels"], last_batch_policy=LastBatchPolicy.PARTIAL
-        )
+        with warnings.catch_warnings():
+            # DALI warns that a checkpoint cannot hold an iterable source's position: ours is
+            # the pass's indices from start_step on, set before each build.
+            warnings.filterwarnings("ignore", message="Checkpointing enabled in a pipeline")
+            # No reader and no size: a pass ends when the source does, after its last (maybe
+            # short) batch, which PARTIAL hands out as it is.
+            return DALIGenericIterator(
+                [pipe], ["images", "labels"], last_batch_policy=LastBatchPolicy.PARTIAL
+            )
+
+    def state(self) -> bytes | None:
+        """The training pipeline's random generators after the batches handed out so far
+        (DALI accounts for the ones prefetched beyond them); None outside a training pass."""
+        if not self.train or self._iterator is None:
+            return None
+        return self._iterator.checkpoints()[0]
 
     def _release(self) -> None:
         # Drops the pipeline (and its decoder buffers); batches handed out stay valid.
@@ -402,13 +419,16 @@ class DaliLoader(common.ShardedLoader):
         if self.num_samples == 0:  # a val rank whose slice is empty (list shorter than world)
             return
         indices = self.pass_indices()
+        checkpoint, self.start_step, self.resume_state = self.resume_state, 0, None
+        if len(indices) == 0:  # resumed after the epoch's last step: nothing left to read
+            return
         yielded = 0
         while True:
             try:  # only DALI's own calls: an error elsewhere is not a bad image
                 if yielded == 0:
                     if not (self._reusable and self._iterator is not None):
                         self._release()
-                        self._iterator = self._build(indices)
+                        self._iterator = self._build(indices, checkpoint)
                     self._reusable = False
                     iter(self._iterator)  # rewinds a finished val pass; no-op when fresh
                 batch = next(self._iterator)

@@ -159,9 +159,12 @@ class PilLoader(common.ShardedLoader):
         )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.num_samples == 0:  # an empty val slice: no workers started for nothing
+        if self.num_samples == 0 or self.start_step >= self.steps:  # nothing to read
+            self.start_step = 0
             return
-        batches = iter(self.loader)
+        # Augmentation is seeded per sample: where the pass starts is all a resume needs.
+        batches = iter(self.loader)  # the sampler takes this pass's indices now
+        self.start_step, self.resume_state = 0, None
         try:
             if self.normalize_on_device:
                 yield from _DeviceNormalizer(batches, device=self.device, dtype=self.dtype)

@@ -513,3 +513,28 @@ def test_val_resize_is_crop_over_0875():
 
     # torchvision's reference recipe: 224 crops from 256, so 64 from 73.
     assert common.val_resize_size(224) == 256 and common.val_resize_size(64) == 73
+
+
+@pytest.mark.parametrize("backend", ["dali", "pil"])
+def test_a_pass_resumed_mid_epoch_gives_the_same_batches(labelled_list, backend):
+    kwargs = dict(train=True, backend=backend, rank=1, world_size=2, seed=5)
+    whole = epoch(loader(labelled_list, **kwargs), 3)
+    stopped_at = 2
+    first = loader(labelled_list, **kwargs)
+    first.set_epoch(3)
+    batches = iter(first)
+    head = [(x.clone(), y.clone()) for x, y in itertools.islice(batches, stopped_at)]
+    state = first.state()  # after batch 2, as a checkpoint would record it
+    assert (state is not None) == (backend == "dali")
+    del batches, first
+    resumed = loader(labelled_list, **kwargs)  # a new process's loader
+    resumed.set_epoch(3, start_step=stopped_at, state=state)
+    tail = [(x.clone(), y.clone()) for x, y in resumed]
+    assert len(head) + len(tail) == len(whole)
+    for (x, y), (x_ref, y_ref) in zip(head + tail, whole, strict=True):
+        assert torch.equal(y, y_ref) and torch.equal(x, x_ref)
+    # The start applies to one pass: the next one is whole again.
+    assert len(epoch(resumed, 4)) == len(whole)
+    # Resumed after the last step: an empty pass, not an error.
+    resumed.set_epoch(3, start_step=len(whole))
+    assert list(resumed) == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -384,3 +385,92 @@ def test_a_node_that_cannot_read_rank0s_checkpoint_fails_the_job_naming_it(
         "error: rank 1: run/last.pt: rank 0 resumes from this checkpoint, but it is not there "
         "on this node; put --output-dir on a filesystem every node sees"
     ) in node1.stderr.splitlines()
+
+
+def start(cmd: list[str], *, cwd, **env_extra) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=env(**env_extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
+def wait_for_line(proc: subprocess.Popen, text: str) -> list[str]:
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if text in line:
+            return seen
+    raise AssertionError(f"{text!r} never printed:\n{''.join(seen)[-3000:]}")
+
+
+def assert_same_weights(got_dir, want_dir) -> None:
+    got, want = load(got_dir / "last.pt"), load(want_dir / "last.pt")
+    assert got["epoch"] == want["epoch"] == EPOCHS
+    for part in ("model", "ema"):
+        assert got[part].keys() == want[part].keys()
+        different = [k for k in want[part] if not torch.equal(got[part][k], want[part][k])]
+        assert different == [], (part, different[:5])
+    assert [m["train_loss"] for m in read_metrics(got_dir)] == [
+        m["train_loss"] for m in read_metrics(want_dir)
+    ]
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_saves_there_and_resume_is_bitwise_exact(trained, tiny_data, tmp_path):
+    reference_dir, _ = trained
+    out = tmp_path / "preempted"
+    flags = tiny_flags(tiny_data, out, "--log-interval", "1")
+    proc = start(torchrun(2) + flags, cwd=tmp_path)
+    wait_for_line(proc, "epoch 2/4 step 3/7")
+    proc.send_signal(signal.SIGTERM)  # as a scheduler does; torchrun forwards it to each rank
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    saved = load(out / "last.pt")
+    assert saved["epoch"] == 1 and 3 < saved["position"]["step"] <= 6  # within 2 steps
+    assert len(saved["ranks"]) == 2 and all(r["loader"] for r in saved["ranks"])
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("stopped by SIGTERM")]
+    assert lines == [
+        f"stopped by SIGTERM (a preemption, Ctrl-C, or torchrun ending the job after another "
+        f"rank failed); saved {out / 'last.pt'} at this step: continue with --resume auto"
+    ]
+    resumed = run(torchrun(2) + tiny_flags(tiny_data, out, "--resume", "auto"), cwd=tmp_path)
+    assert f"resuming epoch 2 at step {saved['position']['step'] + 1}" in resumed.stdout
+    assert_same_weights(out, reference_dir)
+
+
+def worker_pids(torchrun_proc: subprocess.Popen) -> list[int]:
+    out = subprocess.run(
+        ["ps", "--ppid", str(torchrun_proc.pid), "-o", "pid="], capture_output=True, text=True
+    ).stdout
+    return [int(pid) for pid in out.split()]
+
+
+@pytest.mark.slow
+def test_kill_9_of_one_rank_loses_at_most_checkpoint_every_steps_pil(tiny_data, tmp_path):
+    # The PIL loader this time, against its own uninterrupted reference (2 epochs of 7 steps).
+    flags = ["--loader", "pil", "--epochs", "2", "--log-interval", "1"]
+    reference = tmp_path / "reference"
+    run(torchrun(2) + tiny_flags(tiny_data, reference, *flags), cwd=tmp_path)
+    out = tmp_path / "killed"
+    proc = start(
+        torchrun(2) + tiny_flags(tiny_data, out, *flags, "--checkpoint-every", "2"), cwd=tmp_path
+    )
+    seen = wait_for_line(proc, "epoch 2/2 step 5/7")
+    assert any("step checkpoint: epoch 2 step 4" in line for line in seen)
+    victim = worker_pids(proc)[-1]
+    os.kill(victim, signal.SIGKILL)  # no warning, no handler: a node that died
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    saved = load(out / "last.pt")
+    assert (saved["epoch"], saved["position"]["step"]) == (1, 4)  # lost: steps 5 (and 6)
+    resumed = run(
+        torchrun(2) + tiny_flags(tiny_data, out, *flags, "--resume", "auto"), cwd=tmp_path
+    )
+    assert "resuming epoch 2 at step 5" in resumed.stdout
+    got, want = load(out / "last.pt"), load(reference / "last.pt")
+    assert got["epoch"] == want["epoch"] == 2
+    assert all(torch.equal(got["model"][k], want["model"][k]) for k in want["model"])
+    assert all(torch.equal(got["ema"][k], want["ema"][k]) for k in want["ema"])
+    assert [m["train_loss"] for m in read_metrics(out)] == [
+        m["train_loss"] for m in read_metrics(reference)
+    ]

@@ -169,6 +169,16 @@ class Config:
         "replace an earlier run's results in --output-dir (without it such a folder is refused "
         "unless --resume continues that run)",
     )
+    checkpoint_every: int = _opt(
+        0,
+        "steps between step checkpoints (last.pt with the position inside the epoch; 0 = none "
+        "by step count)",
+    )
+    checkpoint_minutes: float = _opt(
+        30.0,
+        "minutes between step checkpoints by rank 0's clock (0 = none by time); a run killed "
+        "without warning loses at most this much (or --checkpoint-every steps)",
+    )
     eval_only: bool = _opt(False, "evaluate the --resume / --pretrained weights once and exit")
     log_interval: int = _opt(20, "steps between training log lines")
     processes: int | None = _opt(
@@ -313,6 +323,8 @@ def check_config(cfg: Config) -> None:
     for name in positive:
         if not getattr(cfg, name) > 0:
             raise TrainerError(f"{flag_name(name)} must be > 0, got {getattr(cfg, name)}")
+    if cfg.checkpoint_every < 0 or cfg.checkpoint_minutes < 0:
+        raise TrainerError("--checkpoint-every and --checkpoint-minutes must be >= 0")
     for name in ("num_classes", "workers", "lr", "processes"):
         value = getattr(cfg, name)
         if value is not None and not value > 0:

@@ -128,6 +128,13 @@ def setup_distributed(
     return _info
 
 
+def current() -> DistInfo:
+    """The DistInfo of setup_distributed (a single process's when it was not called)."""
+    if _info is not None:
+        return _info
+    return DistInfo(0, 1, 0, 1, torch.device("cpu"), True)
+
+
 def cleanup_distributed() -> None:
     """Leave the process group (a no-op for a single process)."""
     if torch_dist.is_available() and torch_dist.is_initialized():

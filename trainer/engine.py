@@ -247,6 +247,10 @@ def train_one_epoch(
     device: torch.device,
     log_interval: int = 20,
     ema: AveragedModel | None = None,
+    start_step: int = 0,
+    loader_state=None,
+    progress: dict | None = None,
+    control=None,
 ) -> dict[str, float]:
     """Train over one epoch of ``loader``; returns the epoch's figures, identical on all ranks.
 
@@ -256,16 +260,33 @@ def train_one_epoch(
     """
     model.train()
     if hasattr(loader, "set_epoch"):
-        # A fresh permutation each epoch, the same one on every rank.
-        loader.set_epoch(epoch)
+        # A fresh permutation each epoch, the same one on every rank; a resumed epoch starts
+        # at its next step, with what the loader needs to draw as it would have.
+        if start_step:
+            loader.set_epoch(epoch, start_step=start_step, state=loader_state)
+        else:
+            loader.set_epoch(epoch)
     steps = len(loader)  # type: ignore[arg-type]
+    progress = progress or {}  # the epoch's sums so far, when resumed mid-epoch
     window_loss = torch.zeros((), device=device)
-    epoch_loss = torch.zeros((), device=device)
-    window_steps = window_images = images_seen = 0
-    data_wait = window_wait = 0.0
-    start = window_start = time.perf_counter()
-    step = 0
+    epoch_loss = torch.tensor(progress.get("loss_sum", 0.0), device=device)
+    window_steps = window_images = 0
+    images_seen = progress.get("images_seen", 0)
+    data_wait = progress.get("data_wait", 0.0)
+    window_wait = 0.0
+    window_start = time.perf_counter()
+    start = window_start - progress.get("elapsed", 0.0)
+    step = start_step
     batches = iter(loader)
+
+    def progress_now() -> dict:  # read only when a step checkpoint is written (one sync)
+        return {
+            "loss_sum": epoch_loss.item(),
+            "images_seen": images_seen,
+            "data_wait": data_wait,
+            "elapsed": time.perf_counter() - start,
+        }
+
     while True:
         fetch_start = time.perf_counter()
         try:
@@ -314,6 +335,8 @@ def train_one_epoch(
             window_steps = window_images = 0
             window_wait = 0.0
             window_start = now
+        if control is not None:  # may write a step checkpoint, may stop the run
+            control.after_step(epoch=epoch, next_step=step, steps=steps, progress=progress_now)
     elapsed = time.perf_counter() - start
     if step == 0:
         raise TrainerError("the training loader yielded no batches (fewer images than ranks?)")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -68,6 +67,7 @@ from trainer.engine import (  # noqa: E402
     train_one_epoch,
 )
 from trainer.model import build_model, compile_model, wrap_ddp  # noqa: E402
+from trainer.preemption import StepControl, Stopped  # noqa: E402
 
 CONFIG_FILE = "config.toml"
 EVAL_FILE = "eval.json"
@@ -248,6 +248,11 @@ class Training:
     start_epoch: int = 0
     best_top1: float = 0.0
     elapsed_before: float = 0.0  # training seconds of the runs this one resumes
+    # Resumed mid-epoch: the next step of start_epoch, and this rank's saved state there.
+    start_step: int = 0
+    rank_state: dict | None = None
+    progress: dict | None = None
+    fit_start: float = 0.0  # perf_counter() when fit() began
 
 
 def build_training(
@@ -276,7 +281,9 @@ def build_training(
     )
 
 
-def resume_training(training: Training, checkpoint: dict, path: str, run_dir: str) -> None:
+def resume_training(
+    training: Training, checkpoint: dict, path: str, run_dir: str, *, batch_size: int
+) -> None:
     """Load a checkpoint into the bare model and the optimizer, scheduler and scaler."""
     training.start_epoch, training.best_top1, notes = ckpt_io.restore_training_state(
         checkpoint,
@@ -289,9 +296,30 @@ def resume_training(training: Training, checkpoint: dict, path: str, run_dir: st
     training.elapsed_before = float(checkpoint.get("elapsed", 0.0))
     for line in notes:
         dist.print0(line)
+    position = checkpoint.get("position")
+    where = ""
+    if position is not None:
+        info = dist.current()
+        same = position["world_size"] == info.world_size and position["batch_size"] == batch_size
+        if same:
+            training.start_step = int(position["step"])
+            training.rank_state = checkpoint["ranks"][info.rank]
+            training.progress = training.rank_state["progress"]
+            where = f", resuming epoch {training.start_epoch + 1} at step {training.start_step + 1}"
+            if training.ema is not None and training.rank_state.get("ema_buffers"):
+                # Each rank's EMA averaged its own BatchNorm statistics: put back this rank's.
+                for name, buffer in training.ema.module.named_buffers():
+                    if name in training.rank_state["ema_buffers"]:
+                        buffer.copy_(training.rank_state["ema_buffers"][name])
+        else:
+            where = (
+                f"; saved mid-epoch on {position['world_size']} ranks x batch "
+                f"{position['batch_size']}, now {info.world_size} x {batch_size}: epoch "
+                f"{training.start_epoch + 1} restarts from its first step"
+            )
     dist.print0(
         f"resumed from {path}: {training.start_epoch} epoch(s) done, "
-        f"best top-1 {training.best_top1:.2f}%"
+        f"best top-1 {training.best_top1:.2f}%{where}"
     )
     if dist.is_main_process():
         run_metrics.truncate(run_dir, completed_epochs=training.start_epoch)
@@ -337,13 +365,32 @@ def end_epoch(cfg: Config, training: Training, data: DataSpec, record: dict) -> 
         ckpt_io.atomic_save(state, os.path.join(cfg.output_dir, ckpt_io.BEST))
 
 
-def fit(cfg: Config, info: dist.DistInfo, data: DataSpec, training: Training, loaders) -> None:
+def fit(
+    cfg: Config,
+    info: dist.DistInfo,
+    data: DataSpec,
+    training: Training,
+    loaders,
+    control: StepControl | None = None,
+) -> None:
     """The epoch loop: train_one_epoch -> evaluate -> end_epoch."""
     train_loader, val_loader = loaders
-    start_time = time.perf_counter()
+    start_time = training.fit_start = time.perf_counter()
+    if control is not None:
+        control.in_training = True  # from here a signal is acted on at an agreed step
     for epoch in range(training.start_epoch, cfg.epochs):
         # Seeded per epoch and rank, so a resumed run draws what the uninterrupted one would.
         torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + info.rank)
+        start_step, rank_state, progress = 0, None, None
+        if epoch == training.start_epoch and training.start_step:
+            start_step, rank_state, progress = (
+                training.start_step,
+                training.rank_state,
+                training.progress,
+            )
+            torch.set_rng_state(rank_state["torch_rng"])
+            if rank_state.get("cuda_rng") is not None and info.device.type == "cuda":
+                torch.cuda.set_rng_state(rank_state["cuda_rng"], info.device)
         epoch_start = time.perf_counter()
         stats = train_one_epoch(
             training.model,
@@ -358,6 +405,10 @@ def fit(cfg: Config, info: dist.DistInfo, data: DataSpec, training: Training, lo
             device=info.device,
             log_interval=cfg.log_interval,
             ema=training.ema,
+            start_step=start_step,
+            loader_state=rank_state["loader"] if rank_state else None,
+            progress=progress,
+            control=control,
         )
         # One set of BatchNorm statistics for evaluation and the checkpoint, whatever the rank.
         average_batchnorm_buffers(training.model)
@@ -395,6 +446,10 @@ def fit(cfg: Config, info: dist.DistInfo, data: DataSpec, training: Training, lo
             "elapsed": training.elapsed_before + time.perf_counter() - start_time,
         }
         end_epoch(cfg, training, data, record)
+        if control is not None:  # a signal during the last steps or evaluation stops here
+            control.after_epoch(saved=os.path.join(cfg.output_dir, ckpt_io.LAST))
+    if control is not None:
+        control.in_training = False
 
 
 def final_weights(training: Training, records: list[dict]) -> tuple[nn.Module, str]:
@@ -476,7 +531,62 @@ def load_agreed_checkpoint(path: str, info: dist.DistInfo) -> dict:
         raise RankError(str(exc)) from None
 
 
-def run(cfg: Config, info: dist.DistInfo) -> None:
+def save_position(
+    cfg: Config,
+    info: dist.DistInfo,
+    data: DataSpec,
+    training: Training,
+    train_loader,
+    *,
+    epoch: int,
+    next_step: int,
+    progress,
+) -> str:
+    """A step checkpoint (every rank takes part): last.pt at ``next_step`` of ``epoch``.
+
+    The shared state (weights, optimizer, scaler, schedule, EMA) is rank 0's, as at an epoch
+    end; what differs per rank is gathered: the loader's state (DALI's random generators),
+    torch's generators, the EMA's BatchNorm statistics and the epoch's running sums.
+    """
+    rank_state = {
+        "loader": train_loader.state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(info.device) if info.device.type == "cuda" else None,
+        "progress": progress(),
+        "ema_buffers": (
+            {n: b.detach().cpu() for n, b in training.ema.module.named_buffers()}
+            if training.ema is not None
+            else None
+        ),
+    }
+    ranks = dist.all_gather_objects(rank_state)
+    path = os.path.join(cfg.output_dir, ckpt_io.LAST)
+    if info.is_main:
+        state = ckpt_io.checkpoint_state(
+            model=training.model,
+            optimizer=training.optimizer,
+            scaler=training.scaler,
+            scheduler=training.scheduler,
+            next_epoch=epoch,  # epochs completed: this one is not
+            best_top1=training.best_top1,
+            config=config_dict(cfg),
+            class_names=data.class_names,
+            ema=training.ema,
+        )
+        state["position"] = {
+            "epoch": epoch,
+            "step": next_step,
+            "world_size": info.world_size,
+            "batch_size": cfg.batch_size,
+        }
+        state["ranks"] = ranks
+        state["elapsed"] = training.elapsed_before + time.perf_counter() - training.fit_start
+        ckpt_io.atomic_save(state, path)
+        dist.print0(f"step checkpoint: epoch {epoch + 1} step {next_step} -> {path}")
+    return path
+
+
+def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) -> None:
     """Everything after the ranks are up: data, model, resume, then train or evaluate."""
     # Rank 0 alone owns the output folder (other nodes may not even see it).
     decided_by_main(info, lambda: check_output_dir(cfg))
@@ -537,7 +647,9 @@ def run(cfg: Config, info: dist.DistInfo) -> None:
         cfg, model, steps_per_epoch=len(train_loader), amp_dtype=amp_dtype, device=info.device
     )
     if checkpoint is not None:
-        resume_training(training, checkpoint, resume_path, cfg.output_dir)
+        resume_training(
+            training, checkpoint, resume_path, cfg.output_dir, batch_size=cfg.batch_size
+        )
     del checkpoint  # its tensors are in the model now; free the CPU copy
     # compile and DDP after loading, so the checkpoint's bare names match the bare model.
     training.model = wrap_ddp(compile_model(model, cfg.compile), info.device, info.world_size)
@@ -555,7 +667,16 @@ def run(cfg: Config, info: dist.DistInfo) -> None:
         dist.print0("no validation list: no evaluation; best.pt follows the last epoch")
     if training.start_epoch >= cfg.epochs:
         dist.print0(f"nothing to train: the checkpoint already holds {training.start_epoch} epochs")
-    fit(cfg, info, data, training, (train_loader, val_loader))
+    if control is not None:
+
+        def save(*, epoch: int, next_step: int, progress) -> str:
+            return save_position(
+                cfg, info, data, training, train_loader,
+                epoch=epoch, next_step=next_step, progress=progress,
+            )  # fmt: skip
+
+        control.save = save
+    fit(cfg, info, data, training, (train_loader, val_loader), control)
 
     if info.is_main:
         export = os.path.join(cfg.output_dir, ckpt_io.EXPORT)
@@ -620,27 +741,6 @@ def relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
         return 130
 
 
-class Stopped(Exception):
-    """SIGTERM or SIGINT arrived: the run ends with one line, not a traceback."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-        self.signal_name = signal.Signals(signum).name
-
-
-def install_stop_handlers() -> dict:
-    """SIGTERM (a scheduler's preemption, forwarded by torchrun) and SIGINT (Ctrl-C) both
-    end the run the same way: unwind to main, say where the last checkpoint is, exit
-    128 + signal. Checkpoints are written atomically, so any moment is safe to stop at.
-    Returns the previous handlers, for ``signal.signal`` to put back."""
-
-    def stop(signum, _frame):
-        raise Stopped(signum)
-
-    return {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
-
-
 def fail(message: str, *, speak: bool = True) -> int:
     """Print one ``error:`` line (when ``speak``) and return exit status 2.
 
@@ -681,17 +781,19 @@ def main(argv: list[str] | None = None) -> int:
         info = dist.setup_distributed(timeout_s=cfg.dist_timeout, local_rank=cfg.local_rank)
     except dist.DistSetupError as exc:
         return fail(str(exc), speak=first_rank)
-    previous_handlers = install_stop_handlers()
+    control = StepControl(every_steps=cfg.checkpoint_every, every_minutes=cfg.checkpoint_minutes)
+    control.install()
     try:
-        run(cfg, info)
+        run(cfg, info, control)
     except Stopped as exc:
         if info.is_main:
             last = os.path.join(cfg.output_dir, ckpt_io.LAST)
-            where = (
-                f"continue from {last} with --resume auto"
-                if os.path.isfile(last)
-                else "no checkpoint was written yet"
-            )
+            if exc.saved:
+                where = f"saved {exc.saved} at this step: continue with --resume auto"
+            elif os.path.isfile(last):
+                where = f"continue from {last} with --resume auto"
+            else:
+                where = "no checkpoint was written yet"
             print(
                 f"stopped by {exc.signal_name} (a preemption, Ctrl-C, or torchrun ending the job "
                 f"after another rank failed); {where}",
@@ -725,8 +827,8 @@ def main(argv: list[str] | None = None) -> int:
             return 3
         raise
     finally:
-        for signum, handler in previous_handlers.items():
-            signal.signal(signum, handler)
+        control.uninstall()
+        control.drain()
         dist.cleanup_distributed()
     return 0
 

@@ -8,7 +8,6 @@ all-reduce, one sync) only every ``log_interval`` steps and at the end of the ep
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Iterable
 
@@ -192,37 +191,6 @@ def average_batchnorm_buffers(model: nn.Module) -> None:
                     dist.all_reduce_mean(buffer.data)
 
 
-class _TestExitHook:
-    """Test hook: TRAINER_TEST_EXIT_AFTER_STEPS=N makes this process exit abruptly.
-
-    After the N-th training step run by this process (counted across epochs), ``os._exit``
-    with code 17, no cleanup and no checkpoint: a stand-in for a killed job that the resume
-    tests use. TRAINER_TEST_EXIT_RANK=R limits it to global rank R (a rank that dies).
-    Unset in normal use; costs one integer compare per step.
-    """
-
-    EXIT_CODE = 17
-
-    def __init__(self) -> None:
-        value = os.environ.get("TRAINER_TEST_EXIT_AFTER_STEPS", "")
-        rank = os.environ.get("TRAINER_TEST_EXIT_RANK", "")
-        self.after = int(value) if value else None
-        if self.after is not None and rank and int(rank) != int(os.environ.get("RANK", "0")):
-            self.after = None
-        self.steps = 0
-
-    def step(self) -> None:
-        if self.after is None:
-            return
-        self.steps += 1
-        if self.steps >= self.after:
-            print(f"TRAINER_TEST_EXIT_AFTER_STEPS: exiting after step {self.steps}", flush=True)
-            os._exit(self.EXIT_CODE)
-
-
-_test_exit_hook = _TestExitHook()
-
-
 def format_duration(seconds: float) -> str:
     """4s, 3m05s, 2h07m: short enough for a log line."""
     seconds = max(0, round(seconds))
@@ -315,7 +283,6 @@ def train_one_epoch(
         batch = labels.shape[0]  # a host-side shape, no sync
         window_images += batch
         images_seen += batch
-        _test_exit_hook.step()
         if step % log_interval == 0 or step == steps:
             # One all-reduce (and so one sync) per window: rank 0 prints the global mean loss.
             mean_loss = dist.all_reduce_mean(window_loss / window_steps).item()

@@ -828,7 +828,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         control.uninstall()
-        control.drain()
+        control.drain(quiet=True)
         dist.cleanup_distributed()
     return 0
 

@@ -124,8 +124,13 @@ class StepControl:
         if flags[0]:
             raise Stopped(self.signum or signal.SIGTERM, saved=saved)
 
-    def drain(self) -> None:
-        """Wait for the flags still in flight (before the group goes away)."""
+    def drain(self, *, quiet: bool = False) -> None:
+        """Wait for the flags still in flight (before the group goes away). ``quiet``: on the
+        way out, where a peer that died makes the wait fail, and that was reported already."""
         if self._pending is not None:
-            self._pending[0].wait()
-            self._pending = None
+            work, self._pending = self._pending[0], None
+            try:
+                work.wait()
+            except Exception:
+                if not quiet:
+                    raise

@@ -515,7 +515,7 @@ def test_val_resize_is_crop_over_0875():
     assert common.val_resize_size(224) == 256 and common.val_resize_size(64) == 73
 
 
-@pytest.mark.parametrize("backend", ["dali", "pil"])
+@pytest.mark.parametrize("backend", ["dali", "pil", "pil-gpu"])
 def test_a_pass_resumed_mid_epoch_gives_the_same_batches(labelled_list, backend):
     kwargs = dict(train=True, backend=backend, rank=1, world_size=2, seed=5)
     whole = epoch(loader(labelled_list, **kwargs), 3)

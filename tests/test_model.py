@@ -404,3 +404,80 @@ def test_epoch_train_loss_is_the_mean_over_ranks(tmp_path):
     for rank in (0, 1):
         got = float((tmp_path / f"rank{rank}.txt").read_text())
         assert got == pytest.approx(sum(own) / 2, rel=1e-6), (rank, got, own)
+
+
+def linear_setup(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    opt = make_optimizer(model, name="sgd", lr=0.5, momentum=0.0, weight_decay=0.0)
+    return model, opt
+
+
+def test_accumulated_micro_batches_equal_one_big_batch():
+    torch.manual_seed(1)
+    images, labels = torch.randn(8, 3, 2, 2), torch.randint(0, 3, (8,))
+    whole, opt = linear_setup()
+    sched = make_scheduler(opt, warmup_steps=0, total_steps=10)
+    kwargs = dict(criterion=nn.CrossEntropyLoss(), scaler=make_scaler(None, CPU))
+    train_step(whole, images, labels, optimizer=opt, scheduler=sched, **kwargs)
+    parts, opt2 = linear_setup()
+    sched2 = make_scheduler(opt2, warmup_steps=0, total_steps=10)
+    for micro in (0, 1):
+        train_step(
+            parts, images[4 * micro : 4 * micro + 4], labels[4 * micro : 4 * micro + 4],
+            optimizer=opt2, scheduler=sched2, micro_step=micro, micro_steps=2, **kwargs,
+        )  # fmt: skip
+        # One optimizer step (and one schedule step) for the two micro-batches.
+        assert sched2.last_epoch == micro
+    assert torch.allclose(parts[1].weight, whole[1].weight, atol=1e-6)
+    assert not torch.allclose(parts[1].weight, linear_setup()[0][1].weight)
+
+
+@pytest.mark.parametrize("amp", ["off", "fp16"])
+def test_clip_grad_norm_bounds_the_true_gradient(amp):
+    # SGD without momentum: the update is lr x gradient, so its norm shows the clipped norm.
+    # Under fp16 the scaler's gradients are 2^10 times too large until unscaled: clipping
+    # them unscaled would bound the update at lr x clip / 2^10 instead.
+    torch.manual_seed(2)
+    images, labels = torch.randn(8, 3, 2, 2) * 10, torch.randint(0, 3, (8,))
+    amp_dtype = torch.float16 if amp == "fp16" else None
+
+    def update_norm(clip):
+        model, opt = linear_setup()
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        train_step(
+            model, images, labels, criterion=nn.CrossEntropyLoss(), optimizer=opt,
+            scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=amp == "fp16"),
+            amp_dtype=amp_dtype, clip_grad_norm=clip,
+        )  # fmt: skip
+        after = torch.cat([p.detach().flatten() for p in model.parameters()])
+        return float((after - before).norm()) / 0.5  # / lr: the gradient's norm
+
+    free = update_norm(None)
+    assert free > 0.5
+    assert update_norm(0.1) == pytest.approx(0.1, rel=2e-2)
+    assert update_norm(free * 10) == pytest.approx(free, rel=2e-2)  # under the bound: as is
+
+
+@pytest.mark.parametrize("which", ["mixup", "cutmix", "both"])
+def test_mixup_cutmix_make_soft_targets_on_the_device(which):
+    from trainer.config import Config
+    from trainer.main import make_batch_transform
+
+    alphas = {"mixup": (0.4, 0.0), "cutmix": (0.0, 1.0), "both": (0.4, 1.0)}[which]
+    cfg = Config(mixup_alpha=alphas[0], cutmix_alpha=alphas[1], num_classes=4)
+    mix = make_batch_transform(cfg)
+    assert make_batch_transform(Config(num_classes=4)) is None  # off by default
+    torch.manual_seed(3)
+    images = (
+        torch.rand(8, 3, 16, 16).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    )
+    labels = torch.arange(8) % 4
+    mixed, targets = mix(images, labels)
+    assert mixed.dtype == torch.bfloat16 and mixed.is_contiguous(memory_format=torch.channels_last)
+    assert targets.shape == (8, 4) and torch.allclose(targets.sum(1), torch.ones(8))
+    assert not torch.equal(mixed, images)  # the option does something to the pixels...
+    assert (targets.max(1).values < 1).any()  # ...and to the labels
+    # The label-smoothed loss takes the soft targets.
+    loss = nn.CrossEntropyLoss(label_smoothing=0.1)(torch.randn(8, 4), targets)
+    assert torch.isfinite(loss)

@@ -317,3 +317,21 @@ def test_val_fraction_zero_trains_without_validation(capsys, tmp_path, tiny_data
     # Evaluating needs images, though.
     fails(capsys, [*flags, "--eval-only", "--resume", str(out / "last.pt"),
                    "--output-dir", str(tmp_path / "eval")], "holds no samples")  # fmt: skip
+
+
+def test_recipe_options_reach_the_run(capsys, tmp_path, tiny_data):
+    # Accumulation, clipping, mixup and cutmix through the command line, one epoch in-process.
+    out = tmp_path / "out"
+    flags = [*base_flags(tiny_data, out), "--grad-accum-steps", "2", "--clip-grad-norm", "1.0",
+             "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0"]  # fmt: skip
+    assert main(flags) == 0
+    capsys.readouterr()
+    last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    # 120 images / batch 8 = 15 batches: 8 optimizer steps (the last one of a single batch).
+    assert last["scheduler"]["last_epoch"] == 8
+    config = last["config"]
+    assert config["lr"] == pytest.approx(0.1 * 8 * 2 / 256)  # global batch per optimizer step
+    assert (config["grad_accum_steps"], config["clip_grad_norm"]) == (2, 1.0)
+    assert (config["mixup_alpha"], config["cutmix_alpha"]) == (0.2, 1.0)
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["train_loss"] > 0 and record["val_top1"] is not None

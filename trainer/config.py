@@ -142,6 +142,24 @@ class Config:
         "(a longer one is cut, and the start says so)",
     )
     label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss, 0 to <1")
+    mixup_alpha: float = _opt(
+        0.0,
+        "mixup: Beta(alpha, alpha) mixing of image pairs and their labels, on the device (0 = "
+        "off; 0.2 is timm's ResNet recipe); with --cutmix-alpha, one of the two per batch",
+    )
+    cutmix_alpha: float = _opt(
+        0.0,
+        "cutmix: a Beta(alpha, alpha)-sized box pasted from another image, labels mixed by "
+        "area, on the device (0 = off; 1.0 is common)",
+    )
+    grad_accum_steps: int = _opt(
+        1,
+        "batches accumulated into one optimizer step (DDP syncs gradients once per step); "
+        "the default lr and the schedule count optimizer steps",
+    )
+    clip_grad_norm: float = _opt(
+        0.0, "clip the gradients' total L2 norm to this before each optimizer step (0 = off)"
+    )
     ema_decay: float = _opt(
         0.0,
         "exponential moving average of the weights: decay per optimizer step, 0 to <1 (e.g. "
@@ -335,6 +353,10 @@ def check_config(cfg: Config) -> None:
         raise TrainerError(
             f"--dali-hw-decoder-load must be in [0, 1], got {cfg.dali_hw_decoder_load}"
         )
+    if cfg.mixup_alpha < 0 or cfg.cutmix_alpha < 0 or cfg.clip_grad_norm < 0:
+        raise TrainerError("--mixup-alpha, --cutmix-alpha and --clip-grad-norm must be >= 0")
+    if cfg.grad_accum_steps < 1:
+        raise TrainerError(f"--grad-accum-steps must be >= 1, got {cfg.grad_accum_steps}")
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise TrainerError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     if not 0.0 <= cfg.label_smoothing < 1.0:
@@ -361,7 +383,7 @@ def uses_demo_data(cfg: Config) -> bool:
 
 
 def default_lr(cfg: Config, world_size: int) -> float:
-    global_batch = cfg.batch_size * world_size
+    global_batch = cfg.batch_size * world_size * cfg.grad_accum_steps  # per optimizer step
     if cfg.optimizer == "sgd":
         return 0.1 * global_batch / 256
     return 1e-3 * global_batch / 512

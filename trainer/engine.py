@@ -7,6 +7,7 @@ all-reduce, one sync) only every ``log_interval`` steps and at the end of the ep
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -117,20 +118,42 @@ def train_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     amp_dtype: torch.dtype | None = None,
     ema: AveragedModel | None = None,
+    clip_grad_norm: float | None = None,
+    micro_step: int = 0,
+    micro_steps: int = 1,
+    batch_transform: Callable | None = None,
 ) -> torch.Tensor:
-    """One optimization step. Returns the loss, detached and still on the device (no sync).
+    """One optimization step, or micro-step ``micro_step`` of ``micro_steps`` accumulated into
+    one. Returns the loss, detached and still on the device (no sync).
 
-    ``ema``: an exponential moving average of the weights (``make_ema``), updated on the
-    device after every optimizer step that ran.
+    Accumulation: each micro-batch's loss is divided by ``micro_steps``, so the gradients sum
+    to the mean over all of them; DDP's all-reduce is skipped (``no_sync``) on all but the
+    last. ``clip_grad_norm``: the gradients' total norm is clipped to it before the optimizer
+    step (unscaled first under fp16, so the bound is on the true gradients). ``ema``: an
+    exponential moving average of the weights (``make_ema``), updated on the device after
+    every optimizer step that ran. ``batch_transform``: (images, labels) -> (images, targets)
+    on the device before the forward pass (mixup / cutmix).
 
     Touches nothing but the model, optimizer, scaler and scheduler passed in, so the benchmark
     times exactly the step the trainer runs.
     """
-    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        logits = model(images)
-        loss = criterion(logits, labels)
-    optimizer.zero_grad(set_to_none=True)  # frees the grads instead of writing zeros
-    scaler.scale(loss).backward()
+    last = micro_step == micro_steps - 1
+    if batch_transform is not None:
+        images, labels = batch_transform(images, labels)
+    no_sync = getattr(model, "no_sync", None)
+    with contextlib.nullcontext() if last or no_sync is None else no_sync():
+        with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images)
+            loss = criterion(logits, labels)
+        if micro_step == 0:
+            optimizer.zero_grad(set_to_none=True)  # frees the grads instead of writing zeros
+        scaler.scale(loss / micro_steps if micro_steps > 1 else loss).backward()
+    if not last:
+        return loss.detach()
+    if clip_grad_norm:
+        scaler.unscale_(optimizer)  # a no-op pass-through without fp16's scaler
+        # Clips on the device (no sync); error_if_nonfinite off: the scaler skips inf steps.
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
     taken = optimizer_steps_taken(optimizer)
     before = taken[0]
     scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
@@ -219,6 +242,9 @@ def train_one_epoch(
     loader_state=None,
     progress: dict | None = None,
     control=None,
+    grad_accum_steps: int = 1,
+    clip_grad_norm: float | None = None,
+    batch_transform: Callable | None = None,
 ) -> dict[str, float]:
     """Train over one epoch of ``loader``; returns the epoch's figures, identical on all ranks.
 
@@ -264,6 +290,10 @@ def train_one_epoch(
         waited = time.perf_counter() - fetch_start
         data_wait += waited
         window_wait += waited
+        # Optimizer steps of grad_accum_steps batches; an epoch's last may have fewer.
+        group_start = step - step % grad_accum_steps
+        micro_steps = min(grad_accum_steps, steps - group_start)
+        micro_step = step - group_start
         loss = train_step(
             model,
             images,
@@ -274,6 +304,10 @@ def train_one_epoch(
             scheduler=scheduler,
             amp_dtype=amp_dtype,
             ema=ema,
+            clip_grad_norm=clip_grad_norm,
+            micro_step=micro_step,
+            micro_steps=micro_steps,
+            batch_transform=batch_transform,
         )
         # Accumulated on the device: reading loss.item() here would stall the GPU pipeline.
         window_loss += loss
@@ -302,7 +336,9 @@ def train_one_epoch(
             window_steps = window_images = 0
             window_wait = 0.0
             window_start = now
-        if control is not None:  # may write a step checkpoint, may stop the run
+        if control is not None and micro_step == micro_steps - 1:
+            # At optimizer-step boundaries only (no gradients half accumulated): may write a
+            # step checkpoint, may stop the run.
             control.after_step(epoch=epoch, next_step=step, steps=steps, progress=progress_now)
     elapsed = time.perf_counter() - start
     if step == 0:

@@ -16,10 +16,12 @@ fails before training with one ``error: ...`` line on rank 0 and exit status 2.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 if __package__ in (None, ""):
@@ -245,6 +247,7 @@ class Training:
     criterion: nn.Module
     amp_dtype: torch.dtype | None
     ema: nn.Module | None = None  # AveragedModel of the weights (--ema-decay), or None
+    batch_transform: Callable | None = None  # mixup / cutmix on the device, or None
     start_epoch: int = 0
     best_top1: float = 0.0
     elapsed_before: float = 0.0  # training seconds of the runs this one resumes
@@ -253,6 +256,22 @@ class Training:
     rank_state: dict | None = None
     progress: dict | None = None
     fit_start: float = 0.0  # perf_counter() when fit() began
+
+
+def make_batch_transform(cfg: Config) -> Callable | None:
+    """Mixup and/or CutMix (torchvision's, one of the two per batch when both are on) on the
+    device after the loader: soft targets, which the label-smoothed loss takes as they are.
+    Their random draws come from torch's generator, seeded per (seed, epoch, rank)."""
+    from torchvision.transforms import v2
+
+    mixes = []
+    if cfg.mixup_alpha > 0:
+        mixes.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=cfg.num_classes))
+    if cfg.cutmix_alpha > 0:
+        mixes.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=cfg.num_classes))
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
 
 
 def build_training(
@@ -265,10 +284,12 @@ def build_training(
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
     )
+    # The schedule counts optimizer steps: with accumulation, fewer than batches.
+    optimizer_steps = math.ceil(steps_per_epoch / cfg.grad_accum_steps)
     scheduler = make_scheduler(
         optimizer,
-        warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
-        total_steps=cfg.epochs * steps_per_epoch,
+        warmup_steps=round(cfg.warmup_epochs * optimizer_steps),
+        total_steps=cfg.epochs * optimizer_steps,
     )
     return Training(
         model=model,
@@ -278,6 +299,7 @@ def build_training(
         criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
         amp_dtype=amp_dtype,
         ema=make_ema(model, cfg.ema_decay),
+        batch_transform=make_batch_transform(cfg),
     )
 
 
@@ -409,6 +431,9 @@ def fit(
             loader_state=rank_state["loader"] if rank_state else None,
             progress=progress,
             control=control,
+            grad_accum_steps=cfg.grad_accum_steps,
+            clip_grad_norm=cfg.clip_grad_norm or None,
+            batch_transform=training.batch_transform,
         )
         # One set of BatchNorm statistics for evaluation and the checkpoint, whatever the rank.
         average_batchnorm_buffers(training.model)

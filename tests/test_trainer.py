@@ -8,6 +8,7 @@ batch 8 per rank, AdamW (steadier than SGD on 7 steps per epoch), EMA 0.9, 4 epo
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -103,6 +104,11 @@ def test_two_ranks_learn(trained):
     assert len(rows) == EPOCHS + 1 and rows[0].startswith("epoch,train_loss")
     assert (out / "metrics.png").stat().st_size > 1000
     assert f"loss and top-1 per epoch: {out / 'metrics.png'}" in proc.stdout
+    # Per-class figures of the exported weights, after the last epoch.
+    with open(out / "per_class.csv", encoding="utf-8") as f:
+        per_class = f.read().splitlines()
+    assert per_class[0] == "class,images,top1,precision,recall" and len(per_class) == 11
+    assert "worst classes by top-1: " in proc.stdout
     assert "Traceback" not in proc.stderr
 
 
@@ -206,6 +212,20 @@ def test_distributed_eval_equals_single_process(trained, tiny_data, tmp_path):
     assert two["val_top5"] == pytest.approx(one["val_top5"], abs=1e-6)
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-3)
     assert one["val_top1"] > 10.0  # a trained model, not a constant guess
+    # Per class too: the all-reduced confusion matrix counts each image once, as one process.
+    for name in ("per_class.csv", "confusion_matrix.csv"):
+        assert (single / name).read_text() == (double / name).read_text()
+    with open(single / "confusion_matrix.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    counts = [[int(v) for v in row[1:]] for row in rows[1:]]
+    assert sum(map(sum, counts)) == 39
+    assert 100.0 * sum(counts[i][i] for i in range(10)) / 39 == pytest.approx(one["val_top1"])
+    with open(single / "per_class.csv", newline="") as f:
+        per_class = list(csv.DictReader(f))
+    assert [r["class"] for r in per_class] == rows[0][1:]
+    assert sum(int(r["images"]) for r in per_class) == 39
+    assert (single / "confusion_matrix.png").stat().st_size > 1000
+    assert "worst classes by top-1: " in proc.stdout
 
 
 @pytest.mark.slow

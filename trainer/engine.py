@@ -366,8 +366,12 @@ def evaluate(
     num_classes: int,
     amp_dtype: torch.dtype | None,
     device: torch.device,
+    confusion: bool = False,
 ) -> dict[str, float]:
     """Top-1, top-k (k = min(5, classes)) and cross-entropy over every val image exactly once.
+
+    ``confusion``: also the confusion matrix (``confusion[true, predicted]`` image counts, an
+    int64 CPU tensor), counted on the device and all-reduced like the sums.
 
     Sums and counts are all-reduced, so the figures equal a single-process evaluation of the
     same weights whatever the world size (a mean of per-rank percentages would not, with
@@ -381,25 +385,36 @@ def evaluate(
     k = min(5, num_classes)
     # loss sum, top-1 correct, top-k correct, count; float64 so sums stay exact for big sets.
     sums = torch.zeros(4, dtype=torch.float64, device=device)
+    counts = torch.zeros(
+        num_classes * num_classes if confusion else 0, dtype=torch.int64, device=device
+    )
     for images, labels in loader:
         with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images)
         logits = logits.float()
-        top = logits.topk(k, dim=1).indices == labels[:, None]
+        predicted = logits.topk(k, dim=1).indices
+        top = predicted == labels[:, None]
         sums[0] += F.cross_entropy(logits, labels, reduction="sum")
         sums[1] += top[:, 0].sum()
         sums[2] += top.any(dim=1).sum()
         sums[3] += labels.shape[0]
+        if confusion:  # one bincount a batch, on the device
+            cells = labels * num_classes + predicted[:, 0]  # the top-1 prediction, as counted
+            counts += torch.bincount(cells, minlength=num_classes * num_classes)
     loss_sum, correct1, correctk, count = dist.all_reduce_sum(sums).tolist()
     model.train(was_training)
     if count == 0:
         raise TrainerError("the validation loader yielded no images")
-    return {
+    metrics = {
         "val_top1": 100.0 * correct1 / count,
         "val_top5": 100.0 * correctk / count,
         "val_loss": loss_sum / count,
         "val_images": int(count),
     }
+    if confusion:
+        matrix = dist.all_reduce_sum(counts).view(num_classes, num_classes).cpu()
+        metrics["confusion"] = matrix
+    return metrics
 
 
 def build_step(

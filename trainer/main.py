@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 if __package__ in (None, ""):
     # `torchrun trainer/main.py` puts trainer/ first on sys.path, where config.py, model.py...
@@ -226,14 +226,34 @@ def run_eval_only(cfg, data, info, model, val_loader, amp_dtype) -> dict:
         num_classes=len(data.class_names),
         amp_dtype=amp_dtype,
         device=info.device,
+        confusion=True,
     )
+    confusion = metrics.pop("confusion")
     dist.print0(
         f"eval: top1 {metrics['val_top1']:.2f}% top5 {metrics['val_top5']:.2f}% "
         f"loss {metrics['val_loss']:.4f} over {metrics['val_images']} images"
     )
     if info.is_main:
         atomic_write_text(os.path.join(cfg.output_dir, EVAL_FILE), json.dumps(metrics) + "\n")
+        report_per_class(cfg.output_dir, confusion, data.class_names)
     return metrics
+
+
+def report_per_class(run_dir: str, confusion, class_names: list[str]) -> None:
+    """Rank 0: per_class.csv, confusion_matrix.csv (and .png), and the 5 worst classes."""
+    worst = run_metrics.write_per_class(run_dir, confusion, class_names)[:5]
+    described = ", ".join(
+        f"{r['class']} {r['top1']:.1f}% of {r['images']}" for r in worst if r["top1"] is not None
+    )
+    dist.print0(f"worst classes by top-1: {described}")
+    try:
+        picture = f", {run_metrics.plot_confusion(run_dir, confusion, class_names)}"
+    except run_metrics.PlotUnavailable as exc:
+        picture = f" (no {run_metrics.CONFUSION_PNG}: {exc})"
+    dist.print0(
+        f"per-class figures: {os.path.join(run_dir, run_metrics.PER_CLASS)}, "
+        f"{os.path.join(run_dir, run_metrics.CONFUSION_CSV)}{picture}"
+    )
 
 
 @dataclass
@@ -256,6 +276,8 @@ class Training:
     rank_state: dict | None = None
     progress: dict | None = None
     fit_start: float = 0.0  # perf_counter() when fit() began
+    # The final epoch's confusion matrices, of the raw and the EMA weights.
+    confusion: dict = field(default_factory=dict)
 
 
 def make_batch_transform(cfg: Config) -> Callable | None:
@@ -440,13 +462,16 @@ def fit(
         val = {"val_top1": None, "val_top5": None, "val_loss": None}
         ema_val = {"val_top1": None, "val_loss": None}
         if val_loader is not None:
+            last_epoch = epoch == cfg.epochs - 1  # per-class figures for the final weights
             val = evaluate(
                 training.model,
                 val_loader,
                 num_classes=len(data.class_names),
                 amp_dtype=training.amp_dtype,
                 device=info.device,
+                confusion=last_epoch,
             )
+            training.confusion["raw"] = val.pop("confusion", None)
             if training.ema is not None:
                 average_batchnorm_buffers(training.ema)
                 ema_val = evaluate(
@@ -455,7 +480,9 @@ def fit(
                     num_classes=len(data.class_names),
                     amp_dtype=training.amp_dtype,
                     device=info.device,
+                    confusion=last_epoch,
                 )
+                training.confusion["ema"] = ema_val.pop("confusion", None)
         record = {
             "epoch": epoch + 1,
             "train_loss": stats["train_loss"],
@@ -718,6 +745,8 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
             f"done: best val top-1 {training.best_top1:.2f}%; {which} weights for inference in "
             f"{export} (loading it needs only torchvision, see trainer/checkpoint.py)"
         )
+        if training.confusion.get(which) is not None:
+            report_per_class(cfg.output_dir, training.confusion[which], data.class_names)
         try:
             dist.print0(f"loss and top-1 per epoch: {run_metrics.plot(cfg.output_dir)}")
         except run_metrics.PlotUnavailable as exc:

@@ -107,3 +107,85 @@ def plot(run_dir: str, out_path: str | None = None) -> str:
     atomic_write(out_path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return out_path
+
+
+PER_CLASS = "per_class.csv"
+CONFUSION_CSV = "confusion_matrix.csv"
+CONFUSION_PNG = "confusion_matrix.png"
+
+
+def per_class_rows(confusion, class_names: list[str]) -> list[dict]:
+    """Per class: images, top-1 accuracy (= recall), precision and recall, in percent.
+
+    ``confusion[t, p]`` counts the images of true class t predicted as p. A class with no
+    val image has no accuracy (empty), one never predicted has no precision.
+    """
+    matrix = confusion.tolist()
+    rows = []
+    for c, name in enumerate(class_names):
+        images = sum(matrix[c])
+        predicted = sum(row[c] for row in matrix)
+        correct = matrix[c][c]
+        recall = 100.0 * correct / images if images else None
+        rows.append(
+            {
+                "class": name,
+                "images": images,
+                "top1": recall,
+                "precision": 100.0 * correct / predicted if predicted else None,
+                "recall": recall,
+            }
+        )
+    return rows
+
+
+def write_per_class(run_dir: str, confusion, class_names: list[str]) -> list[dict]:
+    """per_class.csv and confusion_matrix.csv (rows: true class, columns: predicted) in
+    ``run_dir``; returns the rows, worst top-1 first (classes without images last)."""
+    rows = per_class_rows(confusion, class_names)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if v is None else (f"{v:.2f}" if isinstance(v, float) else v)
+                         for k, v in row.items()})  # fmt: skip
+    atomic_write_text(os.path.join(run_dir, PER_CLASS), text.getvalue())
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["true \\ predicted", *class_names])
+    for name, counts in zip(class_names, confusion.tolist(), strict=True):
+        writer.writerow([name, *counts])
+    atomic_write_text(os.path.join(run_dir, CONFUSION_CSV), text.getvalue())
+    return sorted(
+        rows, key=lambda r: (r["top1"] is None, r["top1"] if r["top1"] is not None else 0)
+    )
+
+
+def plot_confusion(run_dir: str, confusion, class_names: list[str]) -> str:
+    """confusion_matrix.png: each row (true class) as shares of its images. PlotUnavailable
+    without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlotUnavailable(
+            f"matplotlib is not installed: pip install -e '.[plot]' to draw {CONFUSION_PNG}"
+        ) from None
+    shares = confusion.double()
+    shares = shares / shares.sum(1, keepdim=True).clamp(min=1)
+    n = len(class_names)
+    side = min(4 + 0.35 * n, 40)
+    fig, ax = plt.subplots(figsize=(side, side))
+    image = ax.imshow(shares.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if n <= 50:  # beyond that, names would be unreadable
+        ax.set_xticks(range(n), class_names, rotation=90)
+        ax.set_yticks(range(n), class_names)
+    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (share of each true class)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    path = os.path.join(run_dir, CONFUSION_PNG)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+    return path

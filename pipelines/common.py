@@ -23,6 +23,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 VAL_CROP_FRACTION = 0.875  # val: resize the shorter side to crop / 0.875, then center-crop
 TRAIN_AREA = (0.08, 1.0)
 TRAIN_ASPECT_RATIO = (3 / 4, 4 / 3)
+# Automatic augmentation after the crop and flip (torchvision's and DALI's, same settings):
+# AutoAugment's ImageNet policy, RandAugment (2 ops, magnitude 9), TrivialAugmentWide.
+AUTO_AUGMENT = ("none", "auto", "rand", "trivial")
 OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -150,7 +153,11 @@ class ShardedLoader:
         seed: int,
         dtype: torch.dtype,
         prefetch: int,
+        auto_augment: str = "none",
     ):
+        if auto_augment not in AUTO_AUGMENT:
+            raise ValueError(f"auto_augment must be one of {AUTO_AUGMENT}, got {auto_augment!r}")
+        self.auto_augment = auto_augment if train else "none"  # augmentation is for training
         self.table = table
         self.list_file = list_file
         self.train = train
@@ -193,6 +200,15 @@ class ShardedLoader:
             raise ValueError(f"start_step {start_step} is outside [0, {self.steps}]")
         self.start_step = int(start_step)
         self.resume_state = state
+
+    def set_image_size(self, image_size: int) -> None:
+        """The crop side of the next training passes (progressive resizing); validation keeps
+        the size it was built with."""
+        if not self.train:
+            raise ValueError("only a training loader changes its image size")
+        if image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {image_size}")
+        self.image_size = int(image_size)
 
     def state(self):
         """What a pass needs beyond its position to continue exactly (None: nothing)."""

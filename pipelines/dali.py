@@ -149,8 +149,7 @@ def read_batches(source, *, cycle: str | None = None):
     return fn.io.file.read(paths), labels
 
 
-@pipeline_def(enable_conditionals=False)
-def train_pipeline(
+def _train_graph(
     *,
     source,
     image_size: int,
@@ -158,8 +157,10 @@ def train_pipeline(
     to_gpu: bool,
     image_dtype,
     decoder_options: dict,
+    auto_augment: str = "none",
 ):
-    """Read the batches of ``source``; decode a random crop; resize; flip+normalize."""
+    """Read the batches of ``source``; decode a random crop; resize; [auto-augment];
+    flip+normalize."""
     jpegs, labels = read_batches(source)
     # ROI decode fused with RandomResizedCrop's window choice: only the crop is decoded.
     images = fn.decoders.image_random_crop(
@@ -182,6 +183,8 @@ def train_pipeline(
         interp_type=types.INTERP_LINEAR,
         antialias=True,
     )
+    if auto_augment != "none":
+        images = apply_auto_augment(images, policy=auto_augment, image_size=image_size)
     images = fn.crop_mirror_normalize(
         images,
         mirror=fn.random.coin_flip(probability=0.5),
@@ -190,6 +193,32 @@ def train_pipeline(
     if to_gpu:
         labels = labels.gpu()
     return images, labels
+
+
+# DALI's automatic augmentations branch per sample (conditionals), which a pipeline must
+# enable when it is defined; the plain graph keeps them off.
+train_pipeline = pipeline_def(enable_conditionals=False)(_train_graph)
+train_pipeline_auto_augment = pipeline_def(enable_conditionals=True)(_train_graph)
+
+
+def apply_auto_augment(images, *, policy: str, image_size: int):
+    """DALI's versions of torchvision's AutoAugment (ImageNet policy), RandAugment (2 ops,
+    magnitude 9 of 31 bins) and TrivialAugmentWide (31 bins), as the PIL pipeline applies
+    them: same policies, magnitudes and bins, and black (0) fill like torchvision's."""
+    from nvidia.dali.auto_aug import auto_augment, rand_augment, trivial_augment
+
+    shape = [image_size, image_size]
+    if policy == "auto":
+        return auto_augment.auto_augment_image_net(images, shape=shape, fill_value=0)
+    if policy == "rand":
+        return rand_augment.rand_augment(
+            images, n=2, m=9, num_magnitude_bins=31, shape=shape, fill_value=0
+        )
+    if policy == "trivial":
+        return trivial_augment.trivial_augment_wide(
+            images, num_magnitude_bins=31, shape=shape, fill_value=0
+        )
+    raise ValueError(f"auto_augment must be one of {common.AUTO_AUGMENT}, got {policy!r}")
 
 
 def torchvision_val_geometry(images, *, image_size: int):
@@ -374,29 +403,35 @@ class DaliLoader(common.ShardedLoader):
     def _build(self, indices: np.ndarray, checkpoint: bytes | None = None) -> DALIGenericIterator:
         to_gpu = self.device.type == "cuda"
         pipeline = train_pipeline if self.train else val_pipeline
-        pipe = pipeline(
-            source=PathBatches(self.table, indices, self.batch_size),
-            image_size=self.image_size,
-            decode_device=self.decode_device,
-            to_gpu=to_gpu,
-            image_dtype=dali_output_dtype(self.dtype, self.device),
-            decoder_options=self.decoder_options,
-            batch_size=self.batch_size,
-            num_threads=self.num_threads,
-            device_id=self.device.index if to_gpu else None,
-            seed=common.derived_seed(self.seed, self.rank, self.epoch),
-            prefetch_queue_depth=self.prefetch,
-            exec_dynamic=True,
-            # Training pipelines track their random generators' state (DALI says at no cost)
-            # so that a run stopped mid-epoch resumes with the same crops and flips: the
-            # state after batch k (``state()``) restores into a new pipeline fed from k on.
-            enable_checkpointing=self.train,
-            checkpoint=checkpoint,
-        )
+        graph_extra = {}
+        if self.train and self.auto_augment != "none":
+            pipeline = train_pipeline_auto_augment
+            graph_extra["auto_augment"] = self.auto_augment
         with warnings.catch_warnings():
             # DALI warns that a checkpoint cannot hold an iterable source's position: ours is
             # the pass's indices from start_step on, set before each build.
             warnings.filterwarnings("ignore", message="Checkpointing enabled in a pipeline")
+            pipe = pipeline(
+                **graph_extra,
+                source=PathBatches(self.table, indices, self.batch_size),
+                image_size=self.image_size,
+                decode_device=self.decode_device,
+                to_gpu=to_gpu,
+                image_dtype=dali_output_dtype(self.dtype, self.device),
+                decoder_options=self.decoder_options,
+                batch_size=self.batch_size,
+                num_threads=self.num_threads,
+                device_id=self.device.index if to_gpu else None,
+                seed=common.derived_seed(self.seed, self.rank, self.epoch),
+                prefetch_queue_depth=self.prefetch,
+                exec_dynamic=True,
+                # Training pipelines track their random generators' state (DALI says at no
+                # cost) so that a run stopped mid-epoch resumes with the same crops and
+                # flips: the state after batch k (``state()``) restores into a new pipeline
+                # fed from k on.
+                enable_checkpointing=self.train,
+                checkpoint=checkpoint,
+            )
             # No reader and no size: a pass ends when the source does, after its last (maybe
             # short) batch, which PARTIAL hands out as it is.
             return DALIGenericIterator(

@@ -30,6 +30,7 @@ def build_loader(
     prefetch: int = 2,
     dali_options: dict | None = None,
     check_files: bool = True,
+    auto_augment: str = "none",
 ):
     """A loader for one rank: iterate it for one epoch of ``(images, labels)``.
 
@@ -89,6 +90,7 @@ def build_loader(
         seed=seed,
         dtype=dtype,
         prefetch=prefetch,
+        auto_augment=auto_augment,
     )
     if backend == "dali":
         from .dali import DaliLoader  # DALI is imported only by those who use it

@@ -22,6 +22,7 @@ the device on a side stream, one batch ahead.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Iterator
 
@@ -34,7 +35,9 @@ from . import common
 from .lists import ImageError, SampleTable
 
 
-def train_transform(image_size: int, *, normalize: bool = True) -> T.Compose:
+def train_transform(
+    image_size: int, *, normalize: bool = True, auto_augment: str = "none"
+) -> T.Compose:
     steps = [
         T.RandomResizedCrop(
             image_size,
@@ -45,7 +48,20 @@ def train_transform(image_size: int, *, normalize: bool = True) -> T.Compose:
         ),
         T.RandomHorizontalFlip(0.5),
     ]
+    if auto_augment != "none":
+        steps.append(auto_augment_transform(auto_augment))
     return T.Compose(steps + _tensor_steps(normalize))
+
+
+def auto_augment_transform(policy: str):
+    """torchvision's automatic augmentations, with the settings the DALI pipeline mirrors."""
+    if policy == "auto":
+        return T.AutoAugment(T.AutoAugmentPolicy.IMAGENET)
+    if policy == "rand":
+        return T.RandAugment(num_ops=2, magnitude=9, num_magnitude_bins=31)
+    if policy == "trivial":
+        return T.TrivialAugmentWide(num_magnitude_bins=31)
+    raise ValueError(f"auto_augment must be one of {common.AUTO_AUGMENT}, got {policy!r}")
 
 
 def val_transform(image_size: int, *, normalize: bool = True) -> T.Compose:
@@ -72,34 +88,44 @@ def _to_uint8_hwc(image) -> torch.Tensor:
 
 
 class ListDataset(Dataset):
-    """Samples of a list file; ``dataset[(index, epoch)]`` -> (image tensor, label)."""
+    """Samples of a list file; ``dataset[(index, epoch, size)]`` -> (image tensor, label).
 
-    def __init__(self, table: SampleTable, *, transform, random: bool, seed: int, rank: int):
+    ``make_transform(size)`` builds the transform for a crop side; the size travels with each
+    index (like the epoch), so persistent workers follow a progressive resize.
+    """
+
+    def __init__(self, table: SampleTable, *, make_transform, random: bool, seed: int, rank: int):
         self.table = table
-        self.transform = transform
+        self.make_transform = make_transform
+        self.transforms: dict[int, T.Compose] = {}
         self.random = random
         self.seed = seed
         self.rank = rank
 
+    def transform(self, image, size: int):
+        if size not in self.transforms:
+            self.transforms[size] = self.make_transform(size)
+        return self.transforms[size](image)
+
     def __len__(self) -> int:
         return len(self.table)
 
-    def __getitem__(self, key: tuple[int, int]):
-        index, epoch = key
+    def __getitem__(self, key: tuple[int, int, int]):
+        index, epoch, size = key
         path, label = self.table.path(index), int(self.table.labels[index])
         try:
             image = common.open_rgb(path)
         except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, ...: name the file
             raise ImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
         if not self.random:
-            return self.transform(image), label
+            return self.transform(image, size), label
         # The CPU generator only (torch.manual_seed would reseed CUDA's too, which fork_rng
         # with devices=[] does not restore).
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(
                 common.derived_seed(self.seed, self.rank, epoch, index)
             )
-            return self.transform(image), label
+            return self.transform(image, size), label
 
 
 class PassSampler(Sampler):
@@ -115,8 +141,8 @@ class PassSampler(Sampler):
 
     def __iter__(self):
         loader = self.loader()
-        epoch = loader.epoch
-        return ((i, epoch) for i in loader.pass_indices().tolist())
+        epoch, size = loader.epoch, loader.image_size
+        return ((i, epoch, size) for i in loader.pass_indices().tolist())
 
     def __len__(self) -> int:
         return self.num_samples
@@ -135,10 +161,19 @@ class PilLoader(common.ShardedLoader):
     ):
         super().__init__(table, **shared)
         self.normalize_on_device = normalize_on_device
-        make = train_transform if self.train else val_transform
+        # Partials of module functions, not closures: a dataset must pickle for workers
+        # started by spawn.
+        if self.train:
+            make = functools.partial(
+                train_transform,
+                normalize=not normalize_on_device,
+                auto_augment=self.auto_augment,
+            )
+        else:
+            make = functools.partial(val_transform, normalize=not normalize_on_device)
         dataset = ListDataset(
             table,
-            transform=make(self.image_size, normalize=not normalize_on_device),
+            make_transform=make,
             random=self.train,
             seed=self.seed,
             rank=self.rank,

@@ -108,3 +108,21 @@ def test_saved_config_reads_back(tmp_path):
     again = parse_config(["--config", str(path)])
     assert config_dict(again) == config_dict(cfg)
     assert "local_rank" not in path.read_text()  # launch detail, not a setting of the run
+
+
+def test_progressive_resize_schedule():
+    from trainer.config import train_image_size
+
+    cfg = parse_config(["--image-size", "64", "--progressive-resize", "32:64:4"])
+    sizes = [train_image_size(cfg, epoch) for epoch in range(6)]
+    assert sizes == [32, 40, 48, 56, 64, 64]
+    assert train_image_size(parse_config(["--image-size", "48"]), 3) == 48  # off: as is
+    for bad in ("32:64", "64:32:2", "32:64:0", "a:b:c", "4:64:2"):
+        with pytest.raises(TrainerError, match="--progressive-resize"):
+            parse_config(["--progressive-resize", bad])
+
+
+def test_auto_augment_choices():
+    assert parse_config(["--auto-augment", "trivial"]).auto_augment == "trivial"
+    with pytest.raises(SystemExit):
+        parse_config(["--auto-augment", "fancy"])

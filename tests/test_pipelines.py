@@ -538,3 +538,62 @@ def test_a_pass_resumed_mid_epoch_gives_the_same_batches(labelled_list, backend)
     # Resumed after the last step: an empty pass, not an error.
     resumed.set_epoch(3, start_step=len(whole))
     assert list(resumed) == []
+
+
+def augmented_fraction(images: torch.Tensor) -> float:
+    """Share of a coordinate image's crops (see coordinate_image_list) that are more than a
+    crop, flip and resize: blue no longer 128, or x / y no longer monotone across the crop."""
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    pixels = (images.float() * std + mean) * 255
+    blue_moved = (pixels[:, 2] - 128).abs().amax(dim=(1, 2)) > 6
+    dx = pixels[:, 0].diff(dim=2)
+    dy = pixels[:, 1].diff(dim=1)
+    x_broken = ((dx > 3).any(dim=(1, 2))) & ((dx < -3).any(dim=(1, 2)))  # both ways at once
+    y_broken = (dy < -3).any(dim=(1, 2))  # never flipped vertically
+    return float((blue_moved | x_broken | y_broken).float().mean())
+
+
+@pytest.mark.parametrize("backend", ["dali", "pil"])
+def test_auto_augment_policies_change_images_alike_in_both_backends(coordinate_image_list, backend):
+    def batches(policy):
+        loaded = loader(
+            coordinate_image_list, train=True, backend=backend, batch_size=64, auto_augment=policy
+        )
+        return torch.cat([x for x, _ in itertools.islice(iter(loaded), 2)])
+
+    assert augmented_fraction(batches("none")) == 0.0
+    fractions = {
+        policy: augmented_fraction(batches(policy)) for policy in ("auto", "rand", "trivial")
+    }
+    # Each policy changes most images (an op may be the identity or leave this image alone).
+    assert all(0.4 < f <= 1.0 for f in fractions.values()), fractions
+    # Both backends draw the same policies: record the fractions for the other's test.
+    EXPECTED_AUTO_AUGMENT[backend] = fractions
+    other = EXPECTED_AUTO_AUGMENT.get("pil" if backend == "dali" else "dali")
+    if other:
+        for policy, fraction in fractions.items():
+            assert abs(fraction - other[policy]) < 0.3, (backend, fractions, other)
+
+
+EXPECTED_AUTO_AUGMENT: dict[str, dict[str, float]] = {}
+
+
+def test_auto_augment_is_checked(labelled_list):
+    with pytest.raises(ValueError, match="auto_augment"):
+        loader(labelled_list, train=True, backend="dali", auto_augment="fancy")
+
+
+@pytest.mark.parametrize(("backend", "workers"), [("dali", 2), ("pil", 0), ("pil", 1)])
+def test_progressive_resize_changes_training_crops_only(labelled_list, backend, workers):
+    train = loader(labelled_list, train=True, backend=backend, num_threads=workers)
+    val = loader(labelled_list, train=False, backend=backend, num_threads=workers)
+    assert next(iter(train))[0].shape[-1] == IMAGE_SIZE
+    train.set_image_size(24)  # persistent PIL workers must follow too
+    for _ in range(2):
+        images, _labels = next(iter(train))
+        assert images.shape[-2:] == (24, 24)
+        assert images.is_contiguous(memory_format=torch.channels_last)
+    assert next(iter(val))[0].shape[-1] == IMAGE_SIZE
+    with pytest.raises(ValueError, match="only a training loader"):
+        val.set_image_size(24)

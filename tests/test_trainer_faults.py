@@ -335,3 +335,17 @@ def test_recipe_options_reach_the_run(capsys, tmp_path, tiny_data):
     assert (config["mixup_alpha"], config["cutmix_alpha"]) == (0.2, 1.0)
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert record["train_loss"] > 0 and record["val_top1"] is not None
+
+
+@pytest.mark.parametrize("loader", ["dali", "pil"])
+def test_auto_augment_and_progressive_resize_reach_the_run(capsys, tmp_path, tiny_data, loader):
+    out = tmp_path / "out"
+    flags = [*base_flags(tiny_data, out), "--epochs", "2", "--loader", loader,
+             "--auto-augment", "trivial", "--progressive-resize", "16:32:1"]  # fmt: skip
+    assert main(flags) == 0
+    printed = capsys.readouterr().out
+    assert "epoch 2: training crops of 32 px (--progressive-resize)" in printed
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_image_size"] for r in records] == [16, 32]
+    saved = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["config"]
+    assert saved["auto_augment"] == "trivial" and saved["image_size"] == 32  # val size

@@ -27,6 +27,7 @@ AMP_CHOICES = ("bf16", "fp16", "off")
 OPTIMIZERS = ("sgd", "adamw", "adam")
 LOADERS = ("dali", "pil", "pil-gpu")
 DALI_DECODE = ("auto", "mixed", "cpu")
+AUTO_AUGMENT = ("none", "auto", "rand", "trivial")
 
 # The embedded default: with no data given, a recipe sized for a small CPU that still learns
 # the generated demo classes far above chance. Measured with `python trainer/main.py` (one
@@ -107,6 +108,19 @@ class Config:
         "batches each loader prepares ahead: DALI's prefetch queue depth, PIL batches per worker",
     )
     image_size: int = _opt(224, "training and validation crop side, pixels")
+    auto_augment: str = _opt(
+        "none",
+        "automatic augmentation after crop and flip, in DALI (on the GPU with mixed decode) and "
+        "PIL alike: auto = AutoAugment's ImageNet policy, rand = RandAugment (2 ops, magnitude "
+        "9), trivial = TrivialAugmentWide",
+        choices=AUTO_AUGMENT,
+    )
+    progressive_resize: str | None = _opt(
+        None,
+        "START:END:RAMP_EPOCHS: train at START px, growing linearly (in steps of 8 px) to END "
+        "px by epoch RAMP_EPOCHS, then END; validation stays at --image-size (default: off)",
+        metavar="START:END:RAMP",
+    )
     # Model
     arch: str = _opt(
         "resnet50",
@@ -353,6 +367,8 @@ def check_config(cfg: Config) -> None:
         raise TrainerError(
             f"--dali-hw-decoder-load must be in [0, 1], got {cfg.dali_hw_decoder_load}"
         )
+    if cfg.progressive_resize is not None:
+        progressive_sizes(cfg.progressive_resize)  # raises TrainerError when malformed
     if cfg.mixup_alpha < 0 or cfg.cutmix_alpha < 0 or cfg.clip_grad_norm < 0:
         raise TrainerError("--mixup-alpha, --cutmix-alpha and --clip-grad-norm must be >= 0")
     if cfg.grad_accum_steps < 1:
@@ -376,6 +392,32 @@ def parse_config(argv: list[str] | None = None) -> Config:
     cfg = Config(**values)
     check_config(cfg)
     return cfg
+
+
+def progressive_sizes(spec: str) -> tuple[int, int, int]:
+    """``START:END:RAMP_EPOCHS`` -> (start, end, ramp), checked."""
+    parts = spec.split(":")
+    try:
+        start, end, ramp = (int(p) for p in parts)
+    except ValueError:
+        raise TrainerError(
+            f"--progressive-resize takes START:END:RAMP_EPOCHS (e.g. 160:224:10), not {spec!r}"
+        ) from None
+    if not 8 <= start <= end or ramp < 1:
+        raise TrainerError(
+            f"--progressive-resize {spec}: needs 8 <= START <= END and RAMP_EPOCHS >= 1"
+        )
+    return start, end, ramp
+
+
+def train_image_size(cfg: Config, epoch: int) -> int:
+    """The training crop side for ``epoch`` (0-based): --image-size, or the progressive ramp
+    (FFCV's: linear from START at epoch 0 to END at RAMP_EPOCHS, rounded to 8 px)."""
+    if cfg.progressive_resize is None:
+        return cfg.image_size
+    start, end, ramp = progressive_sizes(cfg.progressive_resize)
+    size = start + (end - start) * min(epoch, ramp) / ramp
+    return max(start, min(end, int(round(size / 8)) * 8))
 
 
 def uses_demo_data(cfg: Config) -> bool:

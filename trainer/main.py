@@ -57,6 +57,7 @@ from trainer.config import (  # noqa: E402
     default_weight_decay,
     parse_config,
     save_config,
+    train_image_size,
 )
 from trainer.engine import (  # noqa: E402
     average_batchnorm_buffers,
@@ -193,6 +194,7 @@ def build_loaders(
         dali_decode=cfg.dali_decode,
         prefetch=cfg.prefetch,
         dali_options=plan.dali_options(),
+        auto_augment=cfg.auto_augment,  # the val loader ignores it
     )
 
     def build():
@@ -435,6 +437,10 @@ def fit(
             torch.set_rng_state(rank_state["torch_rng"])
             if rank_state.get("cuda_rng") is not None and info.device.type == "cuda":
                 torch.cuda.set_rng_state(rank_state["cuda_rng"], info.device)
+        size = train_image_size(cfg, epoch)
+        if size != train_loader.image_size:
+            train_loader.set_image_size(size)
+            dist.print0(f"epoch {epoch + 1}: training crops of {size} px (--progressive-resize)")
         epoch_start = time.perf_counter()
         stats = train_one_epoch(
             training.model,
@@ -491,6 +497,7 @@ def fit(
             "val_loss": val["val_loss"],
             "val_top1_ema": ema_val["val_top1"],
             "val_loss_ema": ema_val["val_loss"],
+            "train_image_size": train_loader.image_size,
             "images_per_sec_per_gpu": stats["images_per_sec_per_gpu"],
             "data_wait_fraction": stats["data_wait_fraction"],
             "lr": stats["lr"],

@@ -1,0 +1,185 @@
+"""Top-k class predictions of a trained model.pt for image files, folders and list files.
+
+    python tools/predict.py --model RUN/model.pt PATH... [--top-k K] [--batch-size N]
+                            [--backend auto|dali|pil] [--workers N] [--amp off|bf16|fp16]
+                            [--csv FILE]
+
+PATH: an image file; a folder (its image files, recursively); or a list file (.txt, the
+project's "path label" format), whose labels give a top-1 accuracy. Images get the model's
+validation preprocessing through the project's loaders (DALI on the GPU when CUDA is
+available, PIL otherwise). A bad image (missing, empty, corrupt, truncated, not an image) is
+named on stderr and skipped; the others are still predicted.
+Exit status: 0 when every image was predicted, 1 when some were skipped (the rest were
+predicted), 2 for bad input or when no image could be predicted (the error on one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import sys
+
+if __package__ in (None, ""):
+    # `python tools/predict.py` puts tools/ first on sys.path; the project root has to be
+    # there for `trainer` and `pipelines` when the project is not installed.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipelines.fileio import atomic_write_text  # noqa: E402
+from pipelines.lists import ListError  # noqa: E402
+from trainer import inference  # noqa: E402
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders, lists")
+    parser.add_argument("--model", required=True, help="a run's model.pt")
+    parser.add_argument(
+        "--top-k",
+        type=_positive,
+        default=inference.DEFAULT_TOP_K,
+        help=f"classes per image (default {inference.DEFAULT_TOP_K}, at most the class count)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=inference.DEFAULT_BATCH_SIZE,
+        help=f"images per batch (default {inference.DEFAULT_BATCH_SIZE})",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=inference.BACKENDS,
+        default="auto",
+        help="auto (default): dali on the GPU when CUDA is available, else pil",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_non_negative,
+        default=None,
+        help="DALI threads or PIL worker processes (default: usable cores, at most "
+        f"{inference.GPU_DECODE_MAX_THREADS} with DALI on a GPU; 0 = PIL in this process)",
+    )
+    parser.add_argument(
+        "--amp",
+        choices=inference.AMP_CHOICES,
+        default="off",
+        help="autocast dtype, as the trainer's --amp (default off: float32)",
+    )
+    parser.add_argument(
+        "--csv",
+        metavar="FILE",
+        default=None,
+        help="write path, label, top-k classes and probabilities to FILE instead of stdout",
+    )
+    return parser
+
+
+def format_line(prediction: inference.Prediction, class_names: list[str]) -> str:
+    ranked = "\t".join(
+        f"{class_names[c]} {p:.4f}"
+        for c, p in zip(prediction.classes, prediction.probabilities, strict=True)
+    )
+    return f"{prediction.path}\t{ranked}"
+
+
+def csv_text(predictions: list[inference.Prediction], class_names: list[str], top_k: int) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    header = ["path", "label"]
+    for rank in range(1, top_k + 1):
+        header += [f"class_{rank}", f"probability_{rank}"]
+    writer.writerow(header)
+    for p in predictions:
+        row = [p.path, "" if p.label is None else class_names[p.label]]
+        for c, prob in zip(p.classes, p.probabilities, strict=True):
+            row += [class_names[c], f"{prob:.6f}"]
+        writer.writerow(row)
+    return out.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    skipped: list[str] = []  # every path left out, whichever stage found it
+
+    def report_skip(path: str, reason: str) -> None:
+        skipped.append(path)
+        print(f"skipped: {path}: {reason}", file=sys.stderr, flush=True)
+
+    try:
+        backend, device = inference.resolve_backend(args.backend)
+        threads = (
+            args.workers if args.workers is not None else inference.default_threads(backend, device)
+        )
+        model = inference.load_model(args.model, device=device)
+        predictor = inference.Predictor(
+            model,
+            backend=backend,
+            device=device,
+            batch_size=args.batch_size,
+            top_k=args.top_k,
+            threads=threads,
+            amp=args.amp,
+        )
+        items = inference.collect_inputs(
+            args.paths, class_names=model.class_names, on_skip=report_skip
+        )
+        if not items:
+            raise inference.InferenceError(
+                "no images to predict in "
+                + " ".join(args.paths)
+                + " (folders are searched for .jpg/.jpeg/.png/.bmp/.webp/.tif/.tiff files)"
+            )
+        collected: list[inference.Prediction] = []
+
+        def on_prediction(prediction: inference.Prediction) -> None:
+            if args.csv:
+                collected.append(prediction)
+            else:
+                print(format_line(prediction, model.class_names), flush=False)
+
+        summary = predictor.run(items, on_prediction=on_prediction, on_skip=report_skip)
+        if summary.predicted == 0:
+            raise inference.InferenceError(
+                f"none of the {len(items)} images could be predicted (each named above)"
+            )
+        if args.csv:
+            atomic_write_text(args.csv, csv_text(collected, model.class_names, predictor.top_k))
+    except (inference.InferenceError, ListError, OSError) as error:
+        sys.stdout.flush()
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for note in summary.notes:
+        print(f"note: {note}")
+    if summary.top1 is not None:
+        print(f"top-1 {summary.top1:.2f}% over {summary.labelled} labelled images")
+    workers = f"{threads} {'threads' if backend == 'dali' else 'workers'}"
+    print(
+        f"predicted {summary.predicted} images in {summary.seconds:.1f} s: "
+        f"{summary.images_per_second:.0f} img/s ({backend} on {device.type}, batch "
+        f"{args.batch_size}, {workers}, amp {args.amp})"
+        + (f"; wrote {args.csv}" if args.csv else "")
+    )
+    if skipped:
+        print(f"skipped {len(skipped)} images (named on stderr)")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

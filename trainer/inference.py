@@ -1,0 +1,569 @@
+"""Inference with a run's ``model.pt``: top-k predictions for image files, and ONNX export.
+
+``tools/predict.py`` and ``tools/export_onnx.py`` are thin command lines over this module.
+
+Prediction reads images through ``pipelines.build_loader`` with ``train=False``: the very
+loader and validation preprocessing (shorter side to size / 0.875, center crop, ImageNet
+normalization) that ``trainer/main.py --eval-only`` evaluates with, at model.pt's
+``preprocessing["image_size"]``. So with the same backend, batch size and ``--amp``, the top-1
+of a labelled list equals ``--eval-only``'s for the same weights (a test checks it). The model
+is rebuilt from model.pt with torchvision alone (``get_model(arch, num_classes=...)`` and
+``load_state_dict``), as the README's snippet does: nothing of the trainer's model code is
+needed to use its output.
+
+Bad images: one unreadable file must not cost the predictions of all the others. Two stages:
+
+1. Before any loader runs, every file is checked cheaply, in a thread pool (I/O-bound): it
+   exists, is a non-empty regular file, and starts with the magic number of a format DALI
+   decodes (16 bytes read). That catches missing, empty, unreadable and non-image files. The
+   PIL backend gets the same check, so both backends predict the same set of files (a GIF,
+   which PIL reads and DALI does not, is skipped by both).
+2. Corrupt or truncated content is only found by decoding, and decoding every file twice (a
+   PIL check, then the loader) would halve the throughput for the rare bad file. So the
+   loader runs, and when it raises an ``ImageError`` naming a file (both backends name it),
+   that file is reported and the loader restarts just after the batches already predicted,
+   without it: one loader rebuild per corrupt file (a DALI pipeline builds in ~30 ms). Should
+   DALI fail without naming a file (it names none when PIL decodes every file of the batches
+   in flight), those files are predicted one loader each, which isolates the culprit.
+
+Skipped files are reported through a callback as ``(path, reason)``; the rest are predicted,
+in input order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+import torchvision
+from torch import nn
+
+from pipelines import build_loader
+from pipelines.lists import (
+    ImageError,
+    ListError,
+    classes_beside,
+    format_line,
+    read_classes,
+    read_table,
+    write_list,
+)
+from pipelines.scan import is_image_file
+from trainer.dist import usable_cpus
+from trainer.engine import resolve_amp
+
+DEFAULT_TOP_K = 5
+DEFAULT_BATCH_SIZE = 64
+BACKENDS = ("auto", "dali", "pil")
+AMP_CHOICES = ("off", "bf16", "fp16")
+# With GPU decode the host threads only read files and feed the decoders; more than 8 per GPU
+# bought nothing in the trainer's measurements (pipelines/tuning.py, MIXED_MAX_THREADS).
+GPU_DECODE_MAX_THREADS = 8
+# Batches the loader prepares ahead; the batches in flight when a decode fails are this many
+# plus the one being handed out and the one being assembled.
+PREFETCH = 2
+LIST_SUFFIX = ".txt"
+# A files-and-folders check pool: reading 16 bytes is I/O-bound, so more threads than cores
+# help on a network filesystem and cost nothing on a local disk.
+CHECK_THREADS = 16
+ONNX_INPUT = "images"
+ONNX_OUTPUT = "logits"
+ONNX_TOLERANCE = 1e-3
+ONNX_CHECK_IMAGES = 8
+EXPORT_INSTALL_HINT = "pip install -e '.[export]'"
+
+
+class InferenceError(ValueError):
+    """Input that cannot be used (model file, paths, options); the message is one line."""
+
+
+class ExportCheckError(RuntimeError):
+    """The exported ONNX model disagrees with PyTorch beyond the tolerance."""
+
+
+@dataclass
+class LoadedModel:
+    net: nn.Module
+    arch: str
+    class_names: list[str]
+    preprocessing: dict
+    weights: str  # "raw" or "ema": which weights the run exported
+
+    @property
+    def image_size(self) -> int:
+        return int(self.preprocessing["image_size"])
+
+
+def load_model(path: str, *, device: torch.device | str = "cpu") -> LoadedModel:
+    """Rebuild the network of a model.pt with torchvision only, in eval mode on ``device``."""
+    if not os.path.isfile(path):
+        raise InferenceError(f"{path}: model file not found")
+    try:
+        # weights_only: loading a model file must never be able to run code.
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a file that is not a torch save
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InferenceError(f"{path}: not a readable model file ({first_line})") from None
+    needed = ("arch", "model", "class_names", "preprocessing")
+    if not isinstance(saved, dict) or any(key not in saved for key in needed):
+        raise InferenceError(
+            f"{path}: not a model.pt of this trainer (needs {', '.join(needed)}; a training "
+            "checkpoint such as last.pt is not one: use the run's model.pt)"
+        )
+    class_names = list(saved["class_names"])
+    try:
+        net = torchvision.models.get_model(saved["arch"], num_classes=len(class_names))
+        net.load_state_dict(saved["model"])
+    except (ValueError, RuntimeError) as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InferenceError(f"{path}: cannot rebuild {saved['arch']}: {first_line}") from None
+    return LoadedModel(
+        net=net.eval().to(device),
+        arch=saved["arch"],
+        class_names=class_names,
+        preprocessing=dict(saved["preprocessing"]),
+        weights=str(saved.get("weights", "raw")),
+    )
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to predict: the path as the user gave or listed it, and its label if known."""
+
+    path: str
+    label: int | None = None
+
+
+def _walk_images(folder: str) -> list[str]:
+    """Image files under ``folder``, recursively, sorted; hidden files and folders skipped
+    (``.ipynb_checkpoints``, ``._x.jpg`` resource forks), as ``tools/make_lists.py`` does."""
+    found: list[str] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop: each real folder once
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(
+            os.path.join(dirpath, name)
+            for name in sorted(filenames)
+            if not name.startswith(".") and is_image_file(name)
+        )
+    return found
+
+
+def collect_inputs(
+    paths: Iterable[str], *, class_names: Sequence[str], on_skip: Callable[[str, str], None]
+) -> list[Item]:
+    """Items for the PATHs of the command line, in order.
+
+    A folder gives its image files (recursively); a ``.txt`` file is a list in the project's
+    format (``pipelines/lists.py``), its labels kept; any other file is an image. A PATH that
+    does not exist is reported through ``on_skip`` and left out. A malformed list, or a label
+    outside the model's classes, raises ListError naming ``file:line``; a ``classes.txt``
+    beside a list that names other classes than the model's raises InferenceError, since its
+    labels would be scored against the wrong names.
+    """
+    items: list[Item] = []
+    for path in paths:
+        if os.path.isdir(path):
+            items.extend(Item(p) for p in _walk_images(path))
+        elif path.lower().endswith(LIST_SUFFIX) and os.path.isfile(path):
+            classes_file = classes_beside(path)
+            if classes_file is not None and read_classes(classes_file) != list(class_names):
+                raise InferenceError(
+                    f"{classes_file}: the classes of {path} are not the model's "
+                    f"({len(class_names)} classes: {', '.join(class_names[:3])}, ...), so its "
+                    "labels cannot be scored"
+                )
+            table = read_table(path, num_classes=len(class_names))
+            items.extend(Item(table.path(i), int(table.labels[i])) for i in range(len(table)))
+        elif os.path.lexists(path):
+            items.append(Item(path))
+        else:
+            on_skip(path, "not found")
+    return items
+
+
+def _file_problem(path: str) -> str | None:
+    """Why the loaders cannot read ``path``, from a stat and its first 16 bytes (or None)."""
+    # Imported here: pipelines.dali loads DALI, which the PIL backend does not otherwise need.
+    from pipelines.dali import find_unreadable
+
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_size == 0:
+        return "is empty"
+    try:
+        # A path a list file cannot hold (a line break, a trailing blank) cannot reach a loader.
+        format_line(path, 0)
+    except ListError:
+        return "has a name a list file cannot hold (a line break or a trailing blank)"
+    found = find_unreadable([path], decode=False)
+    return None if found is None else found[1]
+
+
+def check_files(
+    items: Sequence[Item], *, on_skip: Callable[[str, str], None], threads: int = CHECK_THREADS
+) -> list[Item]:
+    """The items whose files pass ``_file_problem``; the others reported through ``on_skip``."""
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        problems = list(pool.map(lambda item: _file_problem(item.path), items))
+    kept = []
+    for item, problem in zip(items, problems, strict=True):
+        if problem is None:
+            kept.append(item)
+        else:
+            on_skip(item.path, problem)
+    return kept
+
+
+@dataclass(frozen=True)
+class Prediction:
+    path: str
+    label: int | None  # the list's label, None for an unlabelled file
+    classes: tuple[int, ...]  # top-k class indices, most probable first
+    probabilities: tuple[float, ...]  # their softmax probabilities
+
+
+@dataclass
+class PredictSummary:
+    predicted: int = 0
+    skipped: int = 0
+    labelled: int = 0
+    correct: int = 0
+    seconds: float = 0.0
+    backend: str = ""
+    device: str = ""
+    loader_restarts: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def top1(self) -> float | None:
+        """Percentage of labelled images whose most probable class is their label, the way
+        ``trainer.engine.evaluate`` computes ``val_top1``."""
+        return 100.0 * self.correct / self.labelled if self.labelled else None
+
+    @property
+    def images_per_second(self) -> float:
+        return self.predicted / self.seconds if self.seconds > 0 else 0.0
+
+
+def resolve_backend(backend: str) -> tuple[str, torch.device]:
+    """``auto``: DALI on the GPU when CUDA is available, PIL on the CPU otherwise."""
+    if backend not in BACKENDS:
+        raise InferenceError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    if backend == "auto":
+        backend = "dali" if cuda else "pil"
+    return backend, device
+
+
+def default_threads(backend: str, device: torch.device) -> int:
+    cores = usable_cpus()
+    if backend == "dali" and device.type == "cuda":
+        return min(cores, GPU_DECODE_MAX_THREADS)
+    return cores
+
+
+class Predictor:
+    """Runs batches of items through the loader and the model; see the module docstring."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        backend: str,
+        device: torch.device,
+        batch_size: int,
+        top_k: int,
+        threads: int,
+        amp: str = "off",
+    ):
+        if batch_size < 1:
+            raise InferenceError(f"--batch-size must be at least 1, got {batch_size}")
+        if top_k < 1:
+            raise InferenceError(f"--top-k must be at least 1, got {top_k}")
+        if threads < (1 if backend == "dali" else 0):
+            raise InferenceError(f"--workers must be at least 1 with DALI, got {threads}")
+        self.model = model
+        self.backend = backend
+        self.device = device
+        self.batch_size = batch_size
+        self.top_k = min(top_k, len(model.class_names))
+        self.threads = threads
+        # The trainer's mapping of --amp (bf16 becomes fp16 on a GPU without bfloat16), and
+        # its loaders' output dtype: what --eval-only evaluates with for the same --amp.
+        self.amp_dtype, self.amp_note = resolve_amp(amp, device)
+        # channels_last as the trainer's model is: the same kernels give the same logits.
+        self.net = model.net.to(device=device, memory_format=torch.channels_last).eval()
+
+    def run(
+        self,
+        items: Sequence[Item],
+        *,
+        on_prediction: Callable[[Prediction], None],
+        on_skip: Callable[[str, str], None],
+    ) -> PredictSummary:
+        summary = PredictSummary(backend=self.backend, device=str(self.device))
+        if self.amp_note:
+            summary.notes.append(self.amp_note)
+        start = time.perf_counter()
+
+        def skip(path: str, reason: str) -> None:
+            summary.skipped += 1
+            on_skip(path, reason)
+
+        def predicted(prediction: Prediction) -> None:
+            summary.predicted += 1
+            if prediction.label is not None:
+                summary.labelled += 1
+                summary.correct += int(prediction.classes[0] == prediction.label)
+            on_prediction(prediction)
+
+        pending = check_files(items, on_skip=skip)
+        with tempfile.TemporaryDirectory(prefix="predict-") as scratch:
+            while pending:
+                done, error = self._predict_batches(pending, scratch, predicted)
+                if error is None:
+                    break
+                summary.loader_restarts += 1
+                rest = pending[done:]
+                culprit = _named_item(str(error), rest)
+                if culprit is not None:
+                    skip(rest[culprit].path, _reason(str(error), rest[culprit].path))
+                    pending = rest[:culprit] + rest[culprit + 1 :]
+                    continue
+                # DALI failed on a batch without naming a file: its batches in flight, one
+                # loader per file, so that only the failing ones are left out.
+                in_flight = (PREFETCH + 2) * self.batch_size
+                for item in rest[:in_flight]:
+                    _, error = self._predict_batches([item], scratch, predicted)
+                    if error is not None:
+                        skip(item.path, _reason(str(error), item.path))
+                pending = rest[in_flight:]
+        summary.seconds = time.perf_counter() - start
+        return summary
+
+    @torch.no_grad()
+    def _predict_batches(
+        self, items: Sequence[Item], scratch: str, on_prediction: Callable[[Prediction], None]
+    ) -> tuple[int, ImageError | None]:
+        """Predict ``items`` in order until the end or the loader's first ImageError.
+
+        Returns how many were predicted and the error (None at the end).
+        """
+        list_file = os.path.join(scratch, "items.txt")
+        # Absolute paths, so the loader's error messages name files as _named_item looks for
+        # them; label 0 stands in for "unknown": the loader's labels are not used here.
+        write_list(list_file, ((item.path, item.label or 0) for item in items), absolute=True)
+        loader = build_loader(
+            list_file,
+            train=False,
+            backend=self.backend,
+            batch_size=self.batch_size,
+            image_size=self.model.image_size,
+            device=self.device,
+            num_threads=self.threads,
+            dtype=self.amp_dtype or torch.float32,
+            num_classes=len(self.model.class_names),
+            prefetch=PREFETCH,
+            check_files=False,  # check_files() above did more than this stat
+        )
+        done = 0
+        try:
+            for images, _ in loader:
+                with torch.autocast(
+                    images.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+                ):
+                    logits = self.net(images)
+                # Order by the logits, as evaluate() does; probabilities in float32.
+                logits = logits.float()
+                top = logits.topk(self.top_k, dim=1)
+                probabilities = torch.softmax(logits, dim=1).gather(1, top.indices)
+                for row, (classes, probs) in enumerate(
+                    zip(top.indices.tolist(), probabilities.tolist(), strict=True)
+                ):
+                    item = items[done + row]
+                    on_prediction(Prediction(item.path, item.label, tuple(classes), tuple(probs)))
+                done += len(logits)
+        except ImageError as error:
+            return done, error
+        finally:
+            del loader  # PIL workers and DALI pipelines go now, not at some later collection
+        return done, None
+
+
+def _named_item(message: str, items: Sequence[Item]) -> int | None:
+    """Index of the item whose file the loader's error names as ``PATH: reason``.
+
+    Searched anywhere in the message, not only at its start: a PIL worker's error reaches us
+    as its traceback's last line, which may start with the exception's qualified name.
+    """
+    for index, item in enumerate(items):
+        if os.path.abspath(item.path) + ": " in message:
+            return index
+    return None
+
+
+def _reason(message: str, path: str) -> str:
+    """What the loader's error says after ``PATH: ``, on one line."""
+    named = os.path.abspath(path) + ": "
+    text = message.split(named, 1)[1] if named in message else message
+    return " ".join(text.split())
+
+
+# --- ONNX export ------------------------------------------------------------------------------
+
+
+def import_onnx_modules():
+    """(onnx, onnxruntime); InferenceError with the install hint when one is missing.
+
+    onnxscript is checked too: torch.onnx.export's exporter (torch.export based, the default
+    since torch 2.9) writes the graph with it.
+    """
+    modules = []
+    for name in ("onnx", "onnxruntime", "onnxscript"):
+        try:
+            modules.append(__import__(name))
+        except ImportError:
+            raise InferenceError(f"{name} is not installed: {EXPORT_INSTALL_HINT}") from None
+    return modules[0], modules[1]
+
+
+def run_config_lists(model_path: str) -> list[str]:
+    """The val and train lists named by the config.toml beside model.pt (a run folder)."""
+    import tomllib
+
+    config_file = os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.toml")
+    try:
+        with open(config_file, "rb") as f:
+            config = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError):
+        return []
+    return [config[key] for key in ("val_list", "train_list") if config.get(key)]
+
+
+@dataclass
+class ExportReport:
+    path: str
+    num_classes: int
+    checked_images: int
+    max_abs_difference: float
+    tolerance: float
+    batch_sizes: tuple[int, ...]
+    metadata: dict[str, str]
+    seconds: float
+
+
+def export_onnx(
+    model_path: str,
+    out_path: str,
+    *,
+    check_paths: Sequence[str],
+    tolerance: float = ONNX_TOLERANCE,
+    max_check_images: int = ONNX_CHECK_IMAGES,
+    on_skip: Callable[[str, str], None] = lambda path, reason: None,
+) -> ExportReport:
+    """Export model.pt to ONNX (dynamic batch axis, float32 NCHW input ``images`` of the
+    val crop size, output ``logits``), with the preprocessing and class names as metadata.
+
+    Before anything is written, onnxruntime runs the exported graph on real images prepared
+    with the validation transform (``pipelines.pil.val_transform``, what model.pt's
+    preprocessing describes), in two batch sizes, and the logits must agree with PyTorch's
+    within ``tolerance``; otherwise ExportCheckError and no file.
+    """
+    onnx, ort = import_onnx_modules()
+    from pipelines.common import open_rgb
+    from pipelines.fileio import atomic_write
+    from pipelines.pil import val_transform
+
+    start = time.perf_counter()
+    model = load_model(model_path)
+    net = model.net.float().eval()
+    size = model.image_size
+
+    items = check_files(
+        collect_inputs(check_paths, class_names=model.class_names, on_skip=on_skip),
+        on_skip=on_skip,
+    )
+    transform = val_transform(size)
+    images = []
+    for item in items:
+        if len(images) == max_check_images:
+            break
+        try:
+            images.append(transform(open_rgb(item.path)))
+        except Exception as exc:  # PIL raises many types for a bad file; it names none
+            on_skip(item.path, f"cannot be decoded ({type(exc).__name__}: {exc})")
+    if not images:
+        raise InferenceError(
+            "no readable image to check the export with: pass --check-images PATH... "
+            "(image files, folders or list files)"
+        )
+    batch = torch.stack(images)
+
+    # A batch of 2 as the example: the exporter specializes sizes 0 and 1, never the axis.
+    example = torch.zeros(2, 3, size, size)
+    program = torch.onnx.export(
+        net,
+        (example,),
+        dynamo=True,
+        verbose=False,
+        input_names=[ONNX_INPUT],
+        output_names=[ONNX_OUTPUT],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+    )
+    proto = program.model_proto
+    metadata = {
+        "arch": model.arch,
+        "weights": model.weights,
+        "class_names": json.dumps(model.class_names),
+        "preprocessing": json.dumps(model.preprocessing),
+        "input": f"{ONNX_INPUT}: float32 (batch, 3, {size}, {size}), RGB, normalized as "
+        "in preprocessing; output logits (batch, classes), softmax for probabilities",
+    }
+    onnx.helper.set_model_props(proto, metadata)
+    onnx.checker.check_model(proto)
+    serialized = proto.SerializeToString()
+
+    session = ort.InferenceSession(serialized, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = net(batch).numpy()
+    worst = 0.0
+    # The whole batch and a single image: the batch axis must be dynamic, not traced at 2.
+    batch_sizes = tuple(sorted({len(batch), 1}, reverse=True))
+    for n in batch_sizes:
+        (logits,) = session.run([ONNX_OUTPUT], {ONNX_INPUT: batch[:n].numpy()})
+        worst = max(worst, float(abs(logits - expected[:n]).max()))
+    if not math.isfinite(worst) or worst > tolerance:
+        raise ExportCheckError(
+            f"onnxruntime's logits differ from PyTorch's by up to {worst:.3g} on "
+            f"{len(batch)} images (tolerance {tolerance:g}); {out_path} was not written"
+        )
+    atomic_write(out_path, lambda f: f.write(serialized))
+    return ExportReport(
+        path=out_path,
+        num_classes=len(model.class_names),
+        checked_images=len(batch),
+        max_abs_difference=worst,
+        tolerance=tolerance,
+        batch_sizes=batch_sizes,
+        metadata=metadata,
+        seconds=time.perf_counter() - start,
+    )

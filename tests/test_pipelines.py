@@ -597,3 +597,25 @@ def test_progressive_resize_changes_training_crops_only(labelled_list, backend, 
     assert next(iter(val))[0].shape[-1] == IMAGE_SIZE
     with pytest.raises(ValueError, match="only a training loader"):
         val.set_image_size(24)
+
+
+@pytest.mark.parametrize("policy", ["auto", "rand", "trivial"])
+def test_gpu_auto_augment_graphs_are_well_formed_without_a_gpu(policy):
+    """As above, for the augmented training graph on GPU images (mixed decode)."""
+    from pipelines import dali
+    from pipelines.common import derived_seed
+
+    pipe = dali.train_pipeline_auto_augment(
+        source=[],
+        image_size=IMAGE_SIZE,
+        decode_device="mixed",
+        to_gpu=True,
+        image_dtype=dali.types.FLOAT16,
+        decoder_options=dali.decoder_options("mixed", None, train=True),
+        auto_augment=policy,
+        batch_size=2,
+        num_threads=1,
+        device_id=0,
+        seed=derived_seed(0, 0, 0),
+    )
+    assert pipe.device_id == 0

@@ -411,6 +411,23 @@ def end_epoch(cfg: Config, training: Training, data: DataSpec, record: dict) -> 
         ckpt_io.atomic_save(state, os.path.join(cfg.output_dir, ckpt_io.BEST))
 
 
+def evaluate_weights(
+    training: Training, kind: str, val_loader, data: DataSpec, info: dist.DistInfo, confusion: bool
+) -> dict:
+    """Evaluate the raw ("raw") or averaged ("ema") weights; keep the confusion matrix."""
+    model = training.model if kind == "raw" else training.ema.module
+    metrics = evaluate(
+        model,
+        val_loader,
+        num_classes=len(data.class_names),
+        amp_dtype=training.amp_dtype,
+        device=info.device,
+        confusion=confusion,
+    )
+    training.confusion[kind] = metrics.pop("confusion", None)
+    return metrics
+
+
 def fit(
     cfg: Config,
     info: dist.DistInfo,
@@ -468,27 +485,13 @@ def fit(
         val = {"val_top1": None, "val_top5": None, "val_loss": None}
         ema_val = {"val_top1": None, "val_loss": None}
         if val_loader is not None:
-            last_epoch = epoch == cfg.epochs - 1  # per-class figures for the final weights
-            val = evaluate(
-                training.model,
-                val_loader,
-                num_classes=len(data.class_names),
-                amp_dtype=training.amp_dtype,
-                device=info.device,
-                confusion=last_epoch,
-            )
-            training.confusion["raw"] = val.pop("confusion", None)
+            # Per-class figures (the confusion matrix) for the final weights only.
+            last_epoch = epoch == cfg.epochs - 1
+
+            val = evaluate_weights(training, "raw", val_loader, data, info, last_epoch)
             if training.ema is not None:
                 average_batchnorm_buffers(training.ema)
-                ema_val = evaluate(
-                    training.ema.module,
-                    val_loader,
-                    num_classes=len(data.class_names),
-                    amp_dtype=training.amp_dtype,
-                    device=info.device,
-                    confusion=last_epoch,
-                )
-                training.confusion["ema"] = ema_val.pop("confusion", None)
+                ema_val = evaluate_weights(training, "ema", val_loader, data, info, last_epoch)
         record = {
             "epoch": epoch + 1,
             "train_loss": stats["train_loss"],

@@ -752,7 +752,8 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
             weights=which,
         )
         dist.print0(
-            f"done: best val top-1 {training.best_top1:.2f}%; {which} weights for inference in "
+            f"done: best val top-1 {training.best_top1:.2f}%; "
+            f"{'EMA weights' if which == 'ema' else 'weights'} for inference in "
             f"{export} (loading it needs only torchvision, see trainer/checkpoint.py)"
         )
         if training.confusion.get(which) is not None:

@@ -14,6 +14,7 @@ from importlib import metadata
 import torch
 
 from pipelines.fileio import atomic_write_text
+from trainer.dist import usable_cpus
 
 
 def _version(package: str) -> str | None:
@@ -71,7 +72,7 @@ def environment() -> dict:
         "pillow_simd": "post" in PIL.__version__,
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpus_usable": usable_cpus(),
         "gpu_name": torch.cuda.get_device_name(0) if gpu else None,
         "gpu_count": torch.cuda.device_count() if gpu else 0,
         "cuda": torch.version.cuda if gpu else None,

@@ -34,6 +34,7 @@ from torch import nn
 
 from pipelines import common as preprocessing_constants
 from pipelines.fileio import atomic_write
+from trainer import metrics
 from trainer.config import TrainerError
 from trainer.model import strip_wrapper_prefixes, unwrap_model
 
@@ -86,7 +87,7 @@ def _tensor_bytes(obj: Any) -> int:
     return 0
 
 
-RESULT_FILES = (LAST, BEST, EXPORT, "metrics.jsonl")
+RESULT_FILES = (LAST, BEST, EXPORT, metrics.JSONL)
 
 
 def earlier_results(output_dir: str) -> list[str]:

@@ -46,7 +46,7 @@ import torch
 import torchvision
 from torch import nn
 
-from pipelines import build_loader
+from pipelines import build_loader, tuning
 from pipelines.lists import (
     ImageError,
     ListError,
@@ -57,19 +57,20 @@ from pipelines.lists import (
     write_list,
 )
 from pipelines.scan import is_image_file
+from trainer import config
 from trainer.dist import usable_cpus
 from trainer.engine import resolve_amp
 
 DEFAULT_TOP_K = 5
 DEFAULT_BATCH_SIZE = 64
 BACKENDS = ("auto", "dali", "pil")
-AMP_CHOICES = ("off", "bf16", "fp16")
-# With GPU decode the host threads only read files and feed the decoders; more than 8 per GPU
-# bought nothing in the trainer's measurements (pipelines/tuning.py, MIXED_MAX_THREADS).
-GPU_DECODE_MAX_THREADS = 8
+AMP_CHOICES = config.AMP_CHOICES
+# The trainer's measured defaults (pipelines/tuning.py): with GPU decode more than 8 host
+# threads per GPU bought nothing.
+GPU_DECODE_MAX_THREADS = tuning.MIXED_MAX_THREADS
 # Batches the loader prepares ahead; the batches in flight when a decode fails are this many
 # plus the one being handed out and the one being assembled.
-PREFETCH = 2
+PREFETCH = tuning.DEFAULT_PREFETCH
 LIST_SUFFIX = ".txt"
 # A files-and-folders check pool: reading 16 bytes is I/O-bound, so more threads than cores
 # help on a network filesystem and cost nothing on a local disk.

@@ -109,7 +109,18 @@ stage sweep "$T_SWEEP" $py benchmarks/throughput.py --sweep --list "$LIST" --arc
 stage compile "$T_COMPILE" $py benchmarks/throughput.py "${common[@]}" --backends dali \
   --modes train,synthetic --boundaries 0 --compile --json "$out/compile.json"
 
-stage gpu_tests "$T_TESTS" $py -m pytest -m gpu -q -p no:cacheprovider tests
+# pytest may be missing from the GPU machine's image: install the wheels of
+# benchmarks/gpu_kit.sh (carried as .gpu/py) into /tmp, outside the repo copy.
+if ! $py -c "import pytest" 2> /dev/null && ls .gpu/py/*.whl > /dev/null 2>&1; then
+  $py -m pip install -q --no-index --no-deps --target /tmp/gpu_pytest .gpu/py/*.whl \
+    && export PYTHONPATH="/tmp/gpu_pytest${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if $py -c "import pytest" 2> /dev/null; then
+  stage gpu_tests "$T_TESTS" $py -m pytest -m gpu -q -p no:cacheprovider tests
+else
+  status=1
+  echo "== gpu_tests skipped: no pytest here (bash benchmarks/gpu_kit.sh, then carry .gpu/py)"
+fi
 
 $py -m benchmarks.report "$out" > "$out/summary.md" 2>&1 || status=1
 cat "$out/summary.md"

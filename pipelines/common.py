@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .lists import SampleTable
+from .lists import SampleTable, sample_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -115,18 +115,25 @@ def check_files_exist(
     # Decoded a block at a time: a few MB of strings at once, never the whole list's.
     block = 1 << 16
     for start in range(checked.start, checked.stop, block):
-        for path in table.paths(start, min(start + block, checked.stop)):
+        for offset, path in enumerate(table.paths(start, min(start + block, checked.stop))):
             try:
                 st = os.stat(path)
             except OSError as e:
+                where = _where_listed(list_file, start + offset)
                 raise FileNotFoundError(
-                    f"{path}: image file listed in {list_file} cannot be read ({e.strerror})"
+                    f"{path}: image file listed at {where} cannot be read ({e.strerror})"
                 ) from e
-            if not stat.S_ISREG(st.st_mode):
-                raise ValueError(f"{path}: listed in {list_file} but is not a regular file")
-            if st.st_size == 0:
-                raise ValueError(f"{path}: image file listed in {list_file} is empty")
+            if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+                where = _where_listed(list_file, start + offset)
+                why = "is empty" if stat.S_ISREG(st.st_mode) else "is not a regular file"
+                raise ValueError(f"{path}: image file listed at {where} {why}")
     return checked
+
+
+def _where_listed(list_file: str, index: int) -> str:
+    """``list_file:line`` of sample ``index``, for an error (the list is read again)."""
+    line = sample_line(list_file, index)
+    return f"{list_file}:{line}" if line is not None else list_file
 
 
 class ShardedLoader:

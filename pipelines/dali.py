@@ -39,7 +39,7 @@ from __future__ import annotations
 import itertools
 import traceback
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import nvidia.dali.math as dmath
@@ -48,6 +48,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from . import common
+from .imagecheck import first_problem
 from .lists import ImageError, SampleTable
 
 # DALI 2.4 has no BFLOAT16 (types.DALIDataType lists FLOAT, FLOAT16, ...), so a bfloat16
@@ -316,46 +317,6 @@ def decoder_options(decode_device: str, overrides: dict | None, *, train: bool) 
     return options
 
 
-# Magic numbers of the formats DALI's decoders read (JPEG, PNG, BMP, TIFF, JPEG 2000, PNM,
-# WebP): a file PIL decodes but DALI cannot (GIF, for one) is found by its header.
-def _dali_readable_header(head: bytes) -> bool:
-    return (
-        head.startswith(b"\xff\xd8\xff")
-        or head.startswith(b"\x89PNG\r\n\x1a\n")
-        or head.startswith(b"BM")
-        or head[:4] in (b"II*\x00", b"MM\x00*")
-        or head.startswith(b"\x00\x00\x00\x0cjP  \r\n\x87\n")
-        or head.startswith(b"\xff\x4f\xff\x51")
-        or (len(head) >= 2 and head[:1] == b"P" and head[1:2] in b"123456")
-        or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
-    )
-
-
-def _header_problem(path: str) -> str | None:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except OSError as e:
-        return f"cannot be read ({e.strerror})"
-    if not _dali_readable_header(head):
-        return "is not in a format DALI decodes (JPEG, PNG, BMP, TIFF, JPEG 2000, PNM, WebP)"
-    return None
-
-
-def find_unreadable(paths: Iterable[str], *, decode: bool = True) -> tuple[str, str] | None:
-    """The first path DALI cannot decode and why: a header check, then a full PIL decode."""
-    for path in paths:
-        problem = _header_problem(path)
-        if problem is None and decode:
-            try:
-                common.open_rgb(path)
-            except Exception as e:  # any decoder failure names the file; the cause is kept
-                problem = f"cannot be decoded ({type(e).__name__}: {e})"
-        if problem is not None:
-            return path, problem
-    return None
-
-
 class PathBatches:
     """A pass's batches for ``fn.external_source``: ``(paths, labels)`` per batch.
 
@@ -504,7 +465,7 @@ class DaliLoader(common.ShardedLoader):
             return ImageError(f"{named}: DALI failed on this image: {_last_lines(message)}")
         # Not named by DALI: look among the batches in flight with a full decode, then, by
         # header only (16 bytes a file), through all of this rank's files of the pass.
-        found = find_unreadable(window) or find_unreadable(pass_paths(), decode=False)
+        found = first_problem(window) or first_problem(pass_paths(), decode=False)
         if found is not None:
             path, why = found
             return ImageError(f"{path}: image {why} (DALI said: {_last_lines(message)})")

@@ -3,7 +3,8 @@
 A list file has one ``path label`` per line. ``#`` starts a comment line; blank lines are
 allowed. The label is the last whitespace-separated field, so paths may contain spaces.
 Relative paths resolve against the list file's own folder, so a list and its images can move
-together. A ``classes.txt`` beside the list maps label k (line k) to a class name.
+together. A ``classes.txt`` beside the list maps label k (its k-th line, ``#`` comment lines
+aside) to a class name.
 """
 
 from __future__ import annotations
@@ -261,15 +262,41 @@ def read_list(list_file: str | os.PathLike, *, num_classes: int | None = None) -
     return read_table(list_file, num_classes=num_classes).samples()
 
 
+def sample_line(list_file: str | os.PathLike, index: int) -> int | None:
+    """The line number of sample ``index`` (0-based, in list order) of ``list_file``: what an
+    error about one sample names. None when the file no longer has it."""
+    list_file = os.fspath(list_file)
+    try:
+        numbered = _numbered_lines(list_file)
+    except (OSError, ListError):
+        return None
+    count = 0
+    for lineno, raw in numbered:
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            if count == index:
+                return lineno
+            count += 1
+    return None
+
+
 def read_classes(classes_file: str | os.PathLike) -> list[str]:
-    """One class name per line, line k = label k. Blank lines and duplicates are errors."""
+    """One class name per line: label k = the k-th name. Lines starting with ``#`` are
+    comments (a name that starts with ``#`` is written ``\\#...``), and blank lines at the end
+    are ignored; a blank line between names (which would shift every later label) and a
+    repeated name are errors naming ``file:line``."""
     classes_file = os.fspath(classes_file)
     if not os.path.isfile(classes_file):
         raise ListError(f"{classes_file}: classes file not found")
+    numbered = _numbered_lines(classes_file)
+    while numbered and not numbered[-1][1].strip():
+        numbered.pop()
     names: list[str] = []
     seen: dict[str, int] = {}
-    for lineno, raw in _numbered_lines(classes_file):
-        name = raw.rstrip("\r\n")
+    for lineno, line in numbered:
+        if line.startswith("#"):
+            continue
+        name = "#" + line[2:] if line.startswith("\\#") else line  # see write_classes
         if not name.strip():
             raise ListError(f"{classes_file}:{lineno}: empty class name")
         if name in seen:
@@ -329,9 +356,21 @@ def write_list(
     return count
 
 
+def class_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a line of ``classes.txt`` (None: it can)."""
+    if not name.strip():
+        return "is blank"
+    if "\n" in name or "\r" in name:
+        return "holds a line break"
+    return None
+
+
 def write_classes(classes_file: str | os.PathLike, names: Sequence[str]) -> None:
     classes_file = os.fspath(classes_file)
     for name in names:
-        if not name.strip() or "\n" in name or "\r" in name:
-            raise ListError(f"{classes_file}: cannot write class name {name!r}")
-    atomic_write_text(classes_file, "".join(f"{name}\n" for name in names))
+        problem = class_name_problem(name)
+        if problem is not None:
+            raise ListError(f"{classes_file}: cannot write class name {name!r}: it {problem}")
+    # A name starting with "#" is written "\\#...": a line starting with "#" is a comment.
+    lines = ("\\" + name if name.startswith("#") else name for name in names)
+    atomic_write_text(classes_file, "".join(f"{line}\n" for line in lines))

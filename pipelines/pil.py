@@ -23,6 +23,7 @@ the device on a side stream, one batch ahead.
 from __future__ import annotations
 
 import functools
+import re
 import weakref
 from collections.abc import Iterator
 
@@ -212,7 +213,8 @@ class PilLoader(common.ShardedLoader):
             self._stop_workers()
             # DataLoader re-raises a worker's error with the worker's traceback in its message;
             # the last line is ours and names the file.
-            raise ImageError(str(e).strip().splitlines()[-1].removeprefix("ImageError: ")) from e
+            last = str(e).strip().splitlines()[-1]
+            raise ImageError(re.sub(r"^([\w.]+\.)?ImageError: ", "", last)) from e
         except Exception:
             self._stop_workers()
             raise

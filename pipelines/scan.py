@@ -26,9 +26,25 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 
-from pipelines.lists import CLASSES_FILE, TRAIN_LIST, VAL_LIST, Sample, write_classes, write_list
+from pipelines.imagecheck import image_problem
+from pipelines.lists import (
+    CLASSES_FILE,
+    TRAIN_LIST,
+    VAL_LIST,
+    Sample,
+    class_name_problem,
+    write_classes,
+    write_list,
+)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+# The formats both loaders decode (DALI and PIL read the contents, not the name): JPEG under
+# its other names too (.jfif, .jpe), PNG, BMP, WebP, TIFF.
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+)
+# Folder names (any case) of a split layout: ROOT/train/ with the first of these beside it.
+TRAIN_DIR_NAMES = ("train",)
+VAL_DIR_NAMES = ("val", "validation", "valid", "test")
 
 # Reasons a file is left out of the lists while scanning (``verify`` adds decode failures).
 SKIP_HIDDEN = "hidden"
@@ -36,6 +52,7 @@ SKIP_NOT_IMAGE = "not an image file"
 SKIP_OUTSIDE = "outside the class folders"
 SKIP_OUTPUT = "the output folder"
 SKIP_LINE_BREAK = "line break in the name (a list cannot hold it)"
+SKIP_NOT_UTF8 = "name not valid UTF-8 (a list cannot hold it)"
 
 
 class ScanError(ValueError):
@@ -87,9 +104,25 @@ def find_classes(root: str | os.PathLike) -> list[str]:
     with os.scandir(root) as entries:
         names = sorted(e.name for e in entries if not _is_hidden(e.name) and e.is_dir())
     for name in names:
-        if "\n" in name or "\r" in name:
-            raise ScanError(f"{os.path.join(root, name)!r}: a class name cannot hold a line break")
+        problem = class_name_problem(name)
+        if problem is None and not _is_utf8(name):
+            problem = "is not valid UTF-8"
+        if problem is not None:
+            raise ScanError(
+                f"{os.path.join(root, name)!r}: a class folder's name {problem}; classes.txt "
+                "cannot hold it (rename the folder)"
+            )
     return names
+
+
+def _is_utf8(name: str) -> bool:
+    # A name that is not UTF-8 on disk reaches Python with surrogate escapes, which a list
+    # file (UTF-8) cannot hold.
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _walk_class_folder(folder: str) -> tuple[list[str], list[tuple[str, str]]]:
@@ -115,6 +148,8 @@ def _walk_class_folder(folder: str) -> tuple[list[str], list[tuple[str, str]]]:
                 skipped.append((path, SKIP_NOT_IMAGE))
             elif "\n" in path or "\r" in path:
                 skipped.append((path, SKIP_LINE_BREAK))
+            elif not _is_utf8(path):
+                skipped.append((path, SKIP_NOT_UTF8))
             else:
                 images.append(path)
     return images, skipped
@@ -174,6 +209,27 @@ def scan_folders(
     return FolderScan(root, class_names, samples, sorted(skipped), empty)
 
 
+def _holds_images(folder: str, *, recursive: bool = True) -> bool:
+    if recursive:
+        return bool(_walk_class_folder(folder)[0])
+    with os.scandir(folder) as entries:
+        return any(e.is_file() and is_image_file(e.name) for e in entries)
+
+
+def _output_folder(root: str, out_dir: str) -> set[str]:
+    """The class-level folder of ROOT that holds ``out_dir``, when it is not a class: the
+    lists' own folder (``ROOT/lists``) or a folder of them (``ROOT/lists/v2``) holding no
+    images. Left in, it would become a class on the next run and renumber the others."""
+    relative = os.path.relpath(out_dir, root)
+    if relative == os.curdir or relative.startswith(os.pardir):
+        return set()
+    top = relative.split(os.sep)[0]
+    folder = os.path.join(root, top)
+    if top == relative or not os.path.isdir(folder) or not _holds_images(folder):
+        return {top}
+    return set()
+
+
 def val_count(n: int, fraction: float) -> int:
     """How many of a class's ``n`` images go to val: ``round(n * fraction)`` (halves up),
     but at least 1 when ``n >= 2`` and ``fraction > 0``, and never all of them (a class with
@@ -207,21 +263,14 @@ def split_train_val(
 
 
 def check_image(path: str) -> str | None:
-    """Decode ``path`` fully; None when it is a usable image, else the reason it is not."""
-    from PIL import Image, ImageFile
-
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode grey
+    """Check ``path`` as both loaders would read it (``pipelines.imagecheck``: DALI's formats,
+    PNG checksums, a full decode); None when it is usable, else the reason it is not."""
     try:
         if os.path.getsize(path) == 0:
             return "empty file"
-        with Image.open(path) as image:
-            image.load()
-            image.convert("RGB")
-    except Image.UnidentifiedImageError:
-        return "not an image PIL can identify"
-    except Exception as error:  # any failure to decode makes the file unusable
+    except OSError as error:
         return f"{type(error).__name__}: {error}"
-    return None
+    return image_problem(path)
 
 
 def _check_chunk(paths: list[str]) -> list[tuple[str, str]]:
@@ -249,18 +298,23 @@ def verify_images(
     return sorted(failed)
 
 
+def _subfolder(root: str, names: Sequence[str]) -> list[str]:
+    """The subfolders of ``root`` named one of ``names`` (any case), in that preference."""
+    with os.scandir(root) as entries:
+        folders = {e.name.lower(): e.path for e in entries if e.is_dir()}
+    return [folders[n] for n in names if n in folders]
+
+
 def find_split_dirs(root: str | os.PathLike) -> tuple[str, str, list[str]] | None:
-    """``(train_dir, val_dir, notes)`` when ``root`` has ``train/`` and ``val/`` or ``test/``."""
+    """``(train_dir, val_dir, notes)`` when ``root`` has ``train/`` and ``val/`` (or
+    ``validation/``, ``valid/``, ``test/``), in any case (``Train/``, ``VAL/``)."""
     root = os.fspath(root)
-    train = os.path.join(root, "train")
-    candidates = [os.path.join(root, n) for n in ("val", "test")]
-    present = [d for d in candidates if os.path.isdir(d)]
-    if not os.path.isdir(train) or not present:
+    train = _subfolder(root, TRAIN_DIR_NAMES)
+    present = _subfolder(root, VAL_DIR_NAMES)
+    if not train or not present:
         return None
-    notes = []
-    if len(present) == 2:
-        notes.append(f"{present[1]} ignored: {present[0]} is the validation set")
-    return train, present[0], notes
+    notes = [f"{other} ignored: {present[0]} is the validation set" for other in present[1:]]
+    return train[0], present[0], notes
 
 
 def _write_val_list(path: str, samples: list[Sample], *, absolute: bool, why_empty: str) -> None:
@@ -330,11 +384,19 @@ def make_lists(
         empty += [f"{os.path.basename(val_dir)}/{n}" for n in val_scan.empty_classes]
         layout, why_empty = "split", f"{val_dir} holds no images"
     else:
-        if os.path.isdir(os.path.join(root, "train")):
-            notes.append(f"{root}/train has no val/ or test/ beside it: 'train' is a class")
-        # An --out-dir inside ROOT must not turn into a class on the next run.
-        inside = os.path.dirname(out_dir) == root
-        scan = scan_folders(root, ignore={os.path.basename(out_dir)} if inside else set())
+        for lone in _subfolder(root, TRAIN_DIR_NAMES + VAL_DIR_NAMES):
+            name = os.path.basename(lone)
+            if _holds_images(lone, recursive=False) or not find_classes(lone):
+                notes.append(f"{lone} has no split folder beside it: {name!r} is a class")
+                continue
+            # Only folders inside: the half of a split layout, not a class.
+            raise ScanError(
+                f"{lone}: looks like half of a split layout (train/ with val/, validation/ or "
+                f"test/ beside it, each holding the class folders), but its other half is "
+                f"missing, and {name!r} would become one class; to split its classes by "
+                f"--val-fraction, run on it instead"
+            )
+        scan = scan_folders(root, ignore=_output_folder(root, out_dir))
         if not scan.classes:
             raise ScanError(f"{root}: no class folders (expected ROOT/<class>/<image>)")
         classes, skipped, empty = scan.classes, scan.skipped, list(scan.empty_classes)
@@ -351,14 +413,28 @@ def make_lists(
             for path, reason in excluded:
                 on_excluded(path, reason)
         bad = {path for path, _ in excluded}
+        before = {s.label for s in train + val}
         train = [s for s in train if s.path not in bad]
         val = [s for s in val if s.path not in bad]
         if had_val and not val:
             why_empty = "every one failed --verify"
+        after = {s.label for s in train + val}
+        for label in sorted(before - after):
+            notes.append(f"class {classes[label]!r}: every image failed --verify")
+        # Checked again: --verify may have emptied all classes but one.
+        _require_two_classes(root, classes, train + val, split=split_dirs is not None)
     if layout == "flat":
         train, val = split_train_val(train, val_fraction=val_fraction, seed=seed)
     if not train:
         raise ScanError(f"{root}: no usable training images")
+    if val or (layout == "flat" and val_fraction > 0):
+        in_train, in_val = {s.label for s in train}, {s.label for s in val}
+        for label in sorted(in_train - in_val):
+            notes.append(f"class {classes[label]!r} has no val images")
+        for label in sorted(in_val - in_train):
+            notes.append(f"class {classes[label]!r} has val images but none for training")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ScanError(f"{out_dir}: --out-dir is a file, not a folder")
     train_list = os.path.join(out_dir, TRAIN_LIST)
     val_list = os.path.join(out_dir, VAL_LIST)
     classes_file = os.path.join(out_dir, CLASSES_FILE)
@@ -391,7 +467,19 @@ def format_summary(report: ListsReport) -> str:
     lines.append(f"val: {len(report.val)} images -> {report.val_list}")
     lines.append(f"class names -> {report.classes_file}")
     reasons = Counter(reason for _, reason in report.skipped)
-    skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
+    parts = []
+    for reason, n in sorted(reasons.items()):
+        if reason == SKIP_NOT_IMAGE:  # which kinds: a .gif or a .jfif among them is news
+            kinds = Counter(
+                os.path.splitext(p)[1].lower() or "no extension"
+                for p, r in report.skipped
+                if r == reason
+            )
+            ranked = sorted(kinds.items(), key=lambda kc: (-kc[1], kc[0]))
+            reason += ": " + ", ".join(f"{k} {c}" for k, c in ranked[:6])
+            reason += ", ..." if len(kinds) > 6 else ""
+        parts.append(f"{n} {reason}")
+    skipped = "; ".join(parts)
     lines.append(f"skipped: {len(report.skipped)}" + (f" ({skipped})" if skipped else ""))
     lines.append(f"empty classes: {len(report.empty_classes)}")
     if report.excluded:

@@ -136,7 +136,7 @@ def test_undecodable_file_is_named(tmp_path, make_image, kind, backend, train):
 def test_dali_names_a_format_it_cannot_decode(tmp_path, make_image):
     gif = write_broken("animation.gif", tmp_path, make_image)
     list_file = list_around(tmp_path, make_image, gif)
-    with pytest.raises(RuntimeError, match="not in a format DALI decodes") as info:
+    with pytest.raises(RuntimeError, match="a format DALI does not decode") as info:
         run_epoch(list_file, backend="dali", train=False)
     assert gif in str(info.value)
     assert isinstance(info.value.__cause__, RuntimeError)  # DALI's own error, chained

@@ -147,3 +147,36 @@ def test_new_loader_flags_parse_and_check():
     for bad in (["--dali-hw-decoder-load", "1.5"], ["--prefetch", "0"], ["--processes", "0"]):
         with pytest.raises(TrainerError):
             parse_config(bad)
+
+
+def test_processes_job_with_bad_input_ends_in_the_workers_line(tiny_data, tmp_path):
+    # Started by --processes, torchrun runs inside the launcher: the job's output is the
+    # failing rank's one error line and its exit status 2, not torchrun's traceback.
+    import sys
+
+    bad = tmp_path / "bad.txt"
+    from pathlib import Path
+
+    bad.write_text(Path(tiny_data.train_list).read_text() + f"{tiny_data.train_list} 99\n")
+    (tmp_path / "classes.txt").write_text(Path(tiny_data.classes_file).read_text())
+    cmd = [sys.executable, MAIN, "--processes", "2", "--train-list", str(bad)]
+    proc = run(cmd, cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "bad.txt:" in errors[0] and "label 99" in errors[0], errors
+
+
+def test_worker_failure_status_picks_the_rank_that_said_why(capsys):
+    from types import SimpleNamespace as Failure
+
+    from trainer.main import worker_failure_status
+
+    # rank 1 found the bad file (2); torchrun then stopped rank 0 (SIGTERM) and rank 2 (3).
+    failures = {0: Failure(exitcode=-15, pid=10), 1: Failure(exitcode=2, pid=11)}
+    failures[2] = Failure(exitcode=3, pid=12)
+    assert worker_failure_status(failures) == 2
+    assert capsys.readouterr().err == ""
+    # A rank killed without a word (kill -9, the OOM killer) gets one line.
+    assert worker_failure_status({1: Failure(exitcode=-9, pid=77)}) == 137
+    assert capsys.readouterr().err.startswith("error: rank 1 (pid 77) was killed by SIGKILL")

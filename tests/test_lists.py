@@ -166,7 +166,8 @@ def test_classes_round_trip_and_classes_beside(tmp_path):
     ("text", "pattern"),
     [
         ("cat\n\ndog\n", r"classes\.txt:2: empty class name"),
-        ("cat\n   \n", r"classes\.txt:2: empty class name"),
+        ("cat\n   \ndog\n", r"classes\.txt:2: empty class name"),
+        ("# only a comment\n\n", r"classes\.txt: no class names"),
         ("cat\ndog\ncat\n", r"classes\.txt:3: class 'cat' repeats line 1"),
         ("", r"classes\.txt: no class names"),
     ],
@@ -175,6 +176,16 @@ def test_bad_classes_files(tmp_path, text, pattern):
     path = write_text(tmp_path / "classes.txt", text)
     with pytest.raises(ListError, match=pattern):
         read_classes(path)
+
+
+def test_classes_file_comments_trailing_blanks_and_hash_names(tmp_path):
+    # A comment line shifts no label, trailing blank lines are nothing, and a class named
+    # "#..." survives the round trip (written as "\\#...").
+    path = write_text(tmp_path / "classes.txt", "# my classes\ncat\n# dogs next\ndog\n\n \n")
+    assert read_classes(path) == ["cat", "dog"]
+    write_classes(tmp_path / "out.txt", ["#hash", "cat", "\\plain"])
+    assert (tmp_path / "out.txt").read_text() == "\\#hash\ncat\n\\plain\n"
+    assert read_classes(tmp_path / "out.txt") == ["#hash", "cat", "\\plain"]
 
 
 def test_missing_classes_file_is_a_list_error(tmp_path):

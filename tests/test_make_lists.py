@@ -216,7 +216,10 @@ def test_skipped_files_empty_classes_and_nested_folders(tmp_path, make_image):
     }
     summary = format_summary(report)
     assert "warning: empty class folder: also_empty" in summary
-    assert "skipped: 7 (3 hidden, 3 not an image file, 1 outside the class folders)" in summary
+    assert (
+        "skipped: 7 (3 hidden; 3 not an image file: .bak 1, .md 1, .txt 1; "
+        "1 outside the class folders)"
+    ) in summary
     assert "empty classes: 2" in summary
 
 
@@ -336,7 +339,7 @@ def test_cli_summary_and_absolute_paths(tmp_path, make_image):
         ("missing", "no such folder"),
         ("no_classes", "no class folders"),
         ("no_images", "no image files in 2 class folders"),
-        ("only_train", "one class with images ('train')"),
+        ("only_train", "looks like half of a split layout"),
         ("one_class", "a classifier needs at least 2 classes"),
     ],
 )
@@ -363,3 +366,73 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, make_image, capsys, layout, 
     if layout == "only_train":
         assert f"if {root / 'train' / 'train'} holds" not in err
         assert "run on it instead" in err and str(root / "train") in err
+
+
+def test_verify_that_empties_a_class_leaves_one_class_an_error(tmp_path, make_image):
+    # Every "broken" image fails --verify: one class is left, which is no classifier.
+    make_tree(tmp_path / "root", make_image, {"good": 4})
+    for i in range(3):
+        (tmp_path / "root" / "broken").mkdir(exist_ok=True)
+        (tmp_path / "root" / "broken" / f"{i}.jpg").write_text("not a JPEG\n")
+    with pytest.raises(ScanError, match="one class with images"):
+        make_lists(tmp_path / "root", out_dir=tmp_path / "out", verify=True, workers=1)
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize(("train", "val"), [("Train", "Val"), ("train", "validation")])
+def test_split_folders_in_any_case_and_validation(tmp_path, make_image, train, val):
+    make_tree(tmp_path / "root" / train, make_image, {"cat": 2, "dog": 2})
+    make_tree(tmp_path / "root" / val, make_image, {"cat": 1, "dog": 1})
+    report = make_lists(tmp_path / "root", out_dir=tmp_path / "out")
+    assert report.layout == "split" and report.classes == ["cat", "dog"]
+    assert (len(report.train), len(report.val)) == (4, 2)
+
+
+def test_lists_nested_deeper_inside_root_are_not_a_class(tmp_path, make_image):
+    root = tmp_path / "root"
+    make_tree(root, make_image, {"apple": 3, "banana": 3})
+    first = make_lists(root, out_dir=root / "Lists" / "v1")
+    second = make_lists(root, out_dir=root / "Lists" / "v2")
+    assert first.classes == second.classes == ["apple", "banana"]
+    assert not second.empty_classes
+
+
+def test_names_a_list_cannot_hold_are_skipped_and_counted(tmp_path, make_image):
+    root = tmp_path / "root"
+    make_tree(root, make_image, {"a": 2, "b": 2})
+    bad = os.path.join(os.fsencode(root / "a"), b"caf\xe9.jpg")  # Latin-1, not UTF-8
+    make_image(os.fsdecode(bad))
+    make_image(root / "b" / "photo.JFIF")  # JPEG under another name is listed
+    report = make_lists(root, out_dir=tmp_path / "out")
+    assert ("name not valid UTF-8 (a list cannot hold it)") in dict(report.skipped).values()
+    assert len(report.train) + len(report.val) == 5
+    summary = format_summary(report)
+    assert "1 name not valid UTF-8" in summary
+
+
+def test_verify_rejects_what_dali_cannot_decode(tmp_path, make_image):
+    # PIL decodes all three; DALI (libpng, its format list) does not.
+    good = make_image(tmp_path / "good.png", fmt="PNG")
+    data = bytearray(Path(good).read_bytes())
+    idat = data.index(b"IDAT")
+    data[idat + 10] ^= 0xFF  # a flipped byte inside the compressed data: CRC error
+    Path(tmp_path / "crc.png").write_bytes(bytes(data))
+    Path(tmp_path / "short.png").write_bytes(Path(good).read_bytes()[:-20])
+    make_image(tmp_path / "gif_as.png", fmt="GIF")
+    assert check_image(good) is None
+    assert "CRC error in its 'IDAT' chunk" in check_image(str(tmp_path / "crc.png"))
+    assert "truncated PNG" in check_image(str(tmp_path / "short.png"))
+    assert "a GIF image, a format DALI does not decode" in check_image(str(tmp_path / "gif_as.png"))
+
+
+def test_summary_names_classes_without_val_images(tmp_path, make_image):
+    make_tree(tmp_path / "root", make_image, {"many": 10, "single": 1})
+    report = make_lists(tmp_path / "root", out_dir=tmp_path / "out")
+    assert "note: class 'single' has no val images" in format_summary(report)
+
+
+def test_out_dir_that_is_a_file_is_one_line(tmp_path, make_image, capsys):
+    make_tree(tmp_path / "root", make_image, {"a": 2, "b": 2})
+    (tmp_path / "afile").write_text("x")
+    assert cli_main([str(tmp_path / "root"), "--out-dir", str(tmp_path / "afile")]) == 2
+    assert "--out-dir is a file, not a folder" in capsys.readouterr().err

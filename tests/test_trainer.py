@@ -229,6 +229,26 @@ def test_distributed_eval_equals_single_process(trained, tiny_data, tmp_path):
 
 
 @pytest.mark.slow
+def test_eval_only_in_a_run_folder_writes_beside_it(trained, tiny_data, tmp_path):
+    # --eval-only --resume auto into the training run's own folder: the run's config.toml
+    # and per-class files stay as they were; the evaluation gets eval-1/.
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(trained[0], out)
+    before = {n: (out / n).read_bytes() for n in ("config.toml", "per_class.csv")}
+    flags = tiny_flags(tiny_data, out, "--eval-only", "--resume", "auto")
+    proc = run([sys.executable, MAIN, *flags], cwd=tmp_path)
+    assert f"eval-only: results in {out / 'eval-1'}" in proc.stdout
+    assert {n: (out / n).read_bytes() for n in before} == before
+    assert (out / "eval-1" / "eval.json").is_file() and (out / "eval-1" / "config.toml").is_file()
+    from trainer.main import eval_results_dir
+
+    assert eval_results_dir(str(out)) == str(out / "eval-2")
+    assert eval_results_dir(str(tmp_path / "fresh")) == str(tmp_path / "fresh")
+
+
+@pytest.mark.slow
 def test_saved_weights_evaluate_as_the_two_rank_run_did(trained, tiny_data, tmp_path):
     # Without SyncBN each rank's BatchNorm running statistics follow its own last batches;
     # they are averaged over ranks before evaluation and saving, so the epoch's 2-rank val

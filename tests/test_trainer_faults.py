@@ -164,8 +164,8 @@ def test_missing_file_found_by_one_rank_stops_every_rank(tmp_path, tiny_data):
     assert proc.returncode != 0
     errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("error: ")]
     assert errors == [
-        f"error: rank 1: {missing}: image file listed in {train_list} cannot be read "
-        "(No such file or directory)"
+        f"error: rank 1: {missing}: image file listed at {train_list}:{len(samples)} cannot "
+        "be read (No such file or directory)"
     ]
     assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
 
@@ -349,3 +349,29 @@ def test_auto_augment_and_progressive_resize_reach_the_run(capsys, tmp_path, tin
     assert [r["train_image_size"] for r in records] == [16, 32]
     saved = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["config"]
     assert saved["auto_augment"] == "trivial" and saved["image_size"] == 32  # val size
+
+
+def test_train_list_of_one_label_is_refused(capsys, tmp_path, tiny_data):
+    from pipelines.lists import read_list, write_list
+
+    # classes.txt names 10 classes, but every sample is a "0": top-1 would read 100%.
+    samples = [s for s in read_list(tiny_data.train_list) if s.label == 0]
+    one = tmp_path / "one.txt"
+    write_list(one, samples, absolute=True)
+    flags = base_flags(tiny_data, tmp_path / "out")
+    flags[1] = str(one)
+    fails(capsys, [*flags, "--classes", tiny_data.classes_file], "every sample has label 0")
+
+
+def test_val_list_with_another_class_map_is_refused(capsys, tmp_path, tiny_data):
+    from pipelines.lists import read_classes, read_list, write_classes, write_list
+
+    # make_lists run on the val tree alone numbers its classes its own way (here: one class
+    # fewer, so every label after the first is shifted).
+    names = read_classes(tiny_data.classes_file)
+    val_dir = tmp_path / "val"
+    val = [(s.path, s.label - 1) for s in read_list(tiny_data.val_list) if s.label > 0]
+    write_list(val_dir / "Test.txt", val, absolute=True)
+    write_classes(val_dir / "classes.txt", names[1:])
+    flags = [*base_flags(tiny_data, tmp_path / "out"), "--val-list", str(val_dir / "Test.txt")]
+    fails(capsys, flags, "the val list's classes differ from the train list's", "label 0")

@@ -47,6 +47,7 @@ import torchvision
 from torch import nn
 
 from pipelines import build_loader, tuning
+from pipelines.imagecheck import header_problem
 from pipelines.lists import (
     ImageError,
     ListError,
@@ -198,9 +199,6 @@ def collect_inputs(
 
 def _file_problem(path: str) -> str | None:
     """Why the loaders cannot read ``path``, from a stat and its first 16 bytes (or None)."""
-    # Imported here: pipelines.dali loads DALI, which the PIL backend does not otherwise need.
-    from pipelines.dali import find_unreadable
-
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -214,8 +212,7 @@ def _file_problem(path: str) -> str | None:
         format_line(path, 0)
     except ListError:
         return "has a name a list file cannot hold (a line break or a trailing blank)"
-    found = find_unreadable([path], decode=False)
-    return None if found is None else found[1]
+    return header_problem(path)
 
 
 def check_files(

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ if __package__ in (None, ""):
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, os.path.dirname(_here))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -133,6 +133,8 @@ def resolve_data(cfg: Config, info: dist.DistInfo) -> DataSpec:
             f"{classes_file or '--num-classes'}: {len(class_names)} class; a classifier needs at "
             "least 2 (top-1 over one class is always 100%)"
         )
+    if val_list and classes_file and cfg.classes is None:
+        check_val_classes(val_list, classes_file, class_names)
     # Absolute, so the saved config.toml works from any folder.
     return DataSpec(
         os.path.abspath(train_list),
@@ -141,6 +143,42 @@ def resolve_data(cfg: Config, info: dist.DistInfo) -> DataSpec:
         os.path.abspath(classes_file) if classes_file else None,
         demo,
     )
+
+
+def check_val_classes(val_list: str, classes_file: str, class_names: list[str]) -> None:
+    """A val list made with its own class map (make_lists run on another tree) numbers the
+    classes its own way: label k must name the same class in both lists, or every val image
+    is scored against the wrong class without a word."""
+    val_classes = classes_beside(val_list)
+    if val_classes is None or os.path.samefile(val_classes, classes_file):
+        return
+    val_names = read_classes(val_classes)
+    if val_names == class_names:
+        return
+    differ = next(
+        (k for k, (a, b) in enumerate(zip(class_names, val_names, strict=False)) if a != b),
+        min(len(class_names), len(val_names)),
+    )
+    train_name = class_names[differ] if differ < len(class_names) else "(none)"
+    val_name = val_names[differ] if differ < len(val_names) else "(none)"
+    raise TrainerError(
+        f"{val_classes}: the val list's classes differ from the train list's ({classes_file}): "
+        f"label {differ} is {val_name!r} there, {train_name!r} for training; make both lists "
+        "with one class map (make_lists on ROOT with train/ and val/), or pass --classes FILE "
+        "if the val labels follow the train map"
+    )
+
+
+def check_train_labels(train_loader, data: DataSpec) -> None:
+    """The classes the train list really uses: one class is no classification problem (top-1
+    is 100% from the first step), whatever classes.txt names."""
+    used = np.unique(train_loader.table.labels)
+    if len(used) == 1:
+        label = int(used[0])
+        raise TrainerError(
+            f"{data.train_list}: every sample has label {label} "
+            f"({data.class_names[label]!r}); a classifier needs images of at least 2 classes"
+        )
 
 
 def plan_loader(cfg: Config, info: dist.DistInfo) -> LoaderPlan:
@@ -200,6 +238,8 @@ def build_loaders(
     def build():
         try:
             train = None if cfg.eval_only else build_loader(data.train_list, train=True, **common)
+            if train is not None:
+                check_train_labels(train, data)
             val = None
             if data.val_list:
                 try:
@@ -219,7 +259,23 @@ def build_loaders(
     return agreed_by_all(info, build)
 
 
-def run_eval_only(cfg, data, info, model, val_loader, amp_dtype) -> dict:
+def eval_results_dir(output_dir: str) -> str:
+    """Where ``--eval-only`` writes: ``output_dir`` if it holds no earlier results (of a
+    training run or an evaluation), else its first free ``eval-N`` subfolder."""
+
+    def used(folder: str) -> bool:
+        names = (CONFIG_FILE, EVAL_FILE, *run_metrics.PER_CLASS_FILES, *ckpt_io.RESULT_FILES)
+        return any(os.path.exists(os.path.join(folder, name)) for name in names)
+
+    if not used(output_dir):
+        return output_dir
+    k = 1
+    while os.path.exists(os.path.join(output_dir, f"eval-{k}")):
+        k += 1
+    return os.path.join(output_dir, f"eval-{k}")
+
+
+def run_eval_only(cfg, data, info, model, val_loader, amp_dtype, *, results_dir: str) -> dict:
     if val_loader is None:
         raise TrainerError("--eval-only needs a validation list (--val-list)")
     metrics = evaluate(
@@ -236,8 +292,8 @@ def run_eval_only(cfg, data, info, model, val_loader, amp_dtype) -> dict:
         f"loss {metrics['val_loss']:.4f} over {metrics['val_images']} images"
     )
     if info.is_main:
-        atomic_write_text(os.path.join(cfg.output_dir, EVAL_FILE), json.dumps(metrics) + "\n")
-        report_per_class(cfg.output_dir, confusion, data.class_names)
+        atomic_write_text(os.path.join(results_dir, EVAL_FILE), json.dumps(metrics) + "\n")
+        report_per_class(results_dir, confusion, data.class_names)
     return metrics
 
 
@@ -694,16 +750,22 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
         channels_last=cfg.channels_last,
         log=dist.print0,
     )
-    if info.is_main:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        save_config(cfg, os.path.join(cfg.output_dir, CONFIG_FILE))
-
     if cfg.eval_only:
+        # Results of its own, beside (never over) the training run whose weights it reads.
+        results_dir = decided_by_main(info, lambda: eval_results_dir(cfg.output_dir))
+        if info.is_main:
+            os.makedirs(results_dir, exist_ok=True)
+            save_config(cfg, os.path.join(results_dir, CONFIG_FILE))
         if checkpoint is not None:
             ckpt_io.restore_training_state(checkpoint, model=model)
             dist.print0(f"eval-only: weights of {resume_path} (epoch {checkpoint['epoch']})")
-        run_eval_only(cfg, data, info, model, val_loader, amp_dtype)
+        run_eval_only(cfg, data, info, model, val_loader, amp_dtype, results_dir=results_dir)
+        dist.print0(f"eval-only: results in {results_dir}")
         return
+
+    if info.is_main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.output_dir, CONFIG_FILE))
 
     training = build_training(
         cfg, model, steps_per_epoch=len(train_loader), amp_dtype=amp_dtype, device=info.device
@@ -751,8 +813,9 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
             image_size=cfg.image_size,
             weights=which,
         )
+        best = f"best val top-1 {training.best_top1:.2f}%" if val_loader else "no validation"
         dist.print0(
-            f"done: best val top-1 {training.best_top1:.2f}%; "
+            f"done: {best}; "
             f"{'EMA weights' if which == 'ema' else 'weights'} for inference in "
             f"{export} (loading it needs only torchvision, see trainer/checkpoint.py)"
         )
@@ -781,7 +844,19 @@ def processes_to_start(cfg: Config) -> tuple[int, str]:
 
 
 def relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
-    """Start this script as ``nproc`` torchrun workers on this machine; their exit status."""
+    """Start this script as ``nproc`` torchrun workers on this machine; their exit status.
+
+    torchrun runs in this process (``torch.distributed.run.run``, what ``python -m
+    torch.distributed.run`` calls), so that a failed worker ends the job with the worker's
+    own ``error:`` line and exit status, not torchrun's 40-line report and traceback.
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args
+    from torch.distributed.run import run as torchrun
+
     # --processes is this launcher's flag, not the workers' (under torchrun they refuse it).
     worker_argv, skip = [], False
     for arg in argv:
@@ -791,19 +866,47 @@ def relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
             skip = True
         elif not arg.startswith("--processes="):
             worker_argv.append(arg)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        os.path.abspath(__file__),
-        *worker_argv,
-    ]
+    args = parse_args(
+        ["--standalone", f"--nproc_per_node={nproc}", os.path.abspath(__file__), *worker_argv]
+    )
+    # Its "failed (exitcode: 2)" log line repeats what the failing rank already said.
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     try:
-        return subprocess.call(command)
-    except KeyboardInterrupt:  # torchrun forwards the signal to its workers and reports
+        torchrun(args)
+    except ChildFailedError as exc:
+        return worker_failure_status(exc.failures)
+    except SignalException as exc:  # SIGTERM (a preemption): torchrun stopped the workers,
+        return 128 + int(exc.sigval)  # which said where to resume
+    except KeyboardInterrupt:  # Ctrl-C: torchrun has forwarded the signal to its workers
         return 130
+    return 0
+
+
+def worker_failure_status(failures: dict) -> int:
+    """The exit status of a job whose workers failed (``{rank: ProcessFailure}``): the status
+    of the rank that said why (2 bad input, 1 a crash, whose traceback it printed), rather
+    than of the ranks torchrun stopped after it (3, or a signal) -- and one line for a rank
+    that died by a signal without a word (the kernel's OOM killer, a kill -9)."""
+    spoke = {r: f for r, f in failures.items() if f.exitcode > 0 and f.exitcode != 3}
+    if spoke:
+        return spoke[min(spoke)].exitcode
+    rank = min(failures)
+    failure = failures[rank]
+    if failure.exitcode < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-failure.exitcode).name
+        except ValueError:
+            name = f"signal {-failure.exitcode}"
+        print(
+            f"error: rank {rank} (pid {failure.pid}) was killed by {name}; the job stopped "
+            "(out of host memory? dmesg says whether the OOM killer ran)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 128 - failure.exitcode
+    return failure.exitcode
 
 
 def fail(message: str, *, speak: bool = True) -> int:

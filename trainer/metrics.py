@@ -112,6 +112,7 @@ def plot(run_dir: str, out_path: str | None = None) -> str:
 PER_CLASS = "per_class.csv"
 CONFUSION_CSV = "confusion_matrix.csv"
 CONFUSION_PNG = "confusion_matrix.png"
+PER_CLASS_FILES = (PER_CLASS, CONFUSION_CSV, CONFUSION_PNG)
 
 
 def per_class_rows(confusion, class_names: list[str]) -> list[dict]:

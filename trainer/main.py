@@ -869,7 +869,12 @@ def relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
     args = parse_args(
         ["--standalone", f"--nproc_per_node={nproc}", os.path.abspath(__file__), *worker_argv]
     )
-    # Its "failed (exitcode: 2)" log line repeats what the failing rank already said.
+    # torchrun would set 1 (and print a 4-line warning saying so): each rank's share of the
+    # cores is what its torch ops may use (the loader's threads are sized apart, in dist).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, dist.usable_cpus() // nproc)))
+    # Its log lines repeat what the ranks say themselves ("failed (exitcode: 2)" after the
+    # rank's error line, "Received 15 death signal" before the ranks' "stopped by SIGTERM").
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     try:
         torchrun(args)

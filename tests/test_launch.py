@@ -177,6 +177,8 @@ def test_worker_failure_status_picks_the_rank_that_said_why(capsys):
     failures[2] = Failure(exitcode=3, pid=12)
     assert worker_failure_status(failures) == 2
     assert capsys.readouterr().err == ""
-    # A rank killed without a word (kill -9, the OOM killer) gets one line.
-    assert worker_failure_status({1: Failure(exitcode=-9, pid=77)}) == 137
+    # A rank killed without a word (kill -9, the OOM killer) gets one line, even when the
+    # ranks stopped after it (exit 3) sort before it.
+    failures = {0: Failure(exitcode=3, pid=9), 1: Failure(exitcode=-9, pid=77)}
+    assert worker_failure_status(failures) == 137
     assert capsys.readouterr().err.startswith("error: rank 1 (pid 77) was killed by SIGKILL")

@@ -193,7 +193,7 @@ def test_torchrun_names_the_rank_that_met_a_bad_image(tmp_path, tiny_data):
     errors = [ln for ln in output.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(f"error: rank 1: {bad}"), errors
     # The rank that did not fail stops with one line, not a "Connection closed" traceback.
-    assert "rank 0: stopping: another rank failed (its error line says why)" in output
+    assert "rank 0: stopping: another rank failed (its error line" in output
     assert "[rank0]: Traceback" not in output and "Connection closed by peer" not in output
     root_cause = output.split("Root Cause (first observed failure):")[1]
     assert "rank      : 1 (local_rank: 1)" in root_cause
@@ -314,9 +314,25 @@ def test_val_fraction_zero_trains_without_validation(capsys, tmp_path, tiny_data
     (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert record["val_top1"] is None and record["train_loss"] > 0
     assert (out / "best.pt").is_file() and (out / "model.pt").is_file()
+    assert "done: no validation;" in captured.out  # not "best val top-1 0.00%"
     # Evaluating needs images, though.
     fails(capsys, [*flags, "--eval-only", "--resume", str(out / "last.pt"),
                    "--output-dir", str(tmp_path / "eval")], "holds no samples")  # fmt: skip
+    # Resuming with other settings would go on as another run under this one's name.
+    line = fails(capsys, [*flags, "--resume", "auto", "--epochs", "2", "--optimizer", "adamw"],
+                 "resuming with other settings", "--optimizer 'sgd' there, 'adamw' now")  # fmt: skip
+    assert "--epochs" not in line.split("settings than the run's:")[1].split(";")[0]
+    # Another run's checkpoint into a folder holding a run: refused, nothing touched.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    flags_other = [*flags[:-1], str(other), "--resume", str(out / "last.pt")]
+    fails(capsys, flags_other, "is another run's checkpoint")
+    assert (other / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
+    # --eval-only --resume auto where there is nothing: no random-weights score.
+    empty = [*flags[:-1], str(tmp_path / "empty"), "--eval-only", "--resume", "auto",
+             "--val-list", tiny_data.val_list]  # fmt: skip
+    fails(capsys, empty, "nothing to evaluate")
 
 
 def test_recipe_options_reach_the_run(capsys, tmp_path, tiny_data):
@@ -375,3 +391,58 @@ def test_val_list_with_another_class_map_is_refused(capsys, tmp_path, tiny_data)
     write_classes(val_dir / "classes.txt", names[1:])
     flags = [*base_flags(tiny_data, tmp_path / "out"), "--val-list", str(val_dir / "Test.txt")]
     fails(capsys, flags, "the val list's classes differ from the train list's", "label 0")
+
+
+@pytest.mark.parametrize(("accum", "expected"), [(1, [4, 8, 12]), (3, [6, 9, 12])])
+def test_checkpoint_every_n_steps_with_grad_accumulation(accum, expected):
+    # --checkpoint-every 4 over 14 steps: due after steps 4, 8, 12, at the first optimizer
+    # step boundary at or after each (with 3 batches a step: 6, 9, 12), never skipped.
+    from trainer.preemption import StepControl
+
+    control = StepControl(every_steps=4, every_minutes=0)
+    saved = []
+    control.save = lambda *, epoch, next_step, progress: saved.append(next_step) or "p"
+    steps = 14
+    for group_start in range(0, steps, accum):
+        next_step = min(group_start + accum, steps)
+        control.after_step(
+            epoch=0, next_step=next_step, steps=steps, progress=dict, group_start=group_start
+        )
+    assert saved == expected
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "words"),
+    [
+        ("--lr", "nan", "--lr must be a finite number"),
+        ("--warmup-epochs", "inf", "--warmup-epochs must be a finite number"),
+        ("--mixup-alpha", "nan", "--mixup-alpha must be a finite number"),
+        ("--momentum", "-1", "--momentum must be in [0, 1)"),
+        ("--image-size", "8", "--image-size must be at least 16 px"),
+    ],
+)
+def test_non_finite_and_out_of_range_values(capsys, tmp_path, tiny_data, flag, value, words):
+    fails(capsys, [*base_flags(tiny_data, tmp_path / "out"), flag, value], words)
+
+
+def test_a_diverging_run_stops_with_one_line(capsys, tmp_path, tiny_data):
+    out = tmp_path / "out"
+    flags = [*base_flags(tiny_data, out), "--lr", "1e6", "--log-interval", "1",
+             "--warmup-epochs", "0"]  # fmt: skip
+    fails(capsys, flags, "training diverged at epoch 1", "lower --lr")
+    assert not (out / "model.pt").exists() and not (out / "best.pt").exists()
+
+
+def test_overwrite_removes_every_file_of_the_earlier_run(tmp_path, tiny_data):
+    from trainer.config import parse_config
+    from trainer.main import check_output_dir
+
+    out = tmp_path / "out"
+    (out / "eval-1").mkdir(parents=True)
+    old = ["last.pt", "metrics.csv", "metrics.png", "per_class.csv", "confusion_matrix.png",
+           "config.toml", "eval.json", "eval-1/eval.json"]  # fmt: skip
+    for name in old:
+        (out / name).write_text("the earlier run's")
+    (out / "notes.txt").write_text("the user's own")
+    check_output_dir(parse_config([*base_flags(tiny_data, out), "--overwrite"]))
+    assert sorted(os.listdir(out)) == ["notes.txt"]

@@ -90,11 +90,6 @@ def _tensor_bytes(obj: Any) -> int:
 RESULT_FILES = (LAST, BEST, EXPORT, metrics.JSONL)
 
 
-def earlier_results(output_dir: str) -> list[str]:
-    """The files of an earlier training run in ``output_dir`` (empty when there are none)."""
-    return [name for name in RESULT_FILES if os.path.isfile(os.path.join(output_dir, name))]
-
-
 def check_writable(output_dir: str) -> None:
     """Write and remove a probe file where ``output_dir`` is (or will be created): a
     read-only or blocked path is found at start, not at the first checkpoint. Nothing is

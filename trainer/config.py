@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import tomllib
 import typing
@@ -342,6 +343,10 @@ def load_config_file(path: str) -> dict[str, Any]:
     return {name: _coerce(name, value, path) for name, value in values.items()}
 
 
+# The smallest crop: ResNets downsample by 32, so 16 px ends at a 1x1 map after layer3.
+MIN_IMAGE_SIZE = 16
+
+
 def check_config(cfg: Config) -> None:
     """Values the parser's types cannot rule out (also reached from config files)."""
     for name, f in FIELDS.items():
@@ -351,6 +356,10 @@ def check_config(cfg: Config) -> None:
             raise TrainerError(
                 f"{flag_name(name)} must be one of {', '.join(choices)}, not {value!r}"
             )
+    for name in FIELDS:  # NaN passes every `< 0` check below, and inf is no setting either
+        value = getattr(cfg, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise TrainerError(f"{flag_name(name)} must be a finite number, got {value}")
     positive = ("epochs", "batch_size", "image_size", "log_interval", "dist_timeout", "prefetch")
     for name in positive:
         if not getattr(cfg, name) > 0:
@@ -375,6 +384,13 @@ def check_config(cfg: Config) -> None:
         raise TrainerError(f"--grad-accum-steps must be >= 1, got {cfg.grad_accum_steps}")
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise TrainerError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    if not 0.0 <= cfg.momentum < 1.0:
+        raise TrainerError(f"--momentum must be in [0, 1), got {cfg.momentum}")
+    if cfg.image_size < MIN_IMAGE_SIZE:
+        raise TrainerError(
+            f"--image-size must be at least {MIN_IMAGE_SIZE} px (a ResNet halves it 5 times), "
+            f"got {cfg.image_size}"
+        )
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise TrainerError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
 
@@ -403,9 +419,10 @@ def progressive_sizes(spec: str) -> tuple[int, int, int]:
         raise TrainerError(
             f"--progressive-resize takes START:END:RAMP_EPOCHS (e.g. 160:224:10), not {spec!r}"
         ) from None
-    if not 8 <= start <= end or ramp < 1:
+    if not MIN_IMAGE_SIZE <= start <= end or ramp < 1:
         raise TrainerError(
-            f"--progressive-resize {spec}: needs 8 <= START <= END and RAMP_EPOCHS >= 1"
+            f"--progressive-resize {spec}: needs {MIN_IMAGE_SIZE} <= START <= END and "
+            "RAMP_EPOCHS >= 1"
         )
     return start, end, ramp
 
@@ -457,4 +474,8 @@ def to_toml(values: dict[str, Any]) -> str:
 
 def save_config(cfg: Config, path: str) -> None:
     header = "# resolved settings of this run; reuse with --config\n"
+    # What this invocation did rather than what the run is: reused with --config, the file
+    # must start (or, with --resume auto given again, continue) the run, not silently
+    # resume, evaluate or replace.
+    cfg = dataclasses.replace(cfg, resume=None, eval_only=False, overwrite=False)
     atomic_write_text(path, header + to_toml(config_dict(cfg)))

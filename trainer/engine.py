@@ -271,6 +271,7 @@ def train_one_epoch(
     window_start = time.perf_counter()
     start = window_start - progress.get("elapsed", 0.0)
     step = start_step
+    bad_windows = 0  # consecutive log windows whose mean loss was not finite
     batches = iter(loader)
 
     def progress_now() -> dict:  # read only when a step checkpoint is written (one sync)
@@ -320,6 +321,11 @@ def train_one_epoch(
         if step % log_interval == 0 or step == steps:
             # One all-reduce (and so one sync) per window: rank 0 prints the global mean loss.
             mean_loss = dist.all_reduce_mean(window_loss / window_steps).item()
+            # The same figure on every rank, so all stop together. One window of inf/NaN may
+            # be fp16's overflow (the scaler skips those steps); two in a row is divergence.
+            bad_windows = 0 if math.isfinite(mean_loss) else bad_windows + 1
+            if bad_windows >= 2:
+                raise diverged(epoch, step, steps, mean_loss, optimizer)
             now = time.perf_counter()
             elapsed = now - window_start
             # ETA from this epoch's pace so far (evaluation time is not in it).
@@ -339,10 +345,20 @@ def train_one_epoch(
         if control is not None and micro_step == micro_steps - 1:
             # At optimizer-step boundaries only (no gradients half accumulated): may write a
             # step checkpoint, may stop the run.
-            control.after_step(epoch=epoch, next_step=step, steps=steps, progress=progress_now)
+            control.after_step(
+                epoch=epoch,
+                next_step=step,
+                steps=steps,
+                progress=progress_now,
+                group_start=group_start,
+            )
     elapsed = time.perf_counter() - start
     if step == 0:
         raise TrainerError("the training loader yielded no batches (fewer images than ranks?)")
+    # Once per epoch (one sync): weights gone inf/NaN must not be evaluated, saved as best
+    # and exported as a finished run.
+    if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
+        raise diverged(epoch, step, steps, float("nan"), optimizer)
     totals = torch.tensor(
         [epoch_loss.item() / step, images_seen / elapsed, data_wait / elapsed],
         dtype=torch.float64,
@@ -356,6 +372,15 @@ def train_one_epoch(
         "lr": optimizer.param_groups[0]["lr"],
         "steps": step,
     }
+
+
+def diverged(epoch: int, step: int, steps: int, loss: float, optimizer) -> TrainerError:
+    """The error that stops a run whose loss or weights went inf/NaN."""
+    return TrainerError(
+        f"training diverged at epoch {epoch + 1} step {step}/{steps}: loss {loss}, lr "
+        f"{optimizer.param_groups[0]['lr']:.4g}; lower --lr (or add --clip-grad-norm, "
+        "--warmup-epochs), and resume from an earlier checkpoint or start again"
+    )
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -264,7 +265,7 @@ def eval_results_dir(output_dir: str) -> str:
     training run or an evaluation), else its first free ``eval-N`` subfolder."""
 
     def used(folder: str) -> bool:
-        names = (CONFIG_FILE, EVAL_FILE, *run_metrics.PER_CLASS_FILES, *ckpt_io.RESULT_FILES)
+        names = (CONFIG_FILE, *RESULT_FILES)
         return any(os.path.exists(os.path.join(folder, name)) for name in names)
 
     if not used(output_dir):
@@ -384,7 +385,7 @@ def build_training(
 
 
 def resume_training(
-    training: Training, checkpoint: dict, path: str, run_dir: str, *, batch_size: int
+    training: Training, checkpoint: dict, path: str, run_dir: str, *, batch_size: int, loader: str
 ) -> None:
     """Load a checkpoint into the bare model and the optimizer, scheduler and scaler."""
     training.start_epoch, training.best_top1, notes = ckpt_io.restore_training_state(
@@ -403,7 +404,9 @@ def resume_training(
     if position is not None:
         info = dist.current()
         same = position["world_size"] == info.world_size and position["batch_size"] == batch_size
-        if same:
+        # A loader's saved mid-epoch state (DALI's generators, PIL's seeds) fits itself only.
+        same_loader = checkpoint["config"].get("loader", loader) == loader
+        if same and same_loader:
             training.start_step = int(position["step"])
             training.rank_state = checkpoint["ranks"][info.rank]
             training.progress = training.rank_state["progress"]
@@ -414,9 +417,13 @@ def resume_training(
                     if name in training.rank_state["ema_buffers"]:
                         buffer.copy_(training.rank_state["ema_buffers"][name])
         else:
+            saved_as = f"{position['world_size']} ranks x batch {position['batch_size']}"
+            now = f"{info.world_size} x {batch_size}"
+            if not same_loader:
+                saved_as += f" with --loader {checkpoint['config']['loader']}"
+                now += f" with --loader {loader}"
             where = (
-                f"; saved mid-epoch on {position['world_size']} ranks x batch "
-                f"{position['batch_size']}, now {info.world_size} x {batch_size}: epoch "
+                f"; saved mid-epoch on {saved_as}, now {now}: epoch "
                 f"{training.start_epoch + 1} restarts from its first step"
             )
     dist.print0(
@@ -425,6 +432,41 @@ def resume_training(
     )
     if dist.is_main_process():
         run_metrics.truncate(run_dir, completed_epochs=training.start_epoch)
+
+
+# The settings that make a run what it is: a resumed run that changed one would go on as
+# another run (another order of samples, optimizer state that does not fit, a jump in the
+# learning rate) under the first one's name and metrics.
+SAME_RUN_FIELDS = (
+    "optimizer", "lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing",
+    "seed", "batch_size", "grad_accum_steps", "clip_grad_norm", "ema_decay", "mixup_alpha",
+    "cutmix_alpha", "auto_augment", "image_size", "progressive_resize", "amp",
+)  # fmt: skip
+
+
+def check_same_run(checkpoint: dict, path: str, cfg: Config, world_size: int) -> None:
+    """Refuse to resume with settings other than the checkpoint's, naming each difference
+    (--epochs may change: a longer or shorter run, said in a line)."""
+    saved = checkpoint["config"]
+    differ = [
+        f"--{name.replace('_', '-')} {saved[name]!r} there, {getattr(cfg, name)!r} now"
+        for name in SAME_RUN_FIELDS
+        if name in saved and saved[name] != getattr(cfg, name)
+    ]
+    if differ:
+        hint = ""
+        if any(d.startswith("--lr ") for d in differ) and "lr" in saved:
+            hint = f" (the default lr follows the global batch: {world_size} rank(s) now)"
+        raise TrainerError(
+            f"{path}: resuming with other settings than the run's: {'; '.join(differ)}{hint}; "
+            f"resume with the run's own (--config {os.path.join(cfg.output_dir, CONFIG_FILE)} "
+            "--resume auto), or start a new run from its weights with --pretrained"
+        )
+    if saved.get("epochs") not in (None, cfg.epochs):
+        dist.print0(
+            f"--epochs {cfg.epochs} (the run was started for {saved['epochs']}): the learning "
+            "rate schedule is stretched to the new length from here on"
+        )
 
 
 def end_epoch(cfg: Config, training: Training, data: DataSpec, record: dict) -> None:
@@ -582,21 +624,47 @@ def final_weights(training: Training, records: list[dict]) -> tuple[nn.Module, s
     return training.ema.module, "ema"
 
 
+# What a run or an evaluation leaves in its folder: what marks the folder as used (config.toml
+# alone does not: a run that failed at start leaves only it), and what --overwrite removes.
+RESULT_FILES = (
+    *ckpt_io.RESULT_FILES,
+    run_metrics.CSV,
+    run_metrics.PNG,
+    *run_metrics.PER_CLASS_FILES,
+    EVAL_FILE,
+)
+
+
 def check_output_dir(cfg: Config) -> None:
     """Before any work: never replace an earlier run's results by accident, and find a
     folder that cannot be written now rather than at the first checkpoint."""
-    if not cfg.eval_only:
-        found = ckpt_io.earlier_results(cfg.output_dir)
-        resuming = ckpt_io.resolve_resume(cfg.resume, cfg.output_dir) is not None
-        if found and not resuming and not cfg.overwrite:
+    if not cfg.eval_only:  # an evaluation writes beside a run (eval_results_dir), never over
+        found = [n for n in RESULT_FILES if os.path.exists(os.path.join(cfg.output_dir, n))]
+        resume_path = ckpt_io.resolve_resume(cfg.resume, cfg.output_dir)
+        # Only this folder's own checkpoint continues the run in it; another run's would
+        # splice two runs' weights and metrics into one folder.
+        own = resume_path is not None and os.path.samefile(
+            os.path.dirname(os.path.abspath(resume_path)), cfg.output_dir
+        )
+        if found and not own and not cfg.overwrite:
+            if resume_path is not None:
+                raise TrainerError(
+                    f"{cfg.output_dir} already holds a run ({', '.join(found)}), and --resume "
+                    f"{resume_path} is another run's checkpoint: resume into a new "
+                    "--output-dir, or replace this folder's run with --overwrite"
+                )
             raise TrainerError(
                 f"{cfg.output_dir} already holds a run ({', '.join(found)}): continue it with "
                 "--resume auto, start a new one with --output-dir NEW_DIR, or replace it "
                 "with --overwrite"
             )
-        if found and cfg.overwrite and not resuming:
-            for name in found:
-                os.remove(os.path.join(cfg.output_dir, name))
+        if found and cfg.overwrite and not own:
+            for name in (*found, CONFIG_FILE):
+                if os.path.exists(os.path.join(cfg.output_dir, name)):
+                    os.remove(os.path.join(cfg.output_dir, name))
+            for name in os.listdir(cfg.output_dir):  # the old run's evaluations
+                if name.startswith("eval-") and os.path.isdir(os.path.join(cfg.output_dir, name)):
+                    shutil.rmtree(os.path.join(cfg.output_dir, name))
     ckpt_io.check_writable(cfg.output_dir)
 
 
@@ -709,13 +777,13 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
     # Rank 0 alone owns the output folder (other nodes may not even see it).
     decided_by_main(info, lambda: check_output_dir(cfg))
     data = resolve_data(cfg, info)
-    if cfg.warmup_epochs > cfg.epochs * MAX_WARMUP_FRACTION:
+    if not cfg.eval_only and cfg.warmup_epochs > cfg.epochs * MAX_WARMUP_FRACTION:
         # A warmup longer than the run never reaches the peak rate: a 3-epoch fine-tune with
         # 5 warmup epochs ended at chance on data that reaches 98% with 1.
         capped = cfg.epochs * MAX_WARMUP_FRACTION
         dist.print0(
-            f"--warmup-epochs {cfg.warmup_epochs:g} is over a quarter of the {cfg.epochs} "
-            f"epochs: warming up for {capped:g} epochs instead"
+            f"a warmup of {cfg.warmup_epochs:g} epochs (--warmup-epochs) is over a quarter of "
+            f"the {cfg.epochs} epochs: warming up for {capped:g} epochs instead"
         )
         cfg = replace(cfg, warmup_epochs=capped)
     plan = plan_loader(cfg, info)
@@ -731,6 +799,11 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
     # Rank 0 decides what every rank resumes from: a node that saw another last.pt (or none)
     # must not start from something else, or from scratch, in silence.
     resume_path = decided_by_main(info, lambda: ckpt_io.resolve_resume(cfg.resume, cfg.output_dir))
+    if cfg.eval_only and resume_path is None and not cfg.pretrained:
+        raise TrainerError(
+            f"--eval-only --resume auto: no {ckpt_io.LAST} in {cfg.output_dir}, nothing to "
+            "evaluate (give --resume PATH or --pretrained PATH)"
+        )
     if cfg.resume == "auto" and resume_path is None:
         dist.print0(f"--resume auto: no {ckpt_io.LAST} in {cfg.output_dir}, starting fresh")
     checkpoint = load_agreed_checkpoint(resume_path, info) if resume_path else None
@@ -749,6 +822,7 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
         sync_bn=cfg.sync_bn and info.distributed,
         channels_last=cfg.channels_last,
         log=dist.print0,
+        require_head=cfg.eval_only and checkpoint is None,
     )
     if cfg.eval_only:
         # Results of its own, beside (never over) the training run whose weights it reads.
@@ -767,12 +841,19 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
         os.makedirs(cfg.output_dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.output_dir, CONFIG_FILE))
 
+    if checkpoint is not None:
+        check_same_run(checkpoint, resume_path, cfg, info.world_size)
     training = build_training(
         cfg, model, steps_per_epoch=len(train_loader), amp_dtype=amp_dtype, device=info.device
     )
     if checkpoint is not None:
         resume_training(
-            training, checkpoint, resume_path, cfg.output_dir, batch_size=cfg.batch_size
+            training,
+            checkpoint,
+            resume_path,
+            cfg.output_dir,
+            batch_size=cfg.batch_size,
+            loader=cfg.loader,
         )
     del checkpoint  # its tensors are in the model now; free the CPU copy
     # compile and DDP after loading, so the checkpoint's bare names match the bare model.
@@ -895,7 +976,8 @@ def worker_failure_status(failures: dict) -> int:
     spoke = {r: f for r, f in failures.items() if f.exitcode > 0 and f.exitcode != 3}
     if spoke:
         return spoke[min(spoke)].exitcode
-    rank = min(failures)
+    killed = [r for r, f in failures.items() if f.exitcode < 0]
+    rank = min(killed) if killed else min(failures)
     failure = failures[rank]
     if failure.exitcode < 0:
         import signal
@@ -939,7 +1021,10 @@ def main(argv: list[str] | None = None) -> int:
     first_rank = int(os.environ.get("RANK", "0")) == 0
     try:
         cfg = parse_config(argv)
-        if launched_by_torchrun(cfg) and cfg.processes is not None:
+        # Only the flag: a `processes` in a --config file (a saved config.toml of a run that
+        # started itself) means nothing to a worker torchrun started.
+        processes_flag = any(a == "--processes" or a.startswith("--processes=") for a in argv)
+        if launched_by_torchrun(cfg) and processes_flag:
             raise TrainerError(
                 "--processes is for runs without torchrun; under torchrun, --nproc_per_node decides"
             )
@@ -993,7 +1078,8 @@ def main(argv: list[str] | None = None) -> int:
             # Another rank died (and said why): this one stops with one line, no traceback,
             # and writes no error file, so torchrun's root cause stays the rank that failed.
             print(
-                f"rank {info.rank}: stopping: another rank failed (its error line says why)",
+                f"rank {info.rank}: stopping: another rank failed (its error line, or the "
+                "launcher's report of how it died, says why)",
                 file=sys.stderr,
                 flush=True,
             )

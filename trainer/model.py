@@ -161,15 +161,25 @@ def build_model(
     sync_bn: bool = False,
     channels_last: bool = True,
     log: Callable[[str], None] = print,
+    require_head: bool = False,
 ) -> nn.Module:
     """Bare model on ``device``: head for ``num_classes``, optional weights, SyncBN, layout.
+
+    ``require_head``: the ``pretrained`` weights must include the head (evaluation: a new
+    head of another class count would score untrained weights).
 
     Not yet compiled or DDP-wrapped (see ``compile_model`` and ``wrap_ddp``), so checkpoints
     and evaluation can use it directly.
     """
     model = create_model(arch, num_classes=num_classes)
     if pretrained:
-        log(load_pretrained(model, pretrained, arch=arch, num_classes=num_classes).summary())
+        report = load_pretrained(model, pretrained, arch=arch, num_classes=num_classes)
+        if require_head and report.skipped_head:
+            raise TrainerError(
+                f"{pretrained}: its head is for another class count than the data's "
+                f"{num_classes}, so there is no trained head to evaluate"
+            )
+        log(report.summary())
     if sync_bn and device.type != "cuda":
         log("--sync-bn ignored: SyncBatchNorm runs on CUDA only, this run is on the CPU")
     elif sync_bn:

@@ -73,10 +73,26 @@ class StepControl:
         self.signum = signum  # acted on at the next agreed step
 
     # --- the per-step decision ----------------------------------------------------------
-    def after_step(self, *, epoch: int, next_step: int, steps: int, progress: dict) -> None:
-        """Called after each training step; may save a step checkpoint, may raise Stopped."""
+    def after_step(
+        self,
+        *,
+        epoch: int,
+        next_step: int,
+        steps: int,
+        progress: dict,
+        group_start: int | None = None,
+    ) -> None:
+        """Called after each optimizer step; may save a step checkpoint, may raise Stopped.
+
+        ``group_start``: the first batch of this optimizer step (with --grad-accum-steps K it
+        is K batches back): a multiple of ``every_steps`` crossed inside the group is due now,
+        at the first boundary after it, not only when the boundary lands on it exactly.
+        """
         signalled, timed = self._agreed_flags()
-        periodic = self.every_steps > 0 and next_step % self.every_steps == 0
+        first = next_step - 1 if group_start is None else group_start
+        periodic = (
+            self.every_steps > 0 and next_step // self.every_steps > first // self.every_steps
+        )
         # The epoch's last step is followed by evaluation and the epoch checkpoint anyway.
         due = (periodic or timed) and next_step < steps
         if signalled or due:

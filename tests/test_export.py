@@ -150,3 +150,14 @@ def test_without_onnx_one_error_line(tmp_path, run_dir):
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == ["error: onnx is not installed: pip install -e '.[export]'"]
     assert not out.exists()
+
+
+def test_an_existing_output_is_refused_before_any_work(capsys, tmp_path, run_dir):
+    out = tmp_path / "earlier.onnx"
+    out.write_bytes(b"an earlier export")
+    assert export_main([str(run_dir / "model.pt"), str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"error: {out} exists: choose another name or pass --overwrite"]
+    assert out.read_bytes() == b"an earlier export"
+    assert export_main([str(run_dir / "model.pt"), str(out), "--overwrite"]) == 0
+    assert out.stat().st_size > 1_000_000

@@ -322,3 +322,18 @@ def test_bad_input_is_one_error_line(capsys, tmp_path, tiny_data, model_file):
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"GIF89a not really")
     fails("--model", model_file, str(junk), mentions="none of the 1 images could be predicted")
+
+
+def test_an_existing_csv_is_refused_before_any_work(capsys, tmp_path, tiny_data, model_file):
+    out = tmp_path / "predictions.csv"
+    out.write_text("earlier results\n")
+    image = read_list(tiny_data.val_list)[0].path
+    rc, stdout, err = run_predict(capsys, "--model", model_file, image, "--csv", str(out))
+    assert rc == 2 and stdout == []  # nothing predicted
+    assert err == [f"error: --csv {out} exists: choose another name or pass --overwrite"]
+    assert out.read_text() == "earlier results\n"
+    rc, _, err = run_predict(capsys, "--model", model_file, image, "--csv", str(tmp_path))
+    assert rc == 2 and err == [f"error: --csv {tmp_path} is a folder: name a file"]
+    args = ("--model", model_file, image, "--csv", str(out), "--overwrite", "--backend", "pil")
+    rc, _, _ = run_predict(capsys, *args)
+    assert rc == 0 and out.read_text().startswith("path,label,class_1,")

@@ -26,7 +26,12 @@ if __package__ in (None, ""):
     # there for `trainer` and `pipelines` when the project is not installed.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipelines.fileio import atomic_write_text  # noqa: E402
+from pipelines.fileio import (  # noqa: E402
+    OVERWRITE_HELP,
+    OutputFileError,
+    atomic_write_text,
+    check_output_file,
+)
 from pipelines.lists import ListError  # noqa: E402
 from trainer import inference  # noqa: E402
 
@@ -84,8 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--csv",
         metavar="FILE",
         default=None,
-        help="write path, label, top-k classes and probabilities to FILE instead of stdout",
+        help="write path, label, top-k classes and probabilities to FILE instead of stdout; "
+        "an existing FILE is refused without --overwrite (default: stdout)",
     )
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     return parser
 
 
@@ -122,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: {path}: {reason}", file=sys.stderr, flush=True)
 
     try:
+        if args.csv:  # before any work: a refused CSV must not cost a whole prediction run
+            check_output_file(args.csv, overwrite=args.overwrite, flag="--csv")
         backend, device = inference.resolve_backend(args.backend)
         threads = (
             args.workers if args.workers is not None else inference.default_threads(backend, device)
@@ -160,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.csv:
             atomic_write_text(args.csv, csv_text(collected, model.class_names, predictor.top_k))
-    except (inference.InferenceError, ListError, OSError) as error:
+    except (inference.InferenceError, ListError, OutputFileError, OSError) as error:
         sys.stdout.flush()
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -76,3 +76,7 @@ def sigterm_as_exit() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class BenchmarkInputError(ValueError):
+    """A benchmark's bad flag or value, found before measuring; the message is one line."""

@@ -37,7 +37,7 @@ def _positive_float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="a run's model.pt")
+    parser.add_argument("model", help="a run's model.pt, or the run folder holding it")
     parser.add_argument(
         "out", help="the .onnx file to write (an existing one is refused without --overwrite)"
     )
@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         # First, so that a machine without the packages hears it before any work is done.
         inference.import_onnx_modules()
         check_output_file(args.out, overwrite=args.overwrite, flag="")
+        # The model before the check images: a wrong model path is the first thing to hear.
+        model = inference.load_model(args.model)
         check_paths = args.check_images or inference.run_config_lists(args.model)
         if not check_paths:
             raise inference.InferenceError(
@@ -80,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             on_skip=lambda path, reason: print(
                 f"skipped: {path}: {reason}", file=sys.stderr, flush=True
             ),
+            model=model,
         )
     except inference.ExportCheckError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -94,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{report.seconds:.1f} s"
     )
     print(
-        f"checked with onnxruntime on {report.checked_images} images (batches of "
+        f"checked with onnxruntime on {report.checked_images} "
+        f"{'image' if report.checked_images == 1 else 'images'} (batches of "
         f"{' and '.join(map(str, report.batch_sizes))}): max abs logit difference "
         f"{report.max_abs_difference:.2e} (tolerance {report.tolerance:g})"
     )

@@ -53,7 +53,9 @@ def _non_negative(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders, lists")
-    parser.add_argument("--model", required=True, help="a run's model.pt")
+    parser.add_argument(
+        "--model", required=True, help="a run's model.pt, or the run folder holding it (required)"
+    )
     parser.add_argument(
         "--top-k",
         type=_positive,
@@ -176,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     for note in summary.notes:
         print(f"note: {note}")
     if summary.top1 is not None:
+        for list_file in inference.lists_without_classes(args.paths):
+            print(
+                f"note: {list_file} has no classes.txt beside it: its labels were scored as the "
+                f"model's class indices (0 = {model.class_names[0]}, 1 = "
+                f"{model.class_names[1] if len(model.class_names) > 1 else '-'}, ...)"
+            )
         print(f"top-1 {summary.top1:.2f}% over {summary.labelled} labelled images")
     workers = f"{threads} {'threads' if backend == 'dali' else 'workers'}"
     print(

@@ -38,55 +38,97 @@ if __package__ in (None, ""):
     # root must be there for `pipelines` even without the editable install.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.cli import (  # noqa: E402
+    ArgumentParser,
+    error,
+    non_negative_int,
+    positive_int,
+    sigterm_as_exit,
+)
+from pipelines.fileio import (  # noqa: E402
+    OVERWRITE_HELP,
+    OutputFileError,
+    atomic_write_text,
+    check_output_file,
+)
 from pipelines.lists import CLASSES_FILE, TRAIN_LIST, VAL_LIST, format_line  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167
 IMAGENET_VAL = 50_000
+# Left in a --work-dir this script writes to: its lists there are its own to replace.
+WORK_MARKER = ".imagenet_scale_work"
+LIST_FILES = (TRAIN_LIST, VAL_LIST, CLASSES_FILE)
+
+
+class InputError(ValueError):
+    """Bad input, found before any work; the message is one line."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--data",
-        help="folder with Train.txt, Test.txt and classes.txt "
+        help="folder with Train.txt, Test.txt and classes.txt, only read "
         "(default: the demo data, generated once)",
     )
     p.add_argument(
         "--work-dir",
-        help="where the long lists go (default: a temporary folder, removed afterwards)",
+        help="where the long lists go: a new or empty folder, or one this script wrote before "
+        f"(it leaves {WORK_MARKER} there); never one holding lists of your own "
+        "(default: a temporary folder, removed afterwards)",
     )
     p.add_argument(
         "--train-size",
-        type=int,
+        type=positive_int,
         default=IMAGENET_TRAIN,
         help="lines of the long train list (default: %(default)s, ImageNet's)",
     )
     p.add_argument(
         "--val-size",
-        type=int,
+        type=positive_int,
         default=IMAGENET_VAL,
         help="lines of the long val list (default: %(default)s, ImageNet's)",
     )
-    p.add_argument("--rank", type=int, default=0, help="rank measured (default: %(default)s)")
+    p.add_argument(
+        "--rank",
+        type=non_negative_int,
+        default=0,
+        help="rank measured, below --world-size (default: %(default)s)",
+    )
     p.add_argument(
         "--world-size",
-        type=int,
+        type=positive_int,
         default=8,
         help="ranks the work is split over (default: %(default)s)",
     )
-    p.add_argument("--batch-size", type=int, default=32, help="per rank (default: %(default)s)")
-    p.add_argument("--image-size", type=int, default=224, help="crop side (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=2, help="DALI threads (default: %(default)s)")
     p.add_argument(
-        "--epochs", type=int, default=3, help="epochs whose start is timed (default: %(default)s)"
+        "--batch-size", type=positive_int, default=32, help="images per rank (default: %(default)s)"
+    )
+    p.add_argument(
+        "--image-size",
+        type=positive_int,
+        default=224,
+        help="crop side in px (default: %(default)s)",
+    )
+    p.add_argument(
+        "--threads", type=positive_int, default=2, help="DALI threads (default: %(default)s)"
+    )
+    p.add_argument(
+        "--epochs",
+        type=positive_int,
+        default=3,
+        help="epochs whose start is timed (default: %(default)s)",
     )
     p.add_argument(
         "--steps",
-        type=int,
+        type=positive_int,
         default=20,
         help="batches timed per epoch after its first (default: %(default)s)",
     )
-    p.add_argument("--json", help="also write the results here")
+    p.add_argument(
+        "--json", help="also write the settings and results to this JSON file (default: none)"
+    )
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--case", nargs=3, metavar=("NAME", "TRAIN", "VAL"), help=argparse.SUPPRESS)
     return p
 
@@ -224,49 +266,154 @@ def markdown(results: dict, args) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.case:
-        name, train_list, val_list = args.case
-        print(json.dumps({"case": name, **measure_case(args, train_list, val_list)}))
-        return 0
+def check_work_dir(work_dir: str, data: str) -> None:
+    """Refuse a --work-dir whose list files the script did not write, and --data itself."""
+    if os.path.realpath(work_dir) == os.path.realpath(data):
+        raise InputError(
+            f"--work-dir {work_dir} is the --data folder: the long lists would replace its "
+            "lists; choose another folder"
+        )
+    if os.path.exists(work_dir) and not os.path.isdir(work_dir):
+        raise InputError(f"--work-dir {work_dir} is a file, not a folder")
+    if not os.path.isdir(work_dir) or os.path.exists(os.path.join(work_dir, WORK_MARKER)):
+        return
+    foreign = [name for name in LIST_FILES if os.path.exists(os.path.join(work_dir, name))]
+    if foreign:
+        raise InputError(
+            f"--work-dir {work_dir} holds {', '.join(foreign)} that this script did not write "
+            f"(no {WORK_MARKER}): choose an empty or new folder"
+        )
+
+
+def check_data(args) -> int:
+    """The --data lists must exist, parse, name existing files, and give every rank at least
+    two training steps and one val image; returns the train list's length."""
+    from pipelines import common
+    from pipelines.lists import read_classes, read_table
+
+    if not os.path.isdir(args.data):
+        raise InputError(f"--data {args.data} is not a folder")
+    for name in LIST_FILES:
+        if not os.path.isfile(os.path.join(args.data, name)):
+            raise InputError(f"--data {args.data} has no {name}")
+    num_classes = len(read_classes(os.path.join(args.data, CLASSES_FILE)))
+    sizes = {}
+    for name in (TRAIN_LIST, VAL_LIST):
+        list_file = os.path.join(args.data, name)
+        table = read_table(list_file, num_classes=num_classes)
+        common.check_files_exist(table, list_file=list_file)  # names file:line
+        sizes[name] = len(table)
+    check_list_length(f"{args.data}/{TRAIN_LIST}", sizes[TRAIN_LIST], sizes[VAL_LIST], args)
+    check_list_length(
+        "the long list (--train-size, --val-size)", args.train_size, args.val_size, args
+    )
+    return sizes[TRAIN_LIST]
+
+
+def check_list_length(what: str, train_lines: int, val_lines: int, args) -> None:
+    # Two steps per epoch at least: the first one's time is the boundary, the rest the steps.
+    need = 2 * args.world_size * args.batch_size
+    if train_lines < need:
+        raise InputError(
+            f"{what}: {train_lines:,} train lines are too few for {args.world_size} ranks x "
+            f"batch {args.batch_size}: each rank needs 2 steps, {need:,} lines"
+        )
+    if val_lines < args.world_size:
+        raise InputError(
+            f"{what}: {val_lines:,} val lines leave some of the {args.world_size} ranks none"
+        )
+
+
+def check_args(args) -> None:
+    """Everything that can be refused before the lists are written and the cases run."""
+    if args.rank >= args.world_size:
+        raise InputError(f"--rank {args.rank} is outside [0, --world-size {args.world_size})")
+    if args.json:
+        check_output_file(args.json, overwrite=args.overwrite, flag="--json")
+    if args.data is not None:
+        if not os.path.isdir(args.data):
+            raise InputError(f"--data {args.data} is not a folder")
+        if args.work_dir:
+            check_work_dir(args.work_dir, args.data)
+
+
+def write_work_lists(args, work: str) -> tuple[str, str]:
+    """The long lists (and classes.txt) in ``work``, marked as this script's own."""
+    os.makedirs(work, exist_ok=True)
+    with open(os.path.join(work, WORK_MARKER), "w") as f:
+        f.write("long lists written by benchmarks/imagenet_scale.py; safe to delete\n")
+    big_train, big_val = os.path.join(work, TRAIN_LIST), os.path.join(work, VAL_LIST)
+    write_long_list(os.path.join(args.data, TRAIN_LIST), big_train, args.train_size)
+    write_long_list(os.path.join(args.data, VAL_LIST), big_val, args.val_size)
+    with open(os.path.join(args.data, CLASSES_FILE), "rb") as f:
+        classes = f.read()
+    with open(os.path.join(work, CLASSES_FILE), "wb") as f:
+        f.write(classes)
+    return big_train, big_val
+
+
+def prepare(args) -> str:
+    """Check everything before any work (the demo data may be generated first); returns the
+    name of the --data list's column."""
+    check_args(args)
+    source = "--data list"
     if args.data is None:
         from pipelines.demo import default_demo_root, ensure_demo_data
 
         args.data = os.path.dirname(ensure_demo_data(default_demo_root()).train_list)
+        source = "demo list"
+        if args.work_dir:
+            check_work_dir(args.work_dir, args.data)
+    return f"{source} ({check_data(args):,} lines)"
+
+
+def measure(args, data_column: str) -> dict:
     small_train = os.path.join(args.data, TRAIN_LIST)
     small_val = os.path.join(args.data, VAL_LIST)
     with tempfile.TemporaryDirectory(prefix="imagenet_scale_") as scratch:
         work = args.work_dir or scratch
-        os.makedirs(work, exist_ok=True)
         start = time.perf_counter()
-        big_train, big_val = os.path.join(work, TRAIN_LIST), os.path.join(work, VAL_LIST)
-        write_long_list(small_train, big_train, args.train_size)
-        write_long_list(small_val, big_val, args.val_size)
-        with open(os.path.join(args.data, CLASSES_FILE), "rb") as f:
-            classes = f.read()
-        with open(os.path.join(work, CLASSES_FILE), "wb") as f:
-            f.write(classes)
+        big_train, big_val = write_work_lists(args, work)
         print(
             f"wrote {args.train_size:,} + {args.val_size:,} lines to {work} "
             f"in {time.perf_counter() - start:.1f} s",
             flush=True,
         )
-        results = {
-            "demo list": run_case(args, "demo", small_train, small_val),
-            "ImageNet-length list": run_case(args, "imagenet", big_train, big_val),
+        return {
+            data_column: run_case(args, "data", small_train, small_val),
+            f"{args.train_size:,}-line list": run_case(args, "long", big_train, big_val),
         }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipelines.demo import DemoDataError
+    from pipelines.lists import ImageError, ListError
+
+    args = build_parser().parse_args(argv)
+    if args.case:
+        name, train_list, val_list = args.case
+        print(json.dumps({"case": name, **measure_case(args, train_list, val_list)}))
+        return 0
+    try:
+        data_column = prepare(args)
+    except (
+        InputError,
+        OutputFileError,
+        ListError,
+        ImageError,
+        DemoDataError,
+        OSError,
+        ValueError,
+    ) as e:
+        return error(str(e))
+    with sigterm_as_exit():  # a killed run still removes its temporary lists
+        results = measure(args, data_column)
     print(markdown(results, args))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "settings": {k: v for k, v in vars(args).items() if k != "case"},
-                    "results": results,
-                },
-                f,
-                indent=2,
-            )
+        settings = {k: v for k, v in vars(args).items() if k != "case"}
+        text = json.dumps({"settings": settings, "results": results}, indent=2)
+        atomic_write_text(args.json, text + "\n")
+        print(f"wrote {args.json}")
     return 0
 
 

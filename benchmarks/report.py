@@ -15,6 +15,7 @@ import torch
 
 from pipelines.fileio import atomic_write_text
 from trainer.dist import usable_cpus
+from trainer.metrics import PlotUnavailable
 
 
 def _version(package: str) -> str | None:
@@ -141,6 +142,7 @@ def markdown_table(rows: list[dict]) -> str:
     for row in rows:
         gap = row.get("gap_to_ceiling_percent")
         loader_row = row["mode"] == "loader"
+        no_loader = row["mode"] != "train"  # loader mode waits on nothing else; synthetic has none
         lines.append(
             f"| {row['variant']} | {row['mode']} "
             f"| {_fmt(row['images_per_sec_per_gpu'])} "
@@ -148,7 +150,7 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {_fmt(row['images_per_sec_total'])} "
             f"| {'-' if gap is None else f'{gap:.1f}%'} "
             f"| {'-' if loader_row else _percent(row.get('gpu_idle_fraction'))} "
-            f"| {'-' if loader_row else _percent(row.get('host_data_wait_fraction'))} |"
+            f"| {'-' if no_loader else _percent(row.get('host_data_wait_fraction'))} |"
         )
     return header + "\n".join(lines) + "\n"
 
@@ -189,8 +191,18 @@ def loader_table(rows: list[dict]) -> str:
     return header + "\n".join(lines) + "\n"
 
 
+# Beyond these, a figure says more about the machine's other work than about the loader.
+WINDOW_SPREAD_LIMIT = 1.5  # slowest window to fastest, one row
+ABOVE_CEILING_LIMIT = 3.0  # percent a train row may exceed the synthetic ceiling (noise)
+BUSY_MACHINE_NOTE = (
+    "note: these figures look implausible: the machine looks busy or noisy (other processes, "
+    "frequency changes); re-measure them on a quiet machine, with more --iters and --repeats"
+)
+
+
 def notes(rows: list[dict]) -> list[str]:
-    """Warnings a reader must not miss."""
+    """Warnings a reader must not miss: a first window not in steady state, and figures that
+    cannot be right (windows far apart, training faster than the ceiling)."""
     out = []
     for row in rows:
         if row.get("first_window_drift"):
@@ -199,6 +211,34 @@ def notes(rows: list[dict]) -> list[str]:
                 f"{row['first_window_above_median_percent']:.0f}% above the median: not steady "
                 "state (batches made before timing began, or the machine's load changed); "
                 "raise --warmup or rerun"
+            )
+    implausible = spread_notes(rows) + above_ceiling_notes(rows)
+    if implausible:
+        out += implausible + [BUSY_MACHINE_NOTE]
+    return out
+
+
+def spread_notes(rows: list[dict]) -> list[str]:
+    out = []
+    for row in rows:
+        rates = row["window_images_per_sec_per_gpu"]
+        if min(rates) > 0 and max(rates) / min(rates) > WINDOW_SPREAD_LIMIT:
+            out.append(
+                f"note: {row['variant']} {row['mode']}: its windows differ "
+                f"{max(rates) / min(rates):.1f}x ({min(rates):,.0f} to {max(rates):,.0f} img/s), "
+                f"more than the {WINDOW_SPREAD_LIMIT:g}x a steady measurement allows"
+            )
+    return out
+
+
+def above_ceiling_notes(rows: list[dict]) -> list[str]:
+    out = []
+    for row in rows:
+        gap = row.get("gap_to_ceiling_percent")
+        if row["mode"] == "train" and gap is not None and -gap > ABOVE_CEILING_LIMIT:
+            out.append(
+                f"note: {row['variant']} train: {row['images_per_sec_per_gpu']:,.1f} img/s is "
+                f"{-gap:.0f}% above the synthetic ceiling, which a loader cannot beat"
             )
     return out
 
@@ -212,8 +252,8 @@ def check_plot_available() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise SystemExit(
-            "error: --plot needs matplotlib, an optional extra: pip install -e '.[plot]'"
+        raise PlotUnavailable(
+            "--plot needs matplotlib, an optional extra: pip install -e '.[plot]'"
         ) from None
 
 

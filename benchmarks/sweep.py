@@ -21,22 +21,31 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import report, throughput  # noqa: E402
+from benchmarks.cli import BenchmarkInputError  # noqa: E402
+from pipelines.fileio import atomic_write_text  # noqa: E402
 from trainer import dist  # noqa: E402
 from trainer.config import flag_name, to_toml  # noqa: E402
 
 # The winner's settings under the trainer's Config field names (TOML keys; flags derived).
 TOML_KEYS = ("loader", "workers", "dali_decode", "dali_hw_decoder_load", "prefetch")
+DEFAULT_HW_DECODER_LOADS = "0.65,0.8,0.99"
+DEFAULT_PREFETCH = "2,3"
 
 
-def _list_of(text: str, kind: type, flag: str) -> list:
+def _list_of(text: str, kind: type, flag: str, *, low=None, high=None) -> list:
+    """Comma-separated values of ``kind`` within [low, high], each once."""
     try:
         values = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise SystemExit(
-            f"error: {flag} takes comma-separated {kind.__name__}s; got {text!r}"
+        raise BenchmarkInputError(
+            f"{flag} takes comma-separated {kind.__name__}s; got {text!r}"
         ) from None
     if not values:
-        raise SystemExit(f"error: {flag} is empty")
+        raise BenchmarkInputError(f"{flag} is empty")
+    bad = [v for v in values if (low is not None and v < low) or (high is not None and v > high)]
+    if bad:
+        bounds = f"at least {low}" if high is None else f"within [{low}, {high}]"
+        raise BenchmarkInputError(f"{flag}: every value must be {bounds}; got {bad}")
     return list(dict.fromkeys(values))
 
 
@@ -53,16 +62,22 @@ def configurations(args, *, cuda: bool, cores_per_gpu: int) -> list[str]:
     decodes = _list_of(args.sweep_decode or ("mixed,cpu" if cuda else "cpu"), str, "--sweep-decode")
     bad = [d for d in decodes if d not in ("mixed", "cpu")]
     if bad:
-        raise SystemExit(f"error: --sweep-decode takes mixed and/or cpu; got {bad}")
+        raise BenchmarkInputError(f"--sweep-decode takes mixed and/or cpu; got {bad}")
     if "mixed" in decodes and not cuda:
-        raise SystemExit("error: --sweep-decode mixed decodes on the GPU: no CUDA device here")
-    loads = _list_of(args.sweep_hw_decoder_load, float, "--sweep-hw-decoder-load")
+        raise BenchmarkInputError("--sweep-decode mixed decodes on the GPU: no CUDA device here")
+    loads = _list_of(
+        args.sweep_hw_decoder_load or DEFAULT_HW_DECODER_LOADS,
+        float,
+        "--sweep-hw-decoder-load",
+        low=0.0,
+        high=1.0,
+    )
     threads = (
-        _list_of(args.sweep_threads, int, "--sweep-threads")
+        _list_of(args.sweep_threads, int, "--sweep-threads", low=1)
         if args.sweep_threads
         else default_threads(cores_per_gpu)
     )
-    prefetches = _list_of(args.sweep_prefetch, int, "--sweep-prefetch")
+    prefetches = _list_of(args.sweep_prefetch or DEFAULT_PREFETCH, int, "--sweep-prefetch", low=1)
     specs = []
     for decode in decodes:
         # The hardware decoder's share means nothing to CPU decode: one value, not a grid.
@@ -144,7 +159,7 @@ def main(args) -> int:
         f"{len(specs)} configurations in {elapsed:.0f} s ({elapsed / len(specs):.1f} s each, "
         "model build and ceiling included)."
     )
-    for note in report.notes(ranked):
+    for note in payload["notes"]:  # the ceiling row included: a rank above it is noise
         print(note)
     top_three = ",".join(r["variant"] for r in ranked[:3])
     print(
@@ -167,10 +182,8 @@ def main(args) -> int:
         "best_toml": toml,
     }
     if args.toml:
-        with open(args.toml, "w", encoding="utf-8") as f:
-            f.write("# Loader settings measured best by benchmarks/throughput.py --sweep\n")
-            f.write(f"# {report.header_line(payload)}\n")
-            f.write(toml)
+        header = "# Loader settings measured best by benchmarks/throughput.py --sweep\n"
+        atomic_write_text(args.toml, f"{header}# {report.header_line(payload)}\n{toml}")
         print(f"wrote {args.toml}")
     if args.json:
         report.write_json(args.json, payload)

@@ -41,10 +41,32 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import report  # noqa: E402
+from benchmarks.cli import (  # noqa: E402
+    ArgumentParser,
+    BenchmarkInputError,
+    error,
+    fraction,
+    non_negative_int,
+    positive_int,
+    sigterm_as_exit,
+)
 from pipelines import build_loader  # noqa: E402
-from pipelines.lists import Sample, classes_beside, read_classes, read_list, write_list  # noqa: E402
+from pipelines.common import check_files_exist  # noqa: E402
+from pipelines.fileio import OVERWRITE_HELP, OutputFileError, check_output_file  # noqa: E402
+from pipelines.lists import (  # noqa: E402
+    ImageError,
+    ListError,
+    Sample,
+    classes_beside,
+    read_classes,
+    read_list,
+    read_table,
+    write_list,
+)
 from pipelines.tuning import LoaderPlan, plan_loader  # noqa: E402
 from trainer import dist  # noqa: E402
+from trainer import metrics as run_metrics  # noqa: E402
+from trainer.config import TrainerError  # noqa: E402
 from trainer.engine import build_step  # noqa: E402
 
 BACKENDS = ("pil", "pil-gpu", "dali")
@@ -54,12 +76,14 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float3
 FIRST_WINDOW_DRIFT_LIMIT = 0.10
 # Settings a --backends item may carry after its name: dali:hw=0.99:threads=8:prefetch=3.
 VARIANT_KEYS = {"threads": int, "prefetch": int, "decode": str, "hw": float}
+DECODES = ("auto", "mixed", "cpu")
+# Flags that mean something only with --sweep, and the ones the sweep decides itself.
+SWEEP_ONLY = ("sweep_decode", "sweep_hw_decoder_load", "sweep_threads", "sweep_prefetch", "toml")
+NOT_WITH_SWEEP = ("backends", "modes", "plot")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-    )
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--list",
         default=None,
@@ -67,32 +91,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--backends",
-        default="pil,dali",
+        default=None,
         help="comma-separated loaders to measure: pil (torchvision recipe), pil-gpu (uint8 "
         "batches normalized on the device), dali; each may carry its own settings, e.g. "
         "dali:decode=cpu:threads=16 or dali:hw=0.99:threads=8:prefetch=3 (keys: threads, "
-        "prefetch, decode, hw), so several DALI settings are compared in one process "
-        "[default: pil,dali]",
+        "prefetch, decode, hw), so several DALI settings are compared in one process; each "
+        "item once [default: pil,dali]",
     )
     p.add_argument(
         "--modes",
-        default="loader,train,synthetic",
+        default=None,
         help="comma-separated: loader, train, synthetic [default: all three]",
     )
     p.add_argument("--arch", default="resnet50", help="torchvision model name [default: resnet50]")
     p.add_argument(
         "--num-classes",
-        type=int,
+        type=positive_int,
         default=None,
         help="classes of the head (default: classes.txt beside the list, else the largest label + 1)",
     )
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=64,
         help="images per GPU (per rank) per step [default: 64]",
     )
-    p.add_argument("--image-size", type=int, default=224, help="crop side, pixels [default: 224]")
+    p.add_argument(
+        "--image-size", type=positive_int, default=224, help="crop side in px [default: 224]"
+    )
     p.add_argument(
         "--amp",
         choices=sorted(AMP_DTYPES),
@@ -114,65 +140,67 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--workers",
-        type=int,
+        type=positive_int,
         default=None,
         help="PIL workers = DALI threads per GPU (default: the trainer's choice: usable cores / "
         "GPUs on this node, at most 8 with DALI GPU decode)",
     )
     p.add_argument(
         "--dali-decode",
-        choices=("auto", "mixed", "cpu"),
+        choices=DECODES,
         default="auto",
-        help="DALI decode: mixed (GPU), cpu, or auto = the trainer's choice (printed) "
+        help="DALI decode: mixed (GPU; needs CUDA), cpu, or auto = the trainer's choice (printed) "
         "[default: auto]",
     )
     p.add_argument(
         "--hw-decoder-load",
-        type=float,
+        type=fraction,
         default=None,
         help="share of JPEGs for the GPU's hardware decoder, 0-1, DALI mixed decode only "
         "(default: the trainer's, 0.99)",
     )
     p.add_argument(
         "--prefetch",
-        type=int,
+        type=positive_int,
         default=None,
         help="batches each loader prepares ahead: DALI's queue depth, PIL batches per worker "
         "[default: 2]",
     )
     p.add_argument(
         "--warmup",
-        type=int,
+        type=non_negative_int,
         default=None,
         help="untimed steps after the loader's queue is drained: the warm-up is queue depth + "
         "this, printed [default: 10; 3 with --sweep]",
     )
     p.add_argument(
         "--iters",
-        type=int,
+        type=positive_int,
         default=None,
         help="steps per timed window [default: 20; 8 with --sweep]",
     )
     p.add_argument(
         "--repeats",
-        type=int,
+        type=positive_int,
         default=None,
         help="timed windows; median, min and max are reported [default: 3; 2 with --sweep]",
     )
     p.add_argument(
         "--boundaries",
-        type=int,
+        type=non_negative_int,
         default=3,
         help="epoch ends to time per loader (train mode, else loader mode); 0 skips "
         "[default: 3; 0 with --sweep]",
     )
     p.add_argument(
         "--boundary-steps",
-        type=int,
+        type=positive_int,
         default=8,
         help="steps per epoch of the list the epoch ends are timed on [default: 8]",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of loaders and model [default: 0]")
+    p.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of loaders and model [default: 0]"
+    )
     p.add_argument(
         "--json",
         default=None,
@@ -182,8 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--plot",
         default=None,
-        help="write a PNG bar chart here (needs matplotlib: pip install -e '.[plot]') [default: none]",
+        help="write a bar chart here, its format from the suffix (.png, .svg, .pdf, ...; needs "
+        "matplotlib: pip install -e '.[plot]'); not with --sweep [default: none]",
     )
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument(
         "--no-warm-cache",
         dest="warm_cache",
@@ -204,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument(
         "--sweep-hw-decoder-load",
-        default="0.65,0.8,0.99",
+        default=None,
         help="hardware-decoder shares, mixed decode only [default: 0.65,0.8,0.99]",
     )
     sweep.add_argument(
@@ -213,11 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="DALI threads per GPU [default: 4, 8 (those below the cores per GPU) and the "
         "cores per GPU]",
     )
-    sweep.add_argument("--sweep-prefetch", default="2,3", help="prefetch depths [default: 2,3]")
+    sweep.add_argument("--sweep-prefetch", default=None, help="prefetch depths [default: 2,3]")
     sweep.add_argument(
         "--toml",
         default=None,
-        help="write the best settings as a TOML file for trainer/main.py --config [default: none]",
+        help="write the best settings as a TOML file for trainer/main.py --config (with --sweep "
+        "only) [default: none]",
     )
     return p
 
@@ -225,9 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _split(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
     items = [x.strip() for x in text.split(",") if x.strip()]
     bad = [x for x in items if x not in allowed]
-    if bad or not items:
-        raise SystemExit(
-            f"error: {flag} takes a comma-separated subset of {','.join(allowed)}; got {text!r}"
+    if bad or not items or len(set(items)) != len(items):
+        raise BenchmarkInputError(
+            f"{flag} takes a comma-separated subset of {','.join(allowed)}, each once; got {text!r}"
         )
     return items
 
@@ -245,52 +276,80 @@ class Variant:
 
 
 def parse_variants(text: str) -> list[Variant]:
-    """``pil,dali,dali:decode=cpu:threads=16`` -> Variants; SystemExit naming a bad item."""
-    variants = []
-    for item in [x.strip() for x in text.split(",") if x.strip()]:
-        name, *settings = item.split(":")
-        if name not in BACKENDS:
-            raise SystemExit(
-                f"error: --backends: unknown loader {name!r} in {item!r}; choose from "
-                f"{','.join(BACKENDS)}"
-            )
-        values: dict = {}
-        for setting in settings:
-            key, _, value = setting.partition("=")
-            if key not in VARIANT_KEYS or not value:
-                raise SystemExit(
-                    f"error: --backends: {setting!r} in {item!r} is not key=value with a key "
-                    f"among {','.join(VARIANT_KEYS)}"
-                )
-            try:
-                values[key] = VARIANT_KEYS[key](value)
-            except ValueError:
-                raise SystemExit(f"error: --backends: bad value in {setting!r}") from None
-        if name != "dali" and ("decode" in values or "hw" in values):
-            raise SystemExit(f"error: --backends: decode and hw apply to dali only ({item!r})")
-        if values.get("decode", "auto") not in ("auto", "mixed", "cpu"):
-            raise SystemExit(f"error: --backends: decode is auto, mixed or cpu ({item!r})")
-        variants.append(
-            Variant(
-                item,
-                name,
-                values.get("threads"),
-                values.get("prefetch"),
-                values.get("decode"),
-                values.get("hw"),
-            )
+    """``pil,dali,dali:decode=cpu:threads=16`` -> Variants; BenchmarkInputError naming a bad
+    item (unknown loader or key, a repeated key or item, a value out of range)."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise BenchmarkInputError(f"--backends names no loader: {text!r}")
+    repeated = sorted({item for item in items if items.count(item) > 1})
+    if repeated:
+        raise BenchmarkInputError(
+            f"--backends names {', '.join(repeated)} more than once: each item is one row"
         )
-    if not variants:
-        raise SystemExit(f"error: --backends names no loader: {text!r}")
-    return variants
+    return [_parse_variant(item) for item in items]
+
+
+def _parse_variant(item: str) -> Variant:
+    name, *settings = item.split(":")
+    if name not in BACKENDS:
+        raise BenchmarkInputError(
+            f"--backends: unknown loader {name!r} in {item!r}; choose from {','.join(BACKENDS)}"
+        )
+    values: dict = {}
+    for setting in settings:
+        key, _, text = setting.partition("=")
+        if key not in VARIANT_KEYS or not text:
+            raise BenchmarkInputError(
+                f"--backends: {setting!r} in {item!r} is not key=value with a key among "
+                f"{','.join(VARIANT_KEYS)}"
+            )
+        if key in values:
+            raise BenchmarkInputError(f"--backends: {key} is set twice in {item!r}")
+        values[key] = _variant_value(key, text, item)
+    if name != "dali" and ("decode" in values or "hw" in values):
+        raise BenchmarkInputError(f"--backends: decode and hw apply to dali only ({item!r})")
+    return Variant(
+        item,
+        name,
+        values.get("threads"),
+        values.get("prefetch"),
+        values.get("decode"),
+        values.get("hw"),
+    )
+
+
+def _variant_value(key: str, text: str, item: str):
+    """One setting's value, in range: threads and prefetch >= 1, hw in [0, 1], a decode."""
+    try:
+        value = VARIANT_KEYS[key](text)
+    except ValueError:
+        raise BenchmarkInputError(f"--backends: {key}={text} in {item!r} is not a number") from None
+    if key in ("threads", "prefetch") and value < 1:
+        raise BenchmarkInputError(f"--backends: {key} is at least 1, got {value} in {item!r}")
+    if key == "hw" and not 0.0 <= value <= 1.0:
+        raise BenchmarkInputError(f"--backends: hw is a share in [0, 1], got {value} in {item!r}")
+    if key == "decode" and value not in DECODES:
+        raise BenchmarkInputError(f"--backends: decode is auto, mixed or cpu ({item!r})")
+    return value
 
 
 def resolve_plan(variant: Variant, args, info: dist.DistInfo) -> LoaderPlan:
     """Concrete settings for one variant: its own, else the flags, else the trainer's defaults.
 
     The trainer's own planner fills the gaps, so "dali" with no settings measures what
-    ``trainer/main.py`` would run on this machine.
+    ``trainer/main.py`` would run on this machine. A plan this machine cannot run (GPU decode
+    without CUDA) is refused here, before anything is measured.
     """
+    plan = _plan(variant, args, info)
+    if plan.decode == "mixed" and info.device.type != "cuda":
+        raise BenchmarkInputError(
+            f"{variant.label}: mixed decode runs on the GPU and there is no CUDA device here: "
+            "use decode=cpu (or --dali-decode cpu / auto)"
+        )
+    return plan
+
+
+def _plan(variant: Variant, args, info: dist.DistInfo) -> LoaderPlan:
     return plan_loader(
         backend=variant.backend,
         device_type=info.device.type,
@@ -525,8 +584,6 @@ def summarize(label: str, mode: str, windows_per_rank: list[Windows], extra: dic
 def run(args: argparse.Namespace) -> dict:
     variants = parse_variants(args.backends)
     modes = _split(args.modes, MODES, "--modes")
-    if args.plot:
-        report.check_plot_available()
     info = dist.setup_distributed()
     workdir = tempfile.mkdtemp(prefix="throughput-lists-")
     try:
@@ -537,6 +594,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _resolve_list(args) -> list[Sample]:
+    """The user's list, parsed against the class count and every file checked, before it is
+    repeated or measured: a bad line or a missing image is named at its ``--list`` line."""
     if args.list is None:
         from pipelines.demo import default_demo_root, ensure_demo_data
 
@@ -545,12 +604,18 @@ def _resolve_list(args) -> list[Sample]:
         demo = ensure_demo_data(default_demo_root(), preset="default")
         args.list = demo.train_list
         dist.print0(f"no --list: using the demo data's {args.list} (photo-sized JPEGs)")
-    samples = read_list(args.list)
+    if not os.path.isfile(args.list):
+        raise BenchmarkInputError(f"--list {args.list}: no such file")
     if args.num_classes is None:
         classes_file = classes_beside(args.list)
-        args.num_classes = (
-            len(read_classes(classes_file)) if classes_file else max(s.label for s in samples) + 1
-        )
+        if classes_file:
+            args.num_classes = len(read_classes(classes_file))
+    samples = read_list(args.list, num_classes=args.num_classes)
+    if args.num_classes is None:
+        args.num_classes = max(s.label for s in samples) + 1
+    # Every rank checks the whole list (one stat a file): a rank alone failing would leave
+    # the others waiting at the next collective.
+    check_files_exist(read_table(args.list), list_file=args.list)
     return samples
 
 
@@ -567,10 +632,10 @@ def fill_defaults(args) -> None:
 def _run(args, info: dist.DistInfo, variants: list[Variant], modes: list[str], workdir) -> dict:
     fill_defaults(args)
     device = info.device
+    plans = {v.label: resolve_plan(v, args, info) for v in variants}  # refusals first
     samples = _resolve_list(args)
     dtype = AMP_DTYPES[args.amp]
     env = report.environment()
-    plans = {v.label: resolve_plan(v, args, info) for v in variants}
     warmups = {label: queue_depth(plan) + args.warmup for label, plan in plans.items()}
     loader_modes = [m for m in modes if m != "synthetic"]
 
@@ -657,7 +722,13 @@ def _run(args, info: dist.DistInfo, variants: list[Variant], modes: list[str], w
         "page_cache_warmed": bool(args.warm_cache),
     }
     rows: list[dict] = []
-    payload = {"settings": settings, "environment": env, "results": rows, "complete": False}
+    payload = {
+        "settings": settings,
+        "environment": env,
+        "results": rows,
+        "notes": [],
+        "complete": False,
+    }
 
     def add_row(row: dict) -> None:
         rows.append(row)
@@ -754,16 +825,74 @@ def _run(args, info: dist.DistInfo, variants: list[Variant], modes: list[str], w
                     1.0 - row["images_per_sec_per_gpu"] / ceiling
                 )
         add_row(ceiling_row)
+    payload["notes"] = report.notes(rows)
     payload["complete"] = True
     return payload
 
 
+# Bad input the project's own code reports (lists, images, values, files, outputs): one line.
+BAD_INPUT = (
+    BenchmarkInputError,
+    OutputFileError,
+    ListError,
+    ImageError,
+    TrainerError,
+    run_metrics.PlotUnavailable,
+    ValueError,
+    OSError,
+)
+
+
+def check_flags(args) -> None:
+    """Everything the flags alone can refuse, before a loader or model is built: flags that
+    would be ignored, outputs that exist or cannot be written, an unknown model."""
+    if args.sweep:
+        for name in NOT_WITH_SWEEP:
+            if getattr(args, name) is not None:
+                raise BenchmarkInputError(
+                    f"--{name} does not apply to --sweep (the sweep chooses its own DALI "
+                    "configurations and prints a ranked table): leave it out"
+                )
+    else:
+        for name in SWEEP_ONLY:
+            if getattr(args, name) is not None:
+                flag = f"--{name.replace('_', '-')}"
+                raise BenchmarkInputError(
+                    f"{flag} applies to --sweep only: add --sweep or leave it out"
+                )
+        args.backends = args.backends or "pil,dali"
+        args.modes = args.modes or ",".join(MODES)
+        parse_variants(args.backends), _split(args.modes, MODES, "--modes")
+    for flag in ("json", "plot", "toml"):
+        if getattr(args, flag):
+            check_output_file(getattr(args, flag), overwrite=args.overwrite, flag=f"--{flag}")
+    if args.plot:
+        report.check_plot_available()
+        run_metrics.figure_format(args.plot)
+    import torchvision
+
+    if args.arch not in torchvision.models.list_models():
+        raise BenchmarkInputError(
+            f"--arch {args.arch}: not a torchvision model (e.g. resnet18, resnet50, "
+            "efficientnet_b0; torchvision.models.list_models() has them all)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.sweep:
-        from benchmarks import sweep  # imports this module: loaded only when asked for
+    try:
+        with sigterm_as_exit():  # a killed run still removes its temporary lists
+            check_flags(args)
+            if args.sweep:
+                from benchmarks import sweep  # imports this module: loaded only when asked for
 
-        return sweep.main(args)
+                return sweep.main(args)
+            return measure_and_report(args)
+    except BAD_INPUT as exc:
+        return error(str(exc))
+
+
+def measure_and_report(args) -> int:
     payload = run(args)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -772,7 +901,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report.markdown_table(payload["results"]))
     print(report.loader_table(payload["results"]))
-    for note in report.notes(payload["results"]):
+    for note in payload["notes"]:
         print(note)
     if args.json:
         report.write_json(args.json, payload)

@@ -9,7 +9,10 @@ few are grayscale JPEGs and a few are PNGs, in varied sizes and aspect ratios.
 Layout: ``ROOT/train/<class>/*``, ``ROOT/val/<class>/*``, and the lists beside them
 (``ROOT/Train.txt``, ``ROOT/Test.txt``, ``ROOT/classes.txt``, paths relative) written by
 ``pipelines.scan``. A marker file, written last, records the preset, seed and format version:
-``ensure_demo_data`` reuses a tree whose marker matches and regenerates one without it.
+``ensure_demo_data`` reuses a tree whose marker matches and finishes one whose generation was
+cut. It never deletes what it did not write: a folder holding anything without the marker is
+refused, and a generated tree of another preset, seed or format is replaced only when asked
+(``replace=True``, ``tools/make_demo_data.py --replace``).
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ class DemoData:
     num_classes: int
     preset: str = "default"
     seed: int = 0
+    reused: bool = False  # found complete from an earlier call; nothing written
 
 
 class DemoDataError(RuntimeError):
@@ -303,7 +307,7 @@ def _read_marker(root: str) -> dict | None:
         return None
 
 
-def _result(root: str, preset: str, seed: int) -> DemoData:
+def _result(root: str, preset: str, seed: int, *, reused: bool = False) -> DemoData:
     return DemoData(
         root=root,
         train_list=os.path.join(root, TRAIN_LIST),
@@ -312,6 +316,7 @@ def _result(root: str, preset: str, seed: int) -> DemoData:
         num_classes=len(CLASS_NAMES),
         preset=preset,
         seed=seed,
+        reused=reused,
     )
 
 
@@ -340,17 +345,22 @@ def ensure_demo_data(
     preset: str = "default",
     seed: int = 0,
     workers: int | None = None,
+    replace: bool = False,
 ) -> DemoData:
     """The demo data set under ``root`` (default: ``default_demo_root()``), generated on the
     first call and reused while its marker matches ``preset``, ``seed`` and the format.
 
     ``workers`` processes draw the images (default: ``os.cpu_count()``, but in-process for
-    the tiny preset; the files are the same bytes either way). Raises DemoDataError when ``root`` holds ``train/`` or ``val/`` that
-    the generator did not write, rather than deleting them.
+    the tiny preset; the files are the same bytes either way). Raises DemoDataError, deleting
+    nothing, when ``root`` is a file, holds anything the generator did not write (no marker),
+    or holds a generated tree of another preset, seed or format and ``replace`` is False.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown demo preset {preset!r}; choose from {sorted(PRESETS)}")
     root = os.path.abspath(os.fspath(root) if root is not None else default_demo_root())
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise DemoDataError(f"{root} is a file, not a folder: choose a folder for the demo data")
+    _refuse_foreign(root)  # before the lock file is created in a folder that is not ours
     os.makedirs(root, exist_ok=True)
     expected = {"format": FORMAT_VERSION, "preset": preset, "seed": seed}
     with _locked(root):
@@ -359,14 +369,10 @@ def ensure_demo_data(
         lists = (result.train_list, result.val_list, result.classes_file)
         matches = marker is not None and all(marker.get(k) == v for k, v in expected.items())
         if matches and all(os.path.isfile(p) for p in lists):
-            return result
-        ours = marker is not None or os.path.exists(os.path.join(root, PARTIAL_FILE))
-        foreign = [d for d in ("train", "val") if os.path.exists(os.path.join(root, d))]
-        if foreign and not ours:
-            raise DemoDataError(
-                f"{root}: holds {'/ and '.join(foreign)}/ without a demo marker "
-                f"({MARKER_FILE}); not overwriting it, choose another folder"
-            )
+            return _result(root, preset, seed, reused=True)
+        _refuse_foreign(root)  # again under the lock: another caller may have written meanwhile
+        if marker is not None and not replace:
+            raise DemoDataError(_other_tree_message(root, marker, expected, lists))
         open(os.path.join(root, PARTIAL_FILE), "w").close()
         for name in (MARKER_FILE, *lists):
             if os.path.exists(os.path.join(root, name)):
@@ -387,3 +393,39 @@ def ensure_demo_data(
         atomic_write_text(os.path.join(root, MARKER_FILE), json.dumps(marker, indent=2))
         os.remove(os.path.join(root, PARTIAL_FILE))
         return result
+
+
+def _refuse_foreign(root: str) -> None:
+    """A folder without the marker or the partial flag must hold nothing but the lock file:
+    the generator would delete its train/, val/ and lists, and scan every other folder as a
+    class."""
+    if not os.path.isdir(root):
+        return
+    names = set(os.listdir(root))
+    if names & {MARKER_FILE, PARTIAL_FILE}:
+        return
+    foreign = sorted(names - {LOCK_FILE})
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
+        raise DemoDataError(
+            f"{root} holds files the demo generator did not write ({shown}) and no demo marker "
+            f"({MARKER_FILE}); not overwriting it, choose an empty or new folder"
+        )
+
+
+def _other_tree_message(root: str, marker: dict, expected: dict, lists) -> str:
+    """What the existing generated tree is, and how to replace it."""
+    wanted = f"the {expected['preset']} preset, seed {expected['seed']}"
+    if all(marker.get(k) == v for k, v in expected.items()):
+        missing = ", ".join(os.path.basename(p) for p in lists if not os.path.isfile(p))
+        what = f"holds demo data of {wanted} whose {missing} is missing"
+    else:
+        what = (
+            f"holds demo data of the {marker.get('preset')} preset, seed {marker.get('seed')} "
+            f"(format {marker.get('format')}), not {wanted} (format {expected['format']})"
+        )
+    return (
+        f"{root} {what}: choose another folder, or replace it (its train/ and val/ are "
+        f"deleted, files added there too) with: python tools/make_demo_data.py {root} "
+        f"--preset {expected['preset']} --seed {expected['seed']} --replace"
+    )

@@ -49,3 +49,42 @@ def fsync_folder(folder: str) -> None:
         pass  # some filesystems refuse fsync on a folder; the rename is still atomic
     finally:
         os.close(fd)
+
+
+OVERWRITE_HELP = "replace existing output files (default: refuse)"
+
+
+class OutputFileError(ValueError):
+    """An output path that must not or cannot be written; the message is one line."""
+
+
+def check_output_file(path: str | os.PathLike, *, overwrite: bool, flag: str) -> str:
+    """Refuse, before any work is done, an output ``path`` that would fail or destroy a result.
+
+    An existing file is refused unless ``overwrite`` (no result is replaced by accident); a
+    folder is always refused; the parent folder must exist or be creatable, and be writable,
+    so that minutes of work do not end in a failed write. ``flag`` names the option in the
+    message (e.g. ``--json``). Returns the path as given.
+    """
+    path = os.fspath(path)
+    where = f"{flag} {path}" if flag else path
+    if os.path.isdir(path):
+        raise OutputFileError(f"{where} is a folder: name a file")
+    if os.path.lexists(path) and not overwrite:
+        raise OutputFileError(f"{where} exists: choose another name or pass --overwrite")
+    problem = _unwritable_folder(os.path.dirname(os.path.abspath(path)))
+    if problem:
+        raise OutputFileError(f"{where}: {problem}")
+    return path
+
+
+def _unwritable_folder(folder: str) -> str | None:
+    """Why files cannot be written in ``folder`` (created if missing), or None."""
+    existing = folder
+    while not os.path.exists(existing):  # the folder to be created lies under this one
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"folder {existing} is not writable"
+    return None

@@ -1,12 +1,19 @@
 """The benchmark's method in-process: queue-sized warm-up, windows inside one epoch, the
 first-window flag, epoch-boundary timing; real loaders (DALI in CPU mode, PIL) and real torch."""
 
+import os
+import signal
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from benchmarks import throughput
+from benchmarks import report, throughput
+from benchmarks.cli import BenchmarkInputError
 from benchmarks.throughput import Variant, Windows
 from pipelines import build_loader
+from pipelines.lists import format_line, read_list
 from pipelines.tuning import LoaderPlan
 
 
@@ -31,11 +38,26 @@ def test_backend_items_carry_their_own_settings():
 
 
 @pytest.mark.parametrize(
-    "text", ["ffcv", "dali:hw", "dali:speed=3", "pil:decode=cpu", "dali:decode=gpu", "dali:hw=x"]
+    "text, why",
+    [
+        ("ffcv", "unknown loader"),
+        ("dali:hw", "not key=value"),
+        ("dali:speed=3", "not key=value"),
+        ("pil:decode=cpu", "dali only"),
+        ("dali:decode=gpu", "decode is auto, mixed or cpu"),
+        ("dali:hw=x", "not a number"),
+        ("dali:hw=7", "hw is a share in [0, 1]"),
+        ("dali:threads=0", "threads is at least 1"),
+        ("pil:threads=-2", "threads is at least 1"),
+        ("dali:prefetch=0", "prefetch is at least 1"),
+        ("dali,pil,dali", "names dali more than once"),
+        ("dali:threads=2:threads=3", "threads is set twice"),
+    ],
 )
-def test_bad_backend_items_are_refused_by_name(text):
-    with pytest.raises(SystemExit, match="--backends"):
+def test_bad_backend_items_are_refused_by_name(text, why):
+    with pytest.raises(BenchmarkInputError, match="--backends") as refused:
         throughput.parse_variants(text)
+    assert why in str(refused.value)
 
 
 def test_queue_depth_counts_every_batch_a_loader_holds_ahead():
@@ -95,3 +117,152 @@ def test_epoch_boundaries_time_natural_epoch_ends(tiny_data, backend):
     )
     assert len(costs) == 2
     assert all(c > 0 for c in costs)  # with no steady step subtracted: the first batch's wait
+
+
+# --- bad input: one error line, exit status 2, before anything is measured -------------------
+
+TINY = ["--arch", "resnet18", "--batch-size", "4", "--image-size", "32", "--workers", "1"]
+TINY += ["--warmup", "1", "--iters", "2", "--repeats", "2", "--boundaries", "0"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--backends", "dali:decode=mixed"], "dali:decode=mixed: mixed decode runs on the GPU"),
+        (["--dali-decode", "mixed", "--backends", "dali"], "mixed decode runs on the GPU"),
+        (["--backends", "dali:threads=0"], "threads is at least 1"),
+        (["--workers", "0"], "argument --workers: 0 is below the minimum, 1"),
+        (["--batch-size", "0"], "argument --batch-size: 0 is below the minimum, 1"),
+        (["--iters", "0"], "argument --iters: 0 is below"),
+        (["--repeats", "0"], "argument --repeats: 0 is below"),
+        (["--warmup", "-5"], "argument --warmup: -5 is below the minimum, 0"),
+        (["--image-size", "0"], "argument --image-size: 0 is below"),
+        (["--boundary-steps", "0"], "argument --boundary-steps: 0 is below"),
+        (["--prefetch", "0"], "argument --prefetch: 0 is below"),
+        (["--hw-decoder-load", "7"], "argument --hw-decoder-load: 7.0 is outside [0, 1]"),
+        (["--modes", "train,train"], "--modes takes a comma-separated subset"),
+        (["--sweep", "--plot", "x.png"], "--plot does not apply to --sweep"),
+        (["--sweep", "--backends", "pil"], "--backends does not apply to --sweep"),
+        (["--toml", "best.toml"], "--toml applies to --sweep only"),
+        (["--sweep-threads", "2"], "--sweep-threads applies to --sweep only"),
+        (["--sweep-prefetch", "2"], "--sweep-prefetch applies to --sweep only"),
+        (["--sweep", "--sweep-threads", "0"], "--sweep-threads: every value must be at least 1"),
+        (["--sweep", "--sweep-hw-decoder-load", "2"], "must be within [0.0, 1.0]"),
+        (["--arch", "resnet9000"], "--arch resnet9000: not a torchvision model"),
+        (["--plot", "chart.doc"], "matplotlib cannot write .doc"),
+    ],
+)
+def test_bad_values_are_one_line_before_measuring(tiny_data, tmp_path, capsys, flags, message):
+    status = _main(["--list", tiny_data.train_list, *TINY, *flags], tmp_path)
+    out, err = capsys.readouterr()
+    assert status == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    assert message in err, err
+    assert "benchmark:" not in out  # refused before anything was set up or measured
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def _main(argv, tmp_path) -> int:
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # relative outputs (x.png, best.toml) would land here
+    try:
+        return throughput.main(argv)
+    except SystemExit as e:  # argparse's refusal
+        return e.code
+    finally:
+        os.chdir(cwd)
+
+
+def test_outputs_that_exist_are_refused_before_measuring(tiny_data, tmp_path, capsys):
+    for flag in ("--json", "--plot", "--toml"):
+        earlier = tmp_path / f"earlier{flag[2:]}.png"
+        earlier.write_text("an earlier result")
+        extra = ["--sweep"] if flag == "--toml" else []
+        argv = ["--list", tiny_data.train_list, *TINY, *extra, flag, str(earlier)]
+        assert throughput.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {flag} {earlier} exists: choose another name or pass --overwrite\n"
+        assert earlier.read_text() == "an earlier result"
+
+
+def test_a_bad_list_is_named_at_its_own_line_not_the_repeated_one(tiny_data, tmp_path, capsys):
+    samples = read_list(tiny_data.train_list)
+    listed = tmp_path / "mine.txt"
+    lines = [format_line(s.path, s.label) for s in samples[:7]]
+    lines.insert(5, format_line(str(tmp_path / "gone.jpg"), 0))
+    listed.write_text("".join(lines))
+    argv = ["--list", str(listed), *TINY, "--backends", "dali", "--modes", "loader"]
+    assert throughput.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'gone.jpg'}: image file listed at {listed}:6 ")
+    listed.write_text(lines[0] + "not a line\n")
+    assert throughput.main(argv) == 2
+    assert f"{listed}:2" in capsys.readouterr().err
+
+
+def test_sigterm_still_removes_the_temporary_lists(tiny_data, tmp_path):
+    """gpu_suite's `timeout` sends SIGTERM: the repeated lists must not stay in /tmp."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch), "OMP_NUM_THREADS": "1"}
+    script = os.path.join(
+        os.path.dirname(os.path.dirname(throughput.__file__)), "benchmarks", "throughput.py"
+    )
+    argv = ["--list", tiny_data.train_list, *TINY, "--iters", "50", "--backends", "pil"]
+    proc = subprocess.Popen(
+        [sys.executable, script, *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in proc.stdout:  # the repeated list exists once the plan is printed
+            if line.startswith("benchmark:"):
+                break
+        assert [p.name for p in scratch.iterdir() if p.name.startswith("throughput-lists-")]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("throughput-lists-")] == []
+
+
+def _row(variant, mode, windows, gap=None):
+    return {
+        "variant": variant,
+        "mode": mode,
+        "window_images_per_sec_per_gpu": windows,
+        "images_per_sec_per_gpu": sorted(windows)[len(windows) // 2],
+        "gap_to_ceiling_percent": gap,
+    }
+
+
+def test_implausible_figures_get_a_busy_machine_note():
+    steady = [
+        _row("dali", "train", [100.0, 104.0, 98.0], gap=20.0),
+        _row("synthetic", "synthetic", [125.0, 126.0]),
+    ]
+    assert report.notes(steady) == []
+    noisy = [
+        _row("pil", "loader", [35.0, 261.0, 200.0]),
+        _row("dali", "train", [900.0, 905.0], gap=-757.0),
+        _row("synthetic", "synthetic", [105.0, 106.0]),
+    ]
+    notes = report.notes(noisy)
+    assert any("pil loader: its windows differ 7.5x (35 to 261 img/s)" in n for n in notes)
+    assert any("dali train: " in n and "757% above the synthetic ceiling" in n for n in notes)
+    assert notes[-1] == report.BUSY_MACHINE_NOTE
+    table = report.markdown_table(
+        [
+            {
+                **r,
+                "images_per_sec_per_gpu_min": 1,
+                "images_per_sec_per_gpu_max": 1,
+                "images_per_sec_total": 1,
+                "host_data_wait_fraction": 0.0,
+                "gpu_idle_fraction": None,
+            }
+            for r in noisy
+        ]
+    )
+    assert table.splitlines()[-1].endswith("| n/a | - |")  # synthetic: no host data wait

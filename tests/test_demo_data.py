@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -124,7 +125,7 @@ def test_second_call_reuses_without_rewriting(tiny_data):
     ]
     before = {p: os.stat(p).st_mtime_ns for p in files}
     again = ensure_demo_data(tiny_data.root, preset="tiny", seed=0)
-    assert again == tiny_data
+    assert again.reused and dataclasses.replace(again, reused=False) == tiny_data
     assert {p: os.stat(p).st_mtime_ns for p in files} == before
     marker = json.loads(Path(tiny_data.root, MARKER_FILE).read_text())
     assert marker["preset"] == "tiny" and marker["seed"] == 0 and marker["train"] == 120
@@ -145,9 +146,16 @@ def test_interrupted_or_changed_trees_are_regenerated(tmp_path):
     assert os.path.getsize(victim) > 10 and not stray.exists()
     assert not (root / PARTIAL_FILE).exists() and (root / MARKER_FILE).exists()
     assert len(read_list(data.train_list)) == 120
-    # Another seed on the same folder replaces the set, and says so in the marker.
+    # Another seed on the same folder is refused, naming what is there and how to replace it,
+    # and replaces the set only when asked (the marker then says so).
     before = digest([victim])
-    data = ensure_demo_data(root, preset="tiny", seed=5)
+    with pytest.raises(
+        DemoDataError,
+        match=r"holds demo data of the tiny preset, seed 0 \(format 1\), not the tiny preset, seed 5 .* --seed 5 --replace$",
+    ):
+        ensure_demo_data(root, preset="tiny", seed=5)
+    assert digest([victim]) == before and (root / MARKER_FILE).exists()
+    data = ensure_demo_data(root, preset="tiny", seed=5, replace=True)
     assert data.seed == 5 and digest([victim]) != before
     assert json.loads((root / MARKER_FILE).read_text())["seed"] == 5
 
@@ -157,7 +165,8 @@ def test_concurrent_callers_share_one_generation(tmp_path):
     root = tmp_path / "shared"
     with ThreadPoolExecutor(max_workers=3) as pool:
         results = list(pool.map(lambda _: ensure_demo_data(root, preset="tiny"), range(3)))
-    assert results[0] == results[1] == results[2]
+    assert sorted(r.reused for r in results) == [False, True, True]  # one generation
+    assert len({dataclasses.replace(r, reused=False) for r in results}) == 1
     assert len(image_files(root)) == 160
     assert len(read_list(results[0].train_list, num_classes=10)) == 120
 
@@ -167,6 +176,16 @@ def test_foreign_train_folder_is_not_overwritten(tmp_path, make_image):
     with pytest.raises(DemoDataError, match="not overwriting"):
         ensure_demo_data(tmp_path / "photos", preset="tiny")
     assert os.path.isfile(mine)
+
+
+@pytest.mark.parametrize("name", ["Train.txt", "Test.txt", "classes.txt", "photo.jpg", "notes"])
+def test_a_folder_holding_anything_of_the_users_is_not_touched(tmp_path, name):
+    root = tmp_path / "mine"
+    root.mkdir()
+    (root / name).write_text("mine\n")
+    with pytest.raises(DemoDataError, match=f"did not write \\({name}\\) and no demo marker"):
+        ensure_demo_data(root, preset="tiny")
+    assert os.listdir(root) == [name] and (root / name).read_text() == "mine\n"
 
 
 def test_unknown_preset_is_refused(tmp_path):
@@ -201,5 +220,29 @@ def test_cli_prints_a_summary(tmp_path):
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert "tiny preset, seed 2" in result.stdout
+    assert "tiny preset, seed 2" in result.stdout and ": generated [" in result.stdout
     assert "train: 120 images" in result.stdout and "val: 40 images" in result.stdout
+
+
+def test_cli_reuses_refuses_and_replaces_in_one_line(tiny_data, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "make_demo_data_cli", os.path.join(REPO, "tools", "make_demo_data.py")
+    )
+    make_demo_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_demo_data)
+    assert make_demo_data.main([tiny_data.root, "--preset", "tiny"]) == 0
+    assert ": reused, generated earlier (nothing written)" in capsys.readouterr().out
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert make_demo_data.main([str(a_file), "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {a_file} is a file, not a folder: choose a folder for the demo data\n"
+    with pytest.raises(SystemExit) as stopped:
+        make_demo_data.main([str(tmp_path / "d"), "--workers", "0"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.startswith("error: argument --workers: 0 is below")
+    for flag in ("--preset", "--seed", "--workers", "--replace"):
+        text = make_demo_data.build_parser().format_help().split(flag, 1)[1].split("\n  -")[0]
+        assert "default" in text, flag

@@ -150,3 +150,49 @@ def test_without_onnx_one_error_line(tmp_path, run_dir):
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == ["error: onnx is not installed: pip install -e '.[export]'"]
     assert not out.exists()
+
+
+def test_an_existing_output_is_refused_before_any_work(capsys, tmp_path, run_dir):
+    out = tmp_path / "earlier.onnx"
+    out.write_bytes(b"an earlier export")
+    assert export_main([str(run_dir / "model.pt"), str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"error: {out} exists: choose another name or pass --overwrite"]
+    assert out.read_bytes() == b"an earlier export"
+    assert export_main([str(run_dir / "model.pt"), str(out), "--overwrite"]) == 0
+    assert out.stat().st_size > 1_000_000
+
+
+def test_check_image_problems_are_said_plainly(capsys, tmp_path, tiny_data, run_dir):
+    model = str(run_dir / "model.pt")
+    # A missing model is named first, even with no check images to be found beside it.
+    assert export_main([str(tmp_path / "none.pt"), str(tmp_path / "a.onnx")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'none.pt'}: model file not found\n"
+    # One check image: still two batch sizes (it is repeated).
+    image = read_list(tiny_data.val_list)[0].path
+    assert export_main([model, str(tmp_path / "one.onnx"), "--check-images", image]) == 0
+    assert "on 1 image (batches of 2 and 1)" in capsys.readouterr().out
+    # Every check image bad: said so, in the order given.
+    empty, junk = tmp_path / "empty.jpg", tmp_path / "junk.jpg"
+    empty.write_bytes(b"")
+    junk.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    gone = tmp_path / "gone.jpg"
+    argv = [model, str(tmp_path / "bad.onnx"), "--check-images", str(junk), str(gone), str(empty)]
+    assert export_main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(": ")[1] for line in err[:3]] == [str(junk), str(gone), str(empty)]
+    assert (
+        err[3]
+        == "error: none of the 3 check images could be read (each named above): pass --check-images PATH... with readable images"
+    )
+    # A check list with another class map: labels are unused here, so it is no reason to refuse.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "classes.txt").write_text("".join(f"c{k}\n" for k in range(3)))
+    (other / "Test.txt").write_text(f"{image} 2\n")
+    assert (
+        export_main(
+            [model, str(tmp_path / "other.onnx"), "--check-images", str(other / "Test.txt")]
+        )
+        == 0
+    )

@@ -6,7 +6,12 @@ import os
 
 import pytest
 
-from pipelines.fileio import atomic_write, atomic_write_text
+from pipelines.fileio import (
+    OutputFileError,
+    atomic_write,
+    atomic_write_text,
+    check_output_file,
+)
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_debris(tmp_path):
@@ -37,3 +42,33 @@ def test_every_writer_of_the_project_uses_it():
                     if "os.replace(" in f.read():
                         offenders.append(f"{folder}/{name}")
     assert offenders == []
+
+
+def test_check_output_file_refuses_what_would_lose_a_result_or_fail_late(tmp_path):
+    new = tmp_path / "deeper" / "still" / "out.json"  # missing folders: created later
+    assert check_output_file(new, overwrite=False, flag="--json") == str(new)
+    existing = tmp_path / "old.json"
+    existing.write_text("{}")
+    with pytest.raises(
+        OutputFileError,
+        match=r"^--json .*old.json exists: choose another name or pass --overwrite$",
+    ):
+        check_output_file(existing, overwrite=False, flag="--json")
+    assert check_output_file(existing, overwrite=True, flag="--json") == str(existing)
+    with pytest.raises(OutputFileError, match="is a folder"):
+        check_output_file(tmp_path, overwrite=True, flag="--json")
+    with pytest.raises(OutputFileError, match="old.json is a file, not a folder"):
+        check_output_file(existing / "x.json", overwrite=True, flag="--json")
+    assert existing.read_text() == "{}"  # nothing written by a check
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_check_output_file_refuses_an_unwritable_folder(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(OutputFileError, match="not writable"):
+            check_output_file(locked / "a" / "out.png", overwrite=False, flag="--plot")
+    finally:
+        locked.chmod(0o700)

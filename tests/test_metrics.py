@@ -75,3 +75,59 @@ def test_format_duration():
     assert [format_duration(s) for s in (0, 4.4, 65, 3599, 7620)] == [
         "0s", "4s", "1m05s", "59m59s", "2h07m",
     ]  # fmt: skip
+
+
+def plot_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_metrics_cli", PLOT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_damaged_line_is_named_and_a_torn_tail_is_dropped_on_resume(tmp_path):
+    good = "".join(json.dumps(record(e, 10.0 * e)) + "\n" for e in (1, 2))
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(good + '{"epoch": 3, "train_lo')  # an append cut short by a kill
+    try:
+        metrics.read(str(tmp_path))
+        raise AssertionError("a damaged line was read")
+    except metrics.MetricsError as e:
+        assert str(e).startswith(f"{path}:3: not an epoch record")
+    metrics.truncate(str(tmp_path), completed_epochs=2)  # what a resume does first
+    assert path.read_text() == good
+    path.write_text('{"epoch": 1}\n[1, 2]\n' + good)  # damage inside: never dropped silently
+    try:
+        metrics.read(str(tmp_path), drop_torn_tail=True)
+        raise AssertionError("a damaged line was read")
+    except metrics.MetricsError as e:
+        assert f"{path}:2:" in str(e)
+
+
+def test_plot_tool_refuses_in_one_line_and_writes_the_suffix_format(tmp_path, capsys):
+    tool = plot_tool()
+    for epoch in (1, 2):
+        metrics.append(str(tmp_path), record(epoch, 50.0 + epoch))
+    jpg = tmp_path / "x.jpg"
+    assert tool.main([str(tmp_path), "--out", str(jpg)]) == 0
+    assert jpg.read_bytes()[:3] == b"\xff\xd8\xff"  # JPEG bytes, not a PNG under .jpg
+    before = jpg.read_bytes()
+    assert tool.main([str(tmp_path), "--out", str(jpg)]) == 2
+    assert tool.main([str(tmp_path), "--out", str(tmp_path / "x.doc")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"error: --out {jpg} exists: choose another name or pass --overwrite"
+    assert err[1].startswith(f"error: {tmp_path / 'x.doc'}: matplotlib cannot write .doc")
+    assert jpg.read_bytes() == before and not (tmp_path / "x.doc").exists()
+    assert tool.main([str(tmp_path), "--out", str(jpg), "--overwrite"]) == 0
+    assert tool.main([str(tmp_path)]) == 0  # the run's own metrics.png: redrawn freely
+    assert tool.main([str(tmp_path)]) == 0
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write("{half a line\n")
+    assert tool.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"error: {tmp_path / 'metrics.jsonl'}:3: not an epoch record (a JSON object per line); the file is damaged, e.g. a line cut short: remove or repair that line\n"
+    )
+    assert "--overwrite" in tool.build_parser().format_help()

@@ -322,3 +322,69 @@ def test_bad_input_is_one_error_line(capsys, tmp_path, tiny_data, model_file):
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"GIF89a not really")
     fails("--model", model_file, str(junk), mentions="none of the 1 images could be predicted")
+
+
+def test_an_existing_csv_is_refused_before_any_work(capsys, tmp_path, tiny_data, model_file):
+    out = tmp_path / "predictions.csv"
+    out.write_text("earlier results\n")
+    image = read_list(tiny_data.val_list)[0].path
+    rc, stdout, err = run_predict(capsys, "--model", model_file, image, "--csv", str(out))
+    assert rc == 2 and stdout == []  # nothing predicted
+    assert err == [f"error: --csv {out} exists: choose another name or pass --overwrite"]
+    assert out.read_text() == "earlier results\n"
+    rc, _, err = run_predict(capsys, "--model", model_file, image, "--csv", str(tmp_path))
+    assert rc == 2 and err == [f"error: --csv {tmp_path} is a folder: name a file"]
+    args = ("--model", model_file, image, "--csv", str(out), "--overwrite", "--backend", "pil")
+    rc, _, _ = run_predict(capsys, *args)
+    assert rc == 0 and out.read_text().startswith("path,label,class_1,")
+
+
+def test_model_problems_are_one_plain_line(capsys, tmp_path, tiny_data, model_file):
+    image = read_list(tiny_data.val_list)[0].path
+
+    def error_of(model: str) -> str:
+        rc, _, err = run_predict(capsys, "--model", model, image)
+        assert rc == 2 and len(err) == 1, err
+        return err[0]
+
+    saved = torch.load(model_file, weights_only=True)
+    other_arch = tmp_path / "other_arch.pt"
+    torch.save({**saved, "arch": "resnet34"}, other_arch)  # resnet18's weights under resnet34
+    assert error_of(str(other_arch)) == (
+        f"error: {other_arch}: its weights do not fit resnet34: they look like resnet18's"
+    )
+    junk = tmp_path / "notes.pt"
+    junk.write_text("not a torch save")
+    message = error_of(str(junk))
+    assert "not a model.pt of this trainer" in message and "weights_only" not in message
+    no_size = tmp_path / "no_size.pt"
+    torch.save({**saved, "preprocessing": {"mean": [0.5] * 3}}, no_size)
+    assert "preprocessing has no image_size" in error_of(str(no_size))
+    empty_run = tmp_path / "empty_run"
+    empty_run.mkdir()
+    assert f"{empty_run}: a folder without model.pt" in error_of(str(empty_run))
+    # A run folder holding model.pt is taken as its model.pt.
+    run = os.path.dirname(model_file)
+    rc, out, _ = run_predict(capsys, "--model", run, image, "--backend", "pil")
+    assert rc == 0 and len(prediction_lines(out)) == 1
+
+
+def test_list_labels_without_classes_txt_are_scored_with_a_note(
+    capsys, tmp_path, tiny_data, model_file
+):
+    samples = read_list(tiny_data.val_list)[:3]
+    bare = tmp_path / "bare.txt"  # no classes.txt beside it
+    write_list(str(bare), [(s.path, s.label) for s in samples], absolute=True)
+    rc, out, _ = run_predict(capsys, "--model", model_file, str(bare), "--backend", "pil")
+    assert rc == 0
+    assert (
+        f"note: {bare} has no classes.txt beside it: its labels were scored as the model's class indices"
+        in "\n".join(out)
+    )
+    assert any(TOP1_LINE.match(line) for line in out)
+    bad = tmp_path / "bad.txt"
+    bad.write_text(f"{samples[0].path} 12\n")
+    rc, _, err = run_predict(capsys, "--model", model_file, str(bad))
+    assert rc == 2 and err == [
+        f"error: {bad}:1: label 12 is outside [0, 10): the model has 10 classes"
+    ]

@@ -3,6 +3,7 @@ with the list, and the compact storage of paths and labels (real DALI, CPU mode)
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -160,3 +161,95 @@ def test_a_million_line_list_parses_in_seconds(tmp_path, images):
     path_bytes = len(images[0]) + 1  # the images' paths have one length; + 1: the NUL
     assert table.nbytes == 1_281_167 * (path_bytes + 16) + 8  # n + 1 offsets
     os.remove(list_file)
+
+
+# --- benchmarks/imagenet_scale.py: refusals before any work, and a real run ------------------
+
+SMALL_RUN = ["--world-size", "2", "--batch-size", "4", "--image-size", "32", "--threads", "1"]
+SMALL_RUN += ["--epochs", "1", "--steps", "2", "--train-size", "400", "--val-size", "40"]
+
+
+def copy_lists(src: str, dst) -> dict[str, bytes]:
+    """The tiny data's three list files copied into ``dst`` (absolute paths kept valid by
+    rewriting them through read_table); returns their bytes."""
+    from pipelines.lists import CLASSES_FILE, TRAIN_LIST, VAL_LIST
+
+    os.makedirs(dst, exist_ok=True)
+    out = {}
+    for name in (TRAIN_LIST, VAL_LIST):
+        table = read_table(os.path.join(src, name))
+        write_list(
+            os.path.join(dst, name),
+            list(zip(table.paths(), table.labels.tolist(), strict=True)),
+            absolute=True,
+        )
+    with open(os.path.join(src, CLASSES_FILE), "rb") as f:
+        (dst / CLASSES_FILE).write_bytes(f.read())
+    for name in (TRAIN_LIST, VAL_LIST, CLASSES_FILE):
+        out[name] = (dst / name).read_bytes()
+    return out
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--steps", "0"], "error: argument --steps: 0 is below the minimum, 1 (see --help)"),
+        (["--rank", "9"], "--rank 9 is outside [0, --world-size 2)"),
+        (["--batch-size", "64"], "too few for 2 ranks x batch 64: each rank needs 2 steps, 256"),
+        (["--train-size", "10"], "the long list (--train-size, --val-size): 10 train lines"),
+    ],
+)
+def test_scale_refuses_bad_values_in_one_line(tiny_data, tmp_path, capsys, flags, message):
+    from benchmarks import imagenet_scale
+
+    argv = ["--data", tiny_data.root, "--work-dir", str(tmp_path / "w"), *SMALL_RUN, *flags]
+    try:
+        status = imagenet_scale.main(argv)
+    except SystemExit as e:  # argparse's own refusal
+        status = e.code
+    err = capsys.readouterr().err
+    assert status == 2 and message in err and len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and not (tmp_path / "w").exists()
+
+
+def test_scale_never_writes_over_lists_it_did_not_write(tiny_data, tmp_path, capsys):
+    from benchmarks import imagenet_scale
+
+    mine = tmp_path / "mine"
+    before = copy_lists(tiny_data.root, mine)
+    for work in (mine, tmp_path / "missing_data"):
+        data = str(mine) if work == mine else str(tmp_path / "nope")
+        status = imagenet_scale.main(["--data", data, "--work-dir", str(mine), *SMALL_RUN])
+        assert status == 2
+    err = capsys.readouterr().err.splitlines()
+    assert (
+        err[0]
+        == f"error: --work-dir {mine} is the --data folder: the long lists would replace its lists; choose another folder"
+    )
+    assert err[1] == f"error: --data {tmp_path / 'nope'} is not a folder"
+    status = imagenet_scale.main(["--data", tiny_data.root, "--work-dir", str(mine), *SMALL_RUN])
+    err = capsys.readouterr().err
+    assert (
+        status == 2
+        and "holds Train.txt, Test.txt, classes.txt that this script did not write" in err
+    )
+    assert {name: (mine / name).read_bytes() for name in before} == before
+
+
+def test_scale_run_names_the_list_lengths_and_keeps_its_json(tiny_data, tmp_path, capsys):
+    from benchmarks import imagenet_scale
+
+    work, out = tmp_path / "work", tmp_path / "scale.json"
+    argv = ["--data", tiny_data.root, "--work-dir", str(work), "--json", str(out), *SMALL_RUN]
+    assert imagenet_scale.main(argv) == 0
+    table = capsys.readouterr().out
+    assert "| --data list (120 lines) | 400-line list |" in table
+    assert (work / imagenet_scale.WORK_MARKER).exists() and len(
+        read_table(str(work / "Train.txt"))
+    ) == 400
+    result = json.loads(out.read_text())
+    assert result["results"]["400-line list"]["train_samples"] == 400
+    # A second run may reuse its own work dir, but not write over the JSON it wrote.
+    assert imagenet_scale.main(argv) == 2
+    assert "scale.json exists: choose another name or pass --overwrite" in capsys.readouterr().err
+    assert json.loads(out.read_text()) == result

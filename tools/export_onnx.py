@@ -23,6 +23,7 @@ if __package__ in (None, ""):
     # there for `trainer` and `pipelines` when the project is not installed.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pipelines.fileio import OVERWRITE_HELP, OutputFileError, check_output_file  # noqa: E402
 from pipelines.lists import ListError  # noqa: E402
 from trainer import inference  # noqa: E402
 
@@ -36,8 +37,10 @@ def _positive_float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="a run's model.pt")
-    parser.add_argument("out", help="the .onnx file to write")
+    parser.add_argument("model", help="a run's model.pt, or the run folder holding it")
+    parser.add_argument(
+        "out", help="the .onnx file to write (an existing one is refused without --overwrite)"
+    )
     parser.add_argument(
         "--check-images",
         nargs="+",
@@ -53,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=inference.ONNX_TOLERANCE,
         help=f"largest allowed |logit difference| (default {inference.ONNX_TOLERANCE:g})",
     )
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     return parser
 
 
@@ -61,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # First, so that a machine without the packages hears it before any work is done.
         inference.import_onnx_modules()
+        check_output_file(args.out, overwrite=args.overwrite, flag="")
+        # The model before the check images: a wrong model path is the first thing to hear.
+        model = inference.load_model(args.model)
         check_paths = args.check_images or inference.run_config_lists(args.model)
         if not check_paths:
             raise inference.InferenceError(
@@ -75,11 +82,12 @@ def main(argv: list[str] | None = None) -> int:
             on_skip=lambda path, reason: print(
                 f"skipped: {path}: {reason}", file=sys.stderr, flush=True
             ),
+            model=model,
         )
     except inference.ExportCheckError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except (inference.InferenceError, ListError, OSError) as error:
+    except (inference.InferenceError, ListError, OutputFileError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     size_mib = os.path.getsize(report.path) / 2**20
@@ -89,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{report.seconds:.1f} s"
     )
     print(
-        f"checked with onnxruntime on {report.checked_images} images (batches of "
+        f"checked with onnxruntime on {report.checked_images} "
+        f"{'image' if report.checked_images == 1 else 'images'} (batches of "
         f"{' and '.join(map(str, report.batch_sizes))}): max abs logit difference "
         f"{report.max_abs_difference:.2e} (tolerance {report.tolerance:g})"
     )

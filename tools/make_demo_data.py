@@ -1,8 +1,10 @@
 """Write the demo data set (ten texture-and-colour classes) into OUT and print a summary.
 
-    python tools/make_demo_data.py data/demo [--preset default|tiny] [--seed 0]
+    python tools/make_demo_data.py data/demo [--preset default|tiny] [--seed 0] [--replace]
 
-Reuses OUT when it already holds the same preset and seed (see ``pipelines.demo``).
+Reuses OUT when it already holds the same preset and seed (see ``pipelines.demo``). Refuses a
+folder holding anything it did not write, and replaces a demo tree of another preset or seed
+only with --replace.
 """
 
 from __future__ import annotations
@@ -21,18 +23,67 @@ from pipelines.demo import PRESETS, DemoDataError, default_demo_root, ensure_dem
 from pipelines.lists import read_classes, read_list  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, as every bad input of the project
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum, {minimum}")
+        return value
+
+    return parse
+
+
+def build_parser() -> Parser:
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "out", nargs="?", default=None, help=f"output folder (default: {default_demo_root()})"
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=None, help="default: all CPUs")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="default",
+        help="default: 160 train + 40 val photo-sized images per class (about 170 MB); tiny: "
+        "12 + 4 per class at 40-96 px, for tests (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed", type=at_least(0), default=0, help="seed of the images (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=at_least(1),
+        default=None,
+        help=f"processes drawing the images (default: all CPUs, {os.cpu_count()} here, for the "
+        "default preset; one, this process, for the tiny preset)",
+    )
+    parser.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace a demo tree of another preset or seed in OUT, deleting its train/ and "
+        "val/ (files added there too) (default: refuse)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
-        data = ensure_demo_data(args.out, preset=args.preset, seed=args.seed, workers=args.workers)
+        data = ensure_demo_data(
+            args.out,
+            preset=args.preset,
+            seed=args.seed,
+            workers=args.workers,
+            replace=args.replace,
+        )
     except DemoDataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -40,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     classes = read_classes(data.classes_file)
     train = read_list(data.train_list, num_classes=len(classes))
     val = read_list(data.val_list, num_classes=len(classes))
-    print(f"demo data ({data.preset} preset, seed {data.seed}) in {data.root} [{seconds:.1f} s]")
+    what = f"demo data ({data.preset} preset, seed {data.seed}) in {data.root}"
+    if data.reused:
+        print(f"{what}: reused, generated earlier (nothing written)")
+    else:
+        print(f"{what}: generated [{seconds:.1f} s]")
     print(f"classes: {len(classes)} ({', '.join(classes)})")
     print(f"train: {len(train)} images -> {data.train_list}")
     print(f"val: {len(val)} images -> {data.val_list}")

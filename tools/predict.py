@@ -26,7 +26,12 @@ if __package__ in (None, ""):
     # there for `trainer` and `pipelines` when the project is not installed.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipelines.fileio import atomic_write_text  # noqa: E402
+from pipelines.fileio import (  # noqa: E402
+    OVERWRITE_HELP,
+    OutputFileError,
+    atomic_write_text,
+    check_output_file,
+)
 from pipelines.lists import ListError  # noqa: E402
 from trainer import inference  # noqa: E402
 
@@ -48,7 +53,9 @@ def _non_negative(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders, lists")
-    parser.add_argument("--model", required=True, help="a run's model.pt")
+    parser.add_argument(
+        "--model", required=True, help="a run's model.pt, or the run folder holding it (required)"
+    )
     parser.add_argument(
         "--top-k",
         type=_positive,
@@ -84,8 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--csv",
         metavar="FILE",
         default=None,
-        help="write path, label, top-k classes and probabilities to FILE instead of stdout",
+        help="write path, label, top-k classes and probabilities to FILE instead of stdout; "
+        "an existing FILE is refused without --overwrite (default: stdout)",
     )
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     return parser
 
 
@@ -122,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: {path}: {reason}", file=sys.stderr, flush=True)
 
     try:
+        if args.csv:  # before any work: a refused CSV must not cost a whole prediction run
+            check_output_file(args.csv, overwrite=args.overwrite, flag="--csv")
         backend, device = inference.resolve_backend(args.backend)
         threads = (
             args.workers if args.workers is not None else inference.default_threads(backend, device)
@@ -160,13 +171,19 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.csv:
             atomic_write_text(args.csv, csv_text(collected, model.class_names, predictor.top_k))
-    except (inference.InferenceError, ListError, OSError) as error:
+    except (inference.InferenceError, ListError, OutputFileError, OSError) as error:
         sys.stdout.flush()
         print(f"error: {error}", file=sys.stderr)
         return 2
     for note in summary.notes:
         print(f"note: {note}")
     if summary.top1 is not None:
+        for list_file in inference.lists_without_classes(args.paths):
+            print(
+                f"note: {list_file} has no classes.txt beside it: its labels were scored as the "
+                f"model's class indices (0 = {model.class_names[0]}, 1 = "
+                f"{model.class_names[1] if len(model.class_names) > 1 else '-'}, ...)"
+            )
         print(f"top-1 {summary.top1:.2f}% over {summary.labelled} labelled images")
     workers = f"{threads} {'threads' if backend == 'dali' else 'workers'}"
     print(

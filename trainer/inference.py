@@ -38,6 +38,7 @@ import os
 import stat
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ from pipelines.lists import (
     format_line,
     read_classes,
     read_table,
+    sample_line,
     write_list,
 )
 from pipelines.scan import is_image_file
@@ -104,36 +106,125 @@ class LoadedModel:
         return int(self.preprocessing["image_size"])
 
 
+MODEL_FILE = "model.pt"  # what a run folder holds for inference
+
+
 def load_model(path: str, *, device: torch.device | str = "cpu") -> LoadedModel:
-    """Rebuild the network of a model.pt with torchvision only, in eval mode on ``device``."""
-    if not os.path.isfile(path):
-        raise InferenceError(f"{path}: model file not found")
+    """Rebuild the network of a model.pt (or a run folder's) with torchvision only, in eval
+    mode on ``device``; InferenceError, one line, for anything that is not one."""
+    path = resolve_model_path(path)
     try:
         # weights_only: loading a model file must never be able to run code.
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a file that is not a torch save
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InferenceError(f"{path}: not a readable model file ({first_line})") from None
+    except Exception:  # torch raises many types for a file that is not a torch save
+        # torch's own message may advise weights_only=False, i.e. running the file's code:
+        # not advice to pass on for a file that is not ours to begin with.
+        raise InferenceError(
+            f"{path}: not a model.pt of this trainer (not a PyTorch weights file); pass a "
+            f"run's {MODEL_FILE}"
+        ) from None
     needed = ("arch", "model", "class_names", "preprocessing")
     if not isinstance(saved, dict) or any(key not in saved for key in needed):
         raise InferenceError(
             f"{path}: not a model.pt of this trainer (needs {', '.join(needed)}; a training "
             "checkpoint such as last.pt is not one: use the run's model.pt)"
         )
+    preprocessing = saved["preprocessing"]
+    size = preprocessing.get("image_size") if isinstance(preprocessing, dict) else None
+    if not isinstance(size, int) or size < 1:
+        raise InferenceError(
+            f"{path}: its preprocessing has no image_size (the crop side in px), so its "
+            "images cannot be prepared as in training; re-export it with the trainer"
+        )
     class_names = list(saved["class_names"])
-    try:
-        net = torchvision.models.get_model(saved["arch"], num_classes=len(class_names))
-        net.load_state_dict(saved["model"])
-    except (ValueError, RuntimeError) as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InferenceError(f"{path}: cannot rebuild {saved['arch']}: {first_line}") from None
+    net = _rebuild(path, saved["arch"], len(class_names), saved["model"])
     return LoadedModel(
         net=net.eval().to(device),
         arch=saved["arch"],
         class_names=class_names,
-        preprocessing=dict(saved["preprocessing"]),
+        preprocessing=dict(preprocessing),
         weights=str(saved.get("weights", "raw")),
     )
+
+
+def resolve_model_path(path: str) -> str:
+    """``path`` itself, or ``path/model.pt`` for a run folder; InferenceError when neither."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, MODEL_FILE)
+        if os.path.isfile(inside):
+            return inside
+        raise InferenceError(
+            f"{path}: a folder without {MODEL_FILE}: pass a run's {MODEL_FILE} or the run "
+            f"folder that holds it (a finished run's --output-dir holds {MODEL_FILE}, "
+            "config.toml, metrics.jsonl, last.pt, best.pt)"
+        )
+    if not os.path.isfile(path):
+        raise InferenceError(f"{path}: model file not found")
+    return path
+
+
+def _rebuild(path: str, arch: str, num_classes: int, state_dict) -> nn.Module:
+    try:
+        net = torchvision.models.get_model(arch, num_classes=num_classes)
+    except ValueError as exc:
+        raise InferenceError(f"{path}: cannot rebuild {arch}: {exc}") from None
+    try:
+        net.load_state_dict(state_dict)
+    except RuntimeError:
+        raise InferenceError(
+            f"{path}: its weights do not fit {arch}: {_mismatch(net, state_dict, num_classes, arch)}"
+        ) from None
+    return net
+
+
+def _mismatch(net: nn.Module, state_dict, num_classes: int, arch: str) -> str:
+    """In one line: which model the weights look like, else the first keys that differ."""
+    names = torchvision.models.list_models(module=torchvision.models)
+    family = arch.rstrip("0123456789_").rstrip("_")  # resnet34 -> resnet: its kin first
+    kin = [n for n in names if n.startswith(family)]
+    looks_like = _matching_archs(state_dict, num_classes, kin) or _matching_archs(
+        state_dict, num_classes, [n for n in names if n not in kin]
+    )
+    if looks_like:
+        return f"they look like {' or '.join(looks_like)}'s"
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
+        if unexpected:
+            more = ", ..." if len(unexpected) > 3 else ""
+            parts.append(f"unexpected {', '.join(unexpected[:3])}{more}")
+        return "; ".join(parts)
+    for key, tensor in expected.items():
+        if tuple(state_dict[key].shape) != tuple(tensor.shape):
+            return (
+                f"{key} is {tuple(state_dict[key].shape)} in the file, "
+                f"{tuple(tensor.shape)} in {type(net).__name__}"
+            )
+    return "the weights do not load"
+
+
+def _matching_archs(state_dict, num_classes: int, names: list[str]) -> list[str]:
+    """torchvision classification models whose weights have exactly these names and shapes
+    (built on the meta device: no memory, milliseconds each)."""
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items() if hasattr(v, "shape")}
+    found = []
+    for name in names:
+        try:
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. googlenet's notice about its init
+                candidate = torchvision.models.get_model(name, num_classes=num_classes)
+        except Exception:  # a model that needs other arguments: not a candidate
+            continue
+        theirs = candidate.state_dict()
+        if theirs.keys() == shapes.keys() and all(
+            tuple(t.shape) == shapes[k] for k, t in theirs.items()
+        ):
+            found.append(name)
+    return found
 
 
 @dataclass(frozen=True)
@@ -165,7 +256,11 @@ def _walk_images(folder: str) -> list[str]:
 
 
 def collect_inputs(
-    paths: Iterable[str], *, class_names: Sequence[str], on_skip: Callable[[str, str], None]
+    paths: Iterable[str],
+    *,
+    class_names: Sequence[str],
+    on_skip: Callable[[str, str], None],
+    score_labels: bool = True,
 ) -> list[Item]:
     """Items for the PATHs of the command line, in order.
 
@@ -174,27 +269,51 @@ def collect_inputs(
     does not exist is reported through ``on_skip`` and left out. A malformed list, or a label
     outside the model's classes, raises ListError naming ``file:line``; a ``classes.txt``
     beside a list that names other classes than the model's raises InferenceError, since its
-    labels would be scored against the wrong names.
+    labels would be scored against the wrong names. ``score_labels=False`` (the export's
+    check images, whose labels are unused) skips both label checks.
     """
     items: list[Item] = []
     for path in paths:
         if os.path.isdir(path):
             items.extend(Item(p) for p in _walk_images(path))
         elif path.lower().endswith(LIST_SUFFIX) and os.path.isfile(path):
-            classes_file = classes_beside(path)
-            if classes_file is not None and read_classes(classes_file) != list(class_names):
-                raise InferenceError(
-                    f"{classes_file}: the classes of {path} are not the model's "
-                    f"({len(class_names)} classes: {', '.join(class_names[:3])}, ...), so its "
-                    "labels cannot be scored"
-                )
-            table = read_table(path, num_classes=len(class_names))
+            table = read_table(path)
+            if score_labels:
+                _check_list_labels(path, table, class_names)
             items.extend(Item(table.path(i), int(table.labels[i])) for i in range(len(table)))
         elif os.path.lexists(path):
             items.append(Item(path))
         else:
             on_skip(path, "not found")
     return items
+
+
+def _check_list_labels(path: str, table, class_names: Sequence[str]) -> None:
+    classes_file = classes_beside(path)
+    if classes_file is not None and read_classes(classes_file) != list(class_names):
+        raise InferenceError(
+            f"{classes_file}: the classes of {path} are not the model's "
+            f"({len(class_names)} classes: {', '.join(class_names[:3])}, ...), so its "
+            "labels cannot be scored"
+        )
+    outside = (table.labels >= len(class_names)).nonzero()[0]
+    if len(outside):
+        index = int(outside[0])
+        line = sample_line(path, index)
+        raise ListError(
+            f"{path}:{line}: label {int(table.labels[index])} is outside [0, "
+            f"{len(class_names)}): the model has {len(class_names)} classes"
+        )
+
+
+def lists_without_classes(paths: Iterable[str]) -> list[str]:
+    """The list files among ``paths`` with no classes.txt beside them: their labels are
+    taken as the model's class indices."""
+    return [
+        p
+        for p in paths
+        if p.lower().endswith(LIST_SUFFIX) and os.path.isfile(p) and classes_beside(p) is None
+    ]
 
 
 def _file_problem(path: str) -> str | None:
@@ -448,7 +567,8 @@ def run_config_lists(model_path: str) -> list[str]:
     """The val and train lists named by the config.toml beside model.pt (a run folder)."""
     import tomllib
 
-    config_file = os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.toml")
+    folder = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
+    config_file = os.path.join(os.path.abspath(folder), "config.toml")
     try:
         with open(config_file, "rb") as f:
             config = tomllib.load(f)
@@ -469,6 +589,55 @@ class ExportReport:
     seconds: float
 
 
+def _check_images(
+    check_paths: Sequence[str],
+    model: LoadedModel,
+    size: int,
+    max_images: int,
+    on_skip: Callable[[str, str], None],
+) -> list[torch.Tensor]:
+    """The first ``max_images`` readable images of ``check_paths`` with the val transform;
+    the unreadable ones reported in input order; InferenceError when none is readable."""
+    from pipelines.common import open_rgb
+    from pipelines.pil import val_transform
+
+    problems: dict[str, str] = {}
+    items: list[Item] = []
+    given_order: list[str] = []  # every path as met, for reporting problems in that order
+    for given in check_paths:
+        found = collect_inputs(
+            [given],
+            class_names=model.class_names,
+            on_skip=problems.__setitem__,
+            score_labels=False,  # labels are unused here: another class map is no reason to refuse
+        )
+        given_order += [item.path for item in found] if found else [given]
+        items += found
+    readable = check_files(items, on_skip=problems.__setitem__)
+    transform = val_transform(size)
+    images = []
+    for item in readable:
+        if len(images) == max_images:
+            break
+        try:
+            images.append(transform(open_rgb(item.path)))
+        except Exception as exc:  # PIL raises many types for a bad file; it names none
+            problems[item.path] = f"cannot be decoded ({type(exc).__name__}: {exc})"
+    for path in given_order:
+        if path in problems:
+            on_skip(path, problems.pop(path))
+    if not images:
+        raise InferenceError(
+            f"none of the {len(given_order)} check images could be read (each named above): "
+            "pass --check-images PATH... with readable images"
+            if given_order
+            else "no images to check the export with in "
+            + " ".join(check_paths)
+            + ": pass --check-images PATH... (image files, folders or list files)"
+        )
+    return images
+
+
 def export_onnx(
     model_path: str,
     out_path: str,
@@ -477,43 +646,29 @@ def export_onnx(
     tolerance: float = ONNX_TOLERANCE,
     max_check_images: int = ONNX_CHECK_IMAGES,
     on_skip: Callable[[str, str], None] = lambda path, reason: None,
+    model: LoadedModel | None = None,
 ) -> ExportReport:
     """Export model.pt to ONNX (dynamic batch axis, float32 NCHW input ``images`` of the
     val crop size, output ``logits``), with the preprocessing and class names as metadata.
 
     Before anything is written, onnxruntime runs the exported graph on real images prepared
     with the validation transform (``pipelines.pil.val_transform``, what model.pt's
-    preprocessing describes), in two batch sizes, and the logits must agree with PyTorch's
-    within ``tolerance``; otherwise ExportCheckError and no file.
+    preprocessing describes), in two batch sizes (a single check image is repeated to make
+    the larger), and the logits must agree with PyTorch's within ``tolerance``; otherwise
+    ExportCheckError and no file. ``model``: model_path already loaded. Skipped check images
+    are reported in the order they were given.
     """
     onnx, ort = import_onnx_modules()
-    from pipelines.common import open_rgb
     from pipelines.fileio import atomic_write
-    from pipelines.pil import val_transform
 
     start = time.perf_counter()
-    model = load_model(model_path)
+    model = model or load_model(model_path)
     net = model.net.float().eval()
     size = model.image_size
-
-    items = check_files(
-        collect_inputs(check_paths, class_names=model.class_names, on_skip=on_skip),
-        on_skip=on_skip,
-    )
-    transform = val_transform(size)
-    images = []
-    for item in items:
-        if len(images) == max_check_images:
-            break
-        try:
-            images.append(transform(open_rgb(item.path)))
-        except Exception as exc:  # PIL raises many types for a bad file; it names none
-            on_skip(item.path, f"cannot be decoded ({type(exc).__name__}: {exc})")
-    if not images:
-        raise InferenceError(
-            "no readable image to check the export with: pass --check-images PATH... "
-            "(image files, folders or list files)"
-        )
+    images = _check_images(check_paths, model, size, max_check_images, on_skip)
+    checked_images = len(images)
+    if len(images) == 1:  # two batch sizes even so: the batch axis must be checked dynamic
+        images = images * 2
     batch = torch.stack(images)
 
     # A batch of 2 as the example: the exporter specializes sizes 0 and 1, never the axis.
@@ -552,13 +707,13 @@ def export_onnx(
     if not math.isfinite(worst) or worst > tolerance:
         raise ExportCheckError(
             f"onnxruntime's logits differ from PyTorch's by up to {worst:.3g} on "
-            f"{len(batch)} images (tolerance {tolerance:g}); {out_path} was not written"
+            f"{checked_images} images (tolerance {tolerance:g}); {out_path} was not written"
         )
     atomic_write(out_path, lambda f: f.write(serialized))
     return ExportReport(
         path=out_path,
         num_classes=len(model.class_names),
-        checked_images=len(batch),
+        checked_images=checked_images,
         max_abs_difference=worst,
         tolerance=tolerance,
         batch_sizes=batch_sizes,

@@ -24,12 +24,48 @@ class PlotUnavailable(RuntimeError):
     """matplotlib is not installed; the message says how to get it."""
 
 
-def read(run_dir: str) -> list[dict]:
+class MetricsError(ValueError):
+    """metrics.jsonl holds a line that is not an epoch record; the message names file:line."""
+
+
+class PlotFormatError(ValueError):
+    """A picture path whose suffix matplotlib cannot write."""
+
+
+def read(run_dir: str, *, drop_torn_tail: bool = False) -> list[dict]:
+    """The epoch records of ``run_dir/metrics.jsonl`` ([] without the file).
+
+    A line that is not a JSON object raises MetricsError naming ``file:line``. With
+    ``drop_torn_tail``, a bad last line without its newline (an append cut short by a kill)
+    is left out instead: what a resumed run expects to find.
+    """
     path = os.path.join(run_dir, JSONL)
     if not os.path.isfile(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.readlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        record = _record(line)
+        if record is None:
+            if drop_torn_tail and number == len(lines) and not line.endswith("\n"):
+                break
+            raise MetricsError(
+                f"{path}:{number}: not an epoch record (a JSON object per line); the file is "
+                "damaged, e.g. a line cut short: remove or repair that line"
+            )
+        records.append(record)
+    return records
+
+
+def _record(line: str) -> dict | None:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def append(run_dir: str, record: dict) -> None:
@@ -42,8 +78,9 @@ def append(run_dir: str, record: dict) -> None:
 
 
 def truncate(run_dir: str, *, completed_epochs: int) -> None:
-    """Keep the records of the epochs a resumed checkpoint holds; drop any after it."""
-    records = read(run_dir)
+    """Keep the records of the epochs a resumed checkpoint holds; drop any after it, and a
+    last line cut short by the kill the run is resumed from."""
+    records = read(run_dir, drop_torn_tail=True)
     if not records:
         return
     kept = [r for r in records if r["epoch"] <= completed_epochs]
@@ -63,10 +100,36 @@ def write_csv(run_dir: str, records: list[dict]) -> None:
     atomic_write_text(os.path.join(run_dir, CSV), text.getvalue())
 
 
-def plot(run_dir: str, out_path: str | None = None) -> str:
-    """Draw train/val loss and val top-1 per epoch into a PNG; returns its path.
+def figure_format(path: str) -> str:
+    """The picture format matplotlib writes for ``path``: its suffix (png without one).
 
-    Raises PlotUnavailable without matplotlib, FileNotFoundError without records.
+    Checked before drawing, so ``x.jpg`` gets JPEG bytes (not PNG ones under a .jpg name) and
+    ``x.doc`` is refused at once. PlotUnavailable without matplotlib.
+    """
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise PlotUnavailable(
+            "matplotlib is not installed: pip install -e '.[plot]' to draw pictures"
+        ) from None
+    suffix = os.path.splitext(path)[1].lower().lstrip(".")
+    if not suffix:
+        return "png"
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if suffix not in supported:
+        raise PlotFormatError(
+            f"{path}: matplotlib cannot write .{suffix} pictures; use one of "
+            + ", ".join(f".{s}" for s in sorted(supported))
+        )
+    return suffix
+
+
+def plot(run_dir: str, out_path: str | None = None) -> str:
+    """Draw train/val loss and val top-1 per epoch into a picture (PNG by default, else the
+    format ``out_path``'s suffix names); returns its path.
+
+    Raises PlotUnavailable without matplotlib, PlotFormatError for a suffix it cannot write,
+    FileNotFoundError without records, MetricsError for a damaged metrics.jsonl.
     """
     try:
         import matplotlib
@@ -77,10 +140,11 @@ def plot(run_dir: str, out_path: str | None = None) -> str:
         raise PlotUnavailable(
             "matplotlib is not installed: pip install -e '.[plot]' to draw metrics.png"
         ) from None
+    out_path = out_path or os.path.join(run_dir, PNG)
+    picture_format = figure_format(out_path)
     records = read(run_dir)
     if not records:
         raise FileNotFoundError(f"{os.path.join(run_dir, JSONL)}: no epoch records to plot")
-    out_path = out_path or os.path.join(run_dir, PNG)
     epochs = [r["epoch"] for r in records]
 
     def series(key: str) -> list[float] | None:
@@ -104,7 +168,7 @@ def plot(run_dir: str, out_path: str | None = None) -> str:
         top1_ax.legend()
     fig.suptitle(os.path.basename(os.path.abspath(run_dir)))
     fig.tight_layout()
-    atomic_write(out_path, lambda f: fig.savefig(f, format="png", dpi=100))
+    atomic_write(out_path, lambda f: fig.savefig(f, format=picture_format, dpi=100))
     plt.close(fig)
     return out_path
 

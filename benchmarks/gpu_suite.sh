@@ -99,15 +99,15 @@ else
 fi
 table="pil:threads=$CORES,pil-gpu:threads=$CORES,dali${tuned:+,$tuned},dali:decode=cpu:threads=$CORES"
 stage table "$T_TABLE" $py benchmarks/throughput.py "${common[@]}" --backends "$table" \
-  --modes loader,train,synthetic --boundaries "$BOUNDARIES" --json "$out/table.json"
+  --modes loader,train,synthetic --boundaries "$BOUNDARIES" --json "$out/table.json" --overwrite
 
 stage sweep "$T_SWEEP" $py benchmarks/throughput.py --sweep --list "$LIST" --arch "$ARCH" \
   --batch-size "$BATCH" --image-size "$IMAGE_SIZE" --amp "$AMP" --sweep-decode "$sweep_decode" \
   --sweep-hw-decoder-load 0.8,0.99 --sweep-threads "$TUNED_THREADS,$CORES" --sweep-prefetch 2 \
-  --json "$out/sweep.json" --toml "$out/best_loader.toml"
+  --json "$out/sweep.json" --toml "$out/best_loader.toml" --overwrite
 
 stage compile "$T_COMPILE" $py benchmarks/throughput.py "${common[@]}" --backends dali \
-  --modes train,synthetic --boundaries 0 --compile --json "$out/compile.json"
+  --modes train,synthetic --boundaries 0 --compile --json "$out/compile.json" --overwrite
 
 # pytest may be missing from the GPU machine's image: install the wheels of
 # benchmarks/gpu_kit.sh (carried as .gpu/py) into /tmp, outside the repo copy.

@@ -89,7 +89,7 @@ class DataSpec:
 
 def prepare_demo_data(info: dist.DistInfo) -> str:
     """Generate the demo data set once (reused after), return its Train.txt."""
-    from pipelines.demo import MARKER_FILE, default_demo_root, ensure_demo_data
+    from pipelines.demo import MARKER_FILE, DemoDataError, default_demo_root, ensure_demo_data
 
     root = default_demo_root()
     if os.path.isfile(os.path.join(root, MARKER_FILE)):
@@ -100,7 +100,10 @@ def prepare_demo_data(info: dist.DistInfo) -> str:
     dist.print0(f"no --train-list: training the demo recipe (see --help) on {what}")
     # ensure_demo_data holds a file lock while it writes: one rank generates, the others wait
     # on the lock and then find the finished tree.
-    return ensure_demo_data(root, preset="default").train_list
+    try:
+        return ensure_demo_data(root, preset="default").train_list
+    except DemoDataError as exc:  # a folder of other data, or of another preset: never replaced
+        raise TrainerError(str(exc)) from None
 
 
 def resolve_data(cfg: Config, info: dist.DistInfo) -> DataSpec:
@@ -646,6 +649,11 @@ def check_output_dir(cfg: Config) -> None:
         own = resume_path is not None and os.path.samefile(
             os.path.dirname(os.path.abspath(resume_path)), cfg.output_dir
         )
+        if own:  # its metrics are continued: a damaged line is found now, in one line
+            try:
+                run_metrics.read(cfg.output_dir, drop_torn_tail=True)
+            except run_metrics.MetricsError as exc:
+                raise TrainerError(f"{exc}: fix or remove that line to resume") from None
         if found and not own and not cfg.overwrite:
             if resume_path is not None:
                 raise TrainerError(

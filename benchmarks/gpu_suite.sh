@@ -48,14 +48,21 @@ start=$SECONDS
 stage() {  # name, seconds, command...: runs it under timeout, logs to OUTDIR/name.log
   local name=$1 limit=$2; shift 2
   echo "== $name (limit ${limit}s, at $((SECONDS - start))s)"
+  local began=$SECONDS
   timeout -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
   local rc=$?
   if [ $rc -ne 0 ]; then
     status=1
     echo "   $name: exit $rc$([ $rc -eq 124 ] && echo ' (cut by its time limit)')"
   fi
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - began))" >> "$out/stages.tsv"
   tail -n 30 "$out/$name.log"
 }
+
+# A rerun into the same OUTDIR: no earlier run's figures may pass for this one's (a stage cut
+# before its first row writes no JSON at all).
+rm -f "$out"/{table,sweep,compile}.json "$out/best_loader.toml" "$out/stages.tsv" \
+  "$out/summary.md"
 
 {
   echo "date: $(date -u +%FT%TZ)"
@@ -96,6 +103,7 @@ else
   tuned=""  # mixed decode needs a GPU
   sweep_decode=cpu
   echo "no CUDA: mixed-decode rows skipped"
+  printf 'mixed-decode rows\tskipped\t0\tno CUDA on this machine\n' >> "$out/stages.tsv"
 fi
 table="pil:threads=$CORES,pil-gpu:threads=$CORES,dali${tuned:+,$tuned},dali:decode=cpu:threads=$CORES"
 stage table "$T_TABLE" $py benchmarks/throughput.py "${common[@]}" --backends "$table" \
@@ -120,6 +128,7 @@ if $py -c "import pytest" 2> /dev/null; then
 else
   status=1
   echo "== gpu_tests skipped: no pytest here (bash benchmarks/gpu_kit.sh, then carry .gpu/py)"
+  printf 'gpu_tests\tskipped\t0\tno pytest on this machine\n' >> "$out/stages.tsv"
 fi
 
 $py -m benchmarks.report "$out" > "$out/summary.md" 2>&1 || status=1

@@ -314,6 +314,7 @@ def suite_summary(outdir: str) -> str:
             f"{_fmt(r['gap_to_ceiling_percent'])}%\n"
             for i, r in enumerate(ranked, 1)
         )
+        parts.extend(note + "\n" for note in notes(sweep["results"]))
         if "sweep" in sweep:
             parts.append(f"\nbest: {sweep['sweep']['best_trainer_flags']}\n")
     else:
@@ -336,7 +337,31 @@ def suite_summary(outdir: str) -> str:
             f"{_fmt(ceiling['images_per_sec_per_gpu']) if ceiling else 'not measured'} "
             "img/s per GPU\n"
         )
+    parts.append(stages_summary(os.path.join(outdir, STAGES_FILE)))
     return "".join(parts)
+
+
+STAGES_FILE = "stages.tsv"  # gpu_suite.sh: one line per stage, "name<TAB>exit<TAB>seconds"
+
+
+def stages_summary(path: str) -> str:
+    """How each stage of the suite ended: a figure missing above is explained here."""
+    if not os.path.isfile(path):
+        return ""
+    lines = ["\n## Stages\n"]
+    with open(path, encoding="utf-8") as f:
+        for row in f:
+            name, status, seconds, *why = row.rstrip("\n").split("\t")
+            if status == "0":
+                how = "done"
+            elif status == "124":
+                how = "cut by its time limit (figures above are partial)"
+            elif status == "skipped":
+                how = f"skipped: {why[0] if why else 'see the suite output'}"
+            else:
+                how = f"failed, exit {status} (see {name}.log)"
+            lines.append(f"- {name}: {how}, {seconds} s\n")
+    return "".join(lines)
 
 
 if __name__ == "__main__":

@@ -518,7 +518,8 @@ def epoch_boundaries(
         if train_step is not None:
             train_step(images, labels)
         sync(device)
-        costs.append(time.perf_counter() - start - steady_step_seconds)
+        # Below zero only by noise (this step ran faster than the median steady one): 0.
+        costs.append(max(0.0, time.perf_counter() - start - steady_step_seconds))
         run_steps(steps - 1)  # the rest of the epoch, so the next end is a natural one
     next(batches, None)  # ends the last epoch cleanly (DALI releases its pipeline)
     return costs

@@ -266,3 +266,19 @@ def test_implausible_figures_get_a_busy_machine_note():
         ]
     )
     assert table.splitlines()[-1].endswith("| n/a | - |")  # synthetic: no host data wait
+
+
+def test_suite_summary_says_how_each_stage_ended(tmp_path):
+    # gpu_suite.sh's stages.tsv: a figure missing from the summary is explained there.
+    from benchmarks.report import suite_summary
+
+    (tmp_path / "stages.tsv").write_text(
+        "mixed-decode rows\tskipped\t0\tno CUDA on this machine\n"
+        "table\t0\t41\nsweep\t124\t55\ncompile\t1\t3\n"
+    )
+    summary = suite_summary(str(tmp_path))
+    assert "table: no results" in summary and "sweep: no results" in summary
+    assert "- mixed-decode rows: skipped: no CUDA on this machine, 0 s" in summary
+    assert "- table: done, 41 s" in summary
+    assert "- sweep: cut by its time limit (figures above are partial), 55 s" in summary
+    assert "- compile: failed, exit 1 (see compile.log), 3 s" in summary

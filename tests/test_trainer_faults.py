@@ -318,10 +318,13 @@ def test_val_fraction_zero_trains_without_validation(capsys, tmp_path, tiny_data
     # Evaluating needs images, though.
     fails(capsys, [*flags, "--eval-only", "--resume", str(out / "last.pt"),
                    "--output-dir", str(tmp_path / "eval")], "holds no samples")  # fmt: skip
-    # Resuming with other settings would go on as another run under this one's name.
+    # Resuming with other settings would go on as another run under this one's name; the
+    # refusal leaves the run's config.toml as it was.
+    saved_config = (out / "config.toml").read_bytes()
     line = fails(capsys, [*flags, "--resume", "auto", "--epochs", "2", "--optimizer", "adamw"],
                  "resuming with other settings", "--optimizer 'sgd' there, 'adamw' now")  # fmt: skip
     assert "--epochs" not in line.split("settings than the run's:")[1].split(";")[0]
+    assert (out / "config.toml").read_bytes() == saved_config
     # Another run's checkpoint into a folder holding a run: refused, nothing touched.
     other = tmp_path / "other"
     other.mkdir()

@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if os.path.basename(args.run_dir) == metrics.JSONL and os.path.isfile(args.run_dir):
+        args.run_dir = os.path.dirname(args.run_dir) or "."  # the run's metrics file: its run
     try:
         if not os.path.isdir(args.run_dir):
             raise FileNotFoundError(f"{args.run_dir}: no such run folder")

@@ -441,7 +441,7 @@ def resume_training(
 # another run (another order of samples, optimizer state that does not fit, a jump in the
 # learning rate) under the first one's name and metrics.
 SAME_RUN_FIELDS = (
-    "optimizer", "lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing",
+    "optimizer", "lr", "momentum", "weight_decay", "label_smoothing",
     "seed", "batch_size", "grad_accum_steps", "clip_grad_norm", "ema_decay", "mixup_alpha",
     "cutmix_alpha", "auto_augment", "image_size", "progressive_resize", "amp",
 )  # fmt: skip
@@ -466,9 +466,18 @@ def check_same_run(checkpoint: dict, path: str, cfg: Config, world_size: int) ->
             "--resume auto), or start a new run from its weights with --pretrained"
         )
     if saved.get("epochs") not in (None, cfg.epochs):
+        # The warmup is capped at a quarter of --epochs, so it may change with them.
+        warmup = ""
+        if saved.get("warmup_epochs") not in (None, cfg.warmup_epochs):
+            warmup = f" (warmup {saved['warmup_epochs']:g} -> {cfg.warmup_epochs:g} epochs)"
         dist.print0(
             f"--epochs {cfg.epochs} (the run was started for {saved['epochs']}): the learning "
-            "rate schedule is stretched to the new length from here on"
+            f"rate schedule is stretched to the new length from here on{warmup}"
+        )
+    elif saved.get("warmup_epochs") not in (None, cfg.warmup_epochs):
+        raise TrainerError(
+            f"{path}: resuming with other settings than the run's: --warmup-epochs "
+            f"{saved['warmup_epochs']!r} there, {cfg.warmup_epochs!r} now"
         )
 
 
@@ -653,7 +662,7 @@ def check_output_dir(cfg: Config) -> None:
             try:
                 run_metrics.read(cfg.output_dir, drop_torn_tail=True)
             except run_metrics.MetricsError as exc:
-                raise TrainerError(f"{exc}: fix or remove that line to resume") from None
+                raise TrainerError(f"{exc} (the run resumes once it is)") from None
         if found and not own and not cfg.overwrite:
             if resume_path is not None:
                 raise TrainerError(
@@ -845,12 +854,12 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
         dist.print0(f"eval-only: results in {results_dir}")
         return
 
+    if checkpoint is not None:  # before config.toml is written: a refusal changes nothing
+        check_same_run(checkpoint, resume_path, cfg, info.world_size)
     if info.is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.output_dir, CONFIG_FILE))
 
-    if checkpoint is not None:
-        check_same_run(checkpoint, resume_path, cfg, info.world_size)
     training = build_training(
         cfg, model, steps_per_epoch=len(train_loader), amp_dtype=amp_dtype, device=info.device
     )

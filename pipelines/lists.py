@@ -10,6 +10,7 @@ aside) to a class name.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -296,7 +297,7 @@ def read_classes(classes_file: str | os.PathLike) -> list[str]:
     for lineno, line in numbered:
         if line.startswith("#"):
             continue
-        name = "#" + line[2:] if line.startswith("\\#") else line  # see write_classes
+        name = line[1:] if _ESCAPED.match(line) else line  # see write_classes
         if not name.strip():
             raise ListError(f"{classes_file}:{lineno}: empty class name")
         if name in seen:
@@ -356,6 +357,10 @@ def write_list(
     return count
 
 
+_NEEDS_ESCAPE = re.compile(r"\\*#")  # backslashes (or none), then "#": one more backslash
+_ESCAPED = re.compile(r"\\+#")  # such a line, read back: one backslash fewer
+
+
 def class_name_problem(name: str) -> str | None:
     """Why ``name`` cannot be a line of ``classes.txt`` (None: it can)."""
     if not name.strip():
@@ -371,6 +376,7 @@ def write_classes(classes_file: str | os.PathLike, names: Sequence[str]) -> None
         problem = class_name_problem(name)
         if problem is not None:
             raise ListError(f"{classes_file}: cannot write class name {name!r}: it {problem}")
-    # A name starting with "#" is written "\\#...": a line starting with "#" is a comment.
-    lines = ("\\" + name if name.startswith("#") else name for name in names)
+    # A line starting with "#" is a comment, so a name starting with "#" (or with
+    # backslashes and then "#") is written with one more backslash, which reading drops.
+    lines = ("\\" + name if _NEEDS_ESCAPE.match(name) else name for name in names)
     atomic_write_text(classes_file, "".join(f"{line}\n" for line in lines))

@@ -169,6 +169,7 @@ def scan_folders(
     the subfolders named in ``ignore`` (the lists' own output folder).
     """
     root = os.path.abspath(os.fspath(root))
+    ignore = set(ignore) | {n for n in find_classes(root) if _is_lists_folder(root, n)}
     folders = [name for name in find_classes(root) if name not in ignore]
     if classes is None:
         class_names = folders
@@ -214,6 +215,21 @@ def _holds_images(folder: str, *, recursive: bool = True) -> bool:
         return bool(_walk_class_folder(folder)[0])
     with os.scandir(folder) as entries:
         return any(e.is_file() and is_image_file(e.name) for e in entries)
+
+
+LIST_FILES = frozenset({TRAIN_LIST, VAL_LIST, CLASSES_FILE})
+
+
+def _is_lists_folder(root: str, name: str) -> bool:
+    """``ROOT/name`` holds lists this tool wrote (an earlier --out-dir) and no image: not a
+    class. Stops at the first image, so a real class folder costs one directory read."""
+    found_lists = False
+    for _dirpath, dirnames, filenames in os.walk(os.path.join(root, name), followlinks=True):
+        dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
+        if any(is_image_file(f) and not _is_hidden(f) for f in filenames):
+            return False
+        found_lists = found_lists or bool(LIST_FILES.intersection(filenames))
+    return found_lists
 
 
 def _output_folder(root: str, out_dir: str) -> set[str]:

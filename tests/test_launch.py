@@ -182,3 +182,8 @@ def test_worker_failure_status_picks_the_rank_that_said_why(capsys):
     failures = {0: Failure(exitcode=3, pid=9), 1: Failure(exitcode=-9, pid=77)}
     assert worker_failure_status(failures) == 137
     assert capsys.readouterr().err.startswith("error: rank 1 (pid 77) was killed by SIGKILL")
+    # torchrun stops the survivors with SIGTERM after the kill: the SIGKILL is the cause.
+    failures = {0: Failure(exitcode=-15, pid=9, timestamp=2), 1: Failure(exitcode=-9, pid=77,
+                timestamp=1)}  # fmt: skip
+    assert worker_failure_status(failures) == 137
+    assert capsys.readouterr().err.startswith("error: rank 1 (pid 77) was killed by SIGKILL")

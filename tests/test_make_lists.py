@@ -436,3 +436,14 @@ def test_out_dir_that_is_a_file_is_one_line(tmp_path, make_image, capsys):
     (tmp_path / "afile").write_text("x")
     assert cli_main([str(tmp_path / "root"), "--out-dir", str(tmp_path / "afile")]) == 2
     assert "--out-dir is a file, not a folder" in capsys.readouterr().err
+
+
+def test_an_earlier_lists_folder_inside_root_is_not_a_class(tmp_path, make_image):
+    # make_lists ROOT --out-dir ROOT/lists, then another --out-dir: "lists" holds only list
+    # files and no image, so it is no class and renumbers nothing.
+    root = tmp_path / "root"
+    make_tree(root, make_image, {"apple": 3, "banana": 3})
+    make_lists(root, out_dir=root / "lists")
+    make_lists(root, out_dir=root / "Lists" / "v1")
+    report = make_lists(root, out_dir=tmp_path / "elsewhere")
+    assert report.classes == ["apple", "banana"] and not report.empty_classes

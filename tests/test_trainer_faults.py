@@ -394,6 +394,15 @@ def test_val_list_with_another_class_map_is_refused(capsys, tmp_path, tiny_data)
     write_classes(val_dir / "classes.txt", names[1:])
     flags = [*base_flags(tiny_data, tmp_path / "out"), "--val-list", str(val_dir / "Test.txt")]
     fails(capsys, flags, "the val list's classes differ from the train list's", "label 0")
+    # --classes names the run's classes; it does not make the val list's own map agree.
+    fails(capsys, [*flags, "--classes", tiny_data.classes_file], "the val list's classes differ")
+
+
+def test_resume_from_a_folder_says_what_to_pass(capsys, tmp_path, tiny_data):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    flags = [*base_flags(tiny_data, tmp_path / "out"), "--resume", str(run_dir)]
+    fails(capsys, flags, f"{run_dir}: a folder; pass its checkpoint", "--resume auto")
 
 
 @pytest.mark.parametrize(("accum", "expected"), [(1, [4, 8, 12]), (3, [6, 9, 12])])

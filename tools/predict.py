@@ -33,6 +33,7 @@ from pipelines.fileio import (  # noqa: E402
     check_output_file,
 )
 from pipelines.lists import ListError  # noqa: E402
+from pipelines.scan import IMAGE_EXTENSIONS  # noqa: E402
 from trainer import inference  # noqa: E402
 
 
@@ -154,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
             raise inference.InferenceError(
                 "no images to predict in "
                 + " ".join(args.paths)
-                + " (folders are searched for .jpg/.jpeg/.png/.bmp/.webp/.tif/.tiff files)"
+                + " (folders are searched for "
+                + "/".join(sorted(IMAGE_EXTENSIONS))
+                + " files)"
             )
         collected: list[inference.Prediction] = []
 

@@ -157,6 +157,11 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
     if resume == "auto":
         path = os.path.join(output_dir, LAST)
         return path if os.path.isfile(path) else None
+    if os.path.isdir(resume):
+        raise TrainerError(
+            f"{resume}: a folder; pass its checkpoint ({os.path.join(resume, LAST)}), or "
+            f"--resume auto with --output-dir {resume}"
+        )
     if not os.path.isfile(resume):
         raise TrainerError(f"{resume}: checkpoint to resume from not found")
     return resume

@@ -118,8 +118,9 @@ class Config:
     )
     progressive_resize: str | None = _opt(
         None,
-        "START:END:RAMP_EPOCHS: train at START px, growing linearly (in steps of 8 px) to END "
-        "px by epoch RAMP_EPOCHS, then END; validation stays at --image-size (default: off)",
+        "START:END:RAMP_EPOCHS: train epoch 1 at START px, growing linearly (in steps of 8 px) "
+        "over RAMP_EPOCHS epochs to END px, reached in epoch RAMP_EPOCHS + 1 and kept; "
+        "validation stays at --image-size (default: off)",
         metavar="START:END:RAMP",
     )
     # Model

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -154,7 +155,15 @@ def print0(*args, **kwargs) -> None:
     """print() on rank 0 only, flushed so the lines interleave sanely under torchrun."""
     if is_main_process():
         kwargs.setdefault("flush", True)
-        print(*args, **kwargs)
+        try:
+            print(*args, **kwargs)
+        except BrokenPipeError:
+            # The reader went away (`... | head`): the run goes on, its log lines unread,
+            # rather than dying over a closed pipe. Python's own recipe: point the stdout
+            # descriptor at /dev/null, so later writes and the flush at exit succeed.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
 
 def _active() -> bool:

@@ -137,8 +137,8 @@ def resolve_data(cfg: Config, info: dist.DistInfo) -> DataSpec:
             f"{classes_file or '--num-classes'}: {len(class_names)} class; a classifier needs at "
             "least 2 (top-1 over one class is always 100%)"
         )
-    if val_list and classes_file and cfg.classes is None:
-        check_val_classes(val_list, classes_file, class_names)
+    if val_list:
+        check_val_classes(val_list, classes_beside(train_list), class_names)
     # Absolute, so the saved config.toml works from any folder.
     return DataSpec(
         os.path.abspath(train_list),
@@ -149,13 +149,17 @@ def resolve_data(cfg: Config, info: dist.DistInfo) -> DataSpec:
     )
 
 
-def check_val_classes(val_list: str, classes_file: str, class_names: list[str]) -> None:
+def check_val_classes(val_list: str, train_classes: str | None, class_names: list[str]) -> None:
     """A val list made with its own class map (make_lists run on another tree) numbers the
     classes its own way: label k must name the same class in both lists, or every val image
-    is scored against the wrong class without a word."""
+    is scored against the wrong class without a word. ``train_classes``: the classes.txt
+    beside the train list (lists sharing it share the map); ``class_names``: the run's."""
     val_classes = classes_beside(val_list)
-    if val_classes is None or os.path.samefile(val_classes, classes_file):
+    if val_classes is None:
         return
+    if train_classes is not None and os.path.samefile(val_classes, train_classes):
+        return
+    classes_file = train_classes or "--classes/--num-classes"
     val_names = read_classes(val_classes)
     if val_names == class_names:
         return
@@ -168,8 +172,7 @@ def check_val_classes(val_list: str, classes_file: str, class_names: list[str]) 
     raise TrainerError(
         f"{val_classes}: the val list's classes differ from the train list's ({classes_file}): "
         f"label {differ} is {val_name!r} there, {train_name!r} for training; make both lists "
-        "with one class map (make_lists on ROOT with train/ and val/), or pass --classes FILE "
-        "if the val labels follow the train map"
+        "with one class map (make_lists on ROOT with train/ and val/)"
     )
 
 
@@ -655,8 +658,10 @@ def check_output_dir(cfg: Config) -> None:
         resume_path = ckpt_io.resolve_resume(cfg.resume, cfg.output_dir)
         # Only this folder's own checkpoint continues the run in it; another run's would
         # splice two runs' weights and metrics into one folder.
-        own = resume_path is not None and os.path.samefile(
-            os.path.dirname(os.path.abspath(resume_path)), cfg.output_dir
+        own = (
+            resume_path is not None
+            and os.path.isdir(cfg.output_dir)
+            and os.path.samefile(os.path.dirname(os.path.abspath(resume_path)), cfg.output_dir)
         )
         if own:  # its metrics are continued: a damaged line is found now, in one line
             try:
@@ -972,7 +977,11 @@ def relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, dist.usable_cpus() // nproc)))
     # Its log lines repeat what the ranks say themselves ("failed (exitcode: 2)" after the
     # rank's error line, "Received 15 death signal" before the ranks' "stopped by SIGTERM").
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    # torchelastic's loggers set their own levels when created (imported above), so each is
+    # set here; a parent's level would not reach them.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     try:
         torchrun(args)
@@ -993,8 +1002,13 @@ def worker_failure_status(failures: dict) -> int:
     spoke = {r: f for r, f in failures.items() if f.exitcode > 0 and f.exitcode != 3}
     if spoke:
         return spoke[min(spoke)].exitcode
-    killed = [r for r, f in failures.items() if f.exitcode < 0]
-    rank = min(killed) if killed else min(failures)
+    # The rank that died first by a signal: torchrun then stops the others with SIGTERM, so
+    # another signal (a kill -9, the OOM killer) or else the earliest death is the cause.
+    killed = sorted(
+        (r for r, f in failures.items() if f.exitcode < 0),
+        key=lambda r: (-failures[r].exitcode == 15, getattr(failures[r], "timestamp", 0), r),
+    )
+    rank = killed[0] if killed else min(failures)
     failure = failures[rank]
     if failure.exitcode < 0:
         import signal

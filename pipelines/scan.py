@@ -86,6 +86,7 @@ class ListsReport:
     empty_classes: list[str] = field(default_factory=list)  # "train/<name>", "val/<name>"...
     excluded: list[tuple[str, str]] = field(default_factory=list)  # failed --verify
     notes: list[str] = field(default_factory=list)
+    verified: int = 0  # images checked by --verify (0: not asked)
 
 
 def is_image_file(name: str) -> bool:
@@ -422,8 +423,10 @@ def make_lists(
         raise ScanError(f"{root}: no image files in {len(classes)} class folders")
     _require_two_classes(root, classes, train + val, split=split_dirs is not None)
     excluded: list[tuple[str, str]] = []
+    verified = 0
     if verify:
         had_val = bool(val)
+        verified = len(train) + len(val)
         excluded = verify_images([s.path for s in train + val], workers=workers)
         if on_excluded is not None:
             for path, reason in excluded:
@@ -470,6 +473,7 @@ def make_lists(
         empty_classes=empty,
         excluded=excluded,
         notes=notes,
+        verified=verified,
     )
 
 
@@ -498,6 +502,8 @@ def format_summary(report: ListsReport) -> str:
     skipped = "; ".join(parts)
     lines.append(f"skipped: {len(report.skipped)}" + (f" ({skipped})" if skipped else ""))
     lines.append(f"empty classes: {len(report.empty_classes)}")
-    if report.excluded:
-        lines.append(f"excluded by --verify: {len(report.excluded)} files")
+    if report.verified:
+        lines.append(
+            f"--verify: {report.verified} images checked, {len(report.excluded)} excluded"
+        )
     return "\n".join(lines)

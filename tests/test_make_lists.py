@@ -314,7 +314,7 @@ def test_cli_verify_names_each_excluded_file(tmp_path, make_image):
     assert len(excluded) == 3
     for line, (name, words) in zip(excluded, sorted(broken.items()), strict=True):
         assert line.startswith(f"excluded: {root / 'b' / name}: ") and words in line
-    assert "excluded by --verify: 3 files" in result.stdout
+    assert "--verify: 12 images checked, 3 excluded" in result.stdout
     listed = {s.path for s in read_list(out / "Train.txt") + read_list(out / "Test.txt")}
     assert len(listed) == 9  # 4 + 4 + good.jpg
     assert not any(os.path.basename(p) in broken for p in listed)

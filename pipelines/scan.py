@@ -503,7 +503,5 @@ def format_summary(report: ListsReport) -> str:
     lines.append(f"skipped: {len(report.skipped)}" + (f" ({skipped})" if skipped else ""))
     lines.append(f"empty classes: {len(report.empty_classes)}")
     if report.verified:
-        lines.append(
-            f"--verify: {report.verified} images checked, {len(report.excluded)} excluded"
-        )
+        lines.append(f"--verify: {report.verified} images checked, {len(report.excluded)} excluded")
     return "\n".join(lines)

@@ -462,7 +462,7 @@ def check_same_run(checkpoint: dict, path: str, cfg: Config, world_size: int) ->
     if differ:
         hint = ""
         if any(d.startswith("--lr ") for d in differ) and "lr" in saved:
-            hint = f" (the default lr follows the global batch: {world_size} rank(s) now)"
+            hint = f" (without --lr, the lr follows the global batch: {world_size} rank(s) now)"
         raise TrainerError(
             f"{path}: resuming with other settings than the run's: {'; '.join(differ)}{hint}; "
             f"resume with the run's own (--config {os.path.join(cfg.output_dir, CONFIG_FILE)} "

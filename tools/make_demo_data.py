@@ -9,7 +9,6 @@ only with --replace.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -19,31 +18,13 @@ if __package__ in (None, ""):
     # be there for `pipelines` when the project is not installed.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.cli import ArgumentParser, int_at_least  # noqa: E402
 from pipelines.demo import PRESETS, DemoDataError, default_demo_root, ensure_demo_data  # noqa: E402
 from pipelines.lists import read_classes, read_list  # noqa: E402
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, as every bad input of the project
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is below the minimum, {minimum}")
-        return value
-
-    return parse
-
-
-def build_parser() -> Parser:
-    parser = Parser(description=__doc__.split("\n\n")[0])
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "out", nargs="?", default=None, help=f"output folder (default: {default_demo_root()})"
     )
@@ -55,11 +36,11 @@ def build_parser() -> Parser:
         "12 + 4 per class at 40-96 px, for tests (default: %(default)s)",
     )
     parser.add_argument(
-        "--seed", type=at_least(0), default=0, help="seed of the images (default: %(default)s)"
+        "--seed", type=int_at_least(0), default=0, help="seed of the images (default: %(default)s)"
     )
     parser.add_argument(
         "--workers",
-        type=at_least(1),
+        type=int_at_least(1),
         default=None,
         help=f"processes drawing the images (default: all CPUs, {os.cpu_count()} here, for the "
         "default preset; one, this process, for the tiny preset)",

@@ -51,6 +51,8 @@ SKIP_HIDDEN = "hidden"
 SKIP_NOT_IMAGE = "not an image file"
 SKIP_OUTSIDE = "outside the class folders"
 SKIP_OUTPUT = "the output folder"
+SKIP_LISTS = "a folder of list files, no images (an earlier --out-dir)"
+SKIP_BESIDE_SPLIT = "beside the train/ and val/ folders"
 SKIP_LINE_BREAK = "line break in the name (a list cannot hold it)"
 SKIP_NOT_UTF8 = "name not valid UTF-8 (a list cannot hold it)"
 
@@ -170,8 +172,9 @@ def scan_folders(
     the subfolders named in ``ignore`` (the lists' own output folder).
     """
     root = os.path.abspath(os.fspath(root))
-    ignore = set(ignore) | {n for n in find_classes(root) if _is_lists_folder(root, n)}
-    folders = [name for name in find_classes(root) if name not in ignore]
+    lists_folders = {n for n in find_classes(root) if _is_lists_folder(root, n)}
+    ignore = set(ignore)
+    folders = [name for name in find_classes(root) if name not in ignore | lists_folders]
     if classes is None:
         class_names = folders
     else:
@@ -198,6 +201,8 @@ def scan_folders(
                 continue
             if entry.name in ignore:
                 reason = SKIP_OUTPUT
+            elif entry.name in lists_folders:
+                reason = SKIP_LISTS
             else:
                 reason = SKIP_HIDDEN if _is_hidden(entry.name) else SKIP_OUTSIDE
             skipped.append((entry.path, reason))
@@ -229,7 +234,11 @@ def _is_lists_folder(root: str, name: str) -> bool:
         dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
         if any(is_image_file(f) and not _is_hidden(f) for f in filenames):
             return False
-        found_lists = found_lists or bool(LIST_FILES.intersection(filenames))
+        # All a make_lists output holds: classes.txt and a list (an empty class folder that
+        # happens to hold a Train.txt is still a class).
+        found_lists = found_lists or (
+            CLASSES_FILE in filenames and bool({TRAIN_LIST, VAL_LIST}.intersection(filenames))
+        )
     return found_lists
 
 
@@ -330,6 +339,8 @@ def find_split_dirs(root: str | os.PathLike) -> tuple[str, str, list[str]] | Non
     present = _subfolder(root, VAL_DIR_NAMES)
     if not train or not present:
         return None
+    if _holds_images(train[0], recursive=False) or not find_classes(train[0]):
+        return None  # a "train" holding images is a class of a flat tree, as is "test" then
     notes = [f"{other} ignored: {present[0]} is the validation set" for other in present[1:]]
     return train[0], present[0], notes
 
@@ -396,14 +407,24 @@ def make_lists(
         val_scan = scan_folders(val_dir, classes=train_scan.classes)
         classes = train_scan.classes
         train, val = train_scan.samples, val_scan.samples
-        skipped = sorted(train_scan.skipped + val_scan.skipped)
-        empty = [f"train/{n}" for n in train_scan.empty_classes]
+        split_dirs_used = {os.path.realpath(train_dir), os.path.realpath(val_dir)}
+        beside = [
+            (entry.path, SKIP_BESIDE_SPLIT)
+            for entry in os.scandir(root)
+            if os.path.realpath(entry.path) not in split_dirs_used
+            and not _is_hidden(entry.name)
+            and os.path.realpath(entry.path) != os.path.realpath(out_dir)
+        ]
+        skipped = sorted(train_scan.skipped + val_scan.skipped + beside)
+        empty = [f"{os.path.basename(train_dir)}/{n}" for n in train_scan.empty_classes]
         empty += [f"{os.path.basename(val_dir)}/{n}" for n in val_scan.empty_classes]
         layout, why_empty = "split", f"{val_dir} holds no images"
     else:
         for lone in _subfolder(root, TRAIN_DIR_NAMES + VAL_DIR_NAMES):
             name = os.path.basename(lone)
-            if _holds_images(lone, recursive=False) or not find_classes(lone):
+            # A val-named folder alone cannot be half a split (that needs train/): a class.
+            is_val = name.lower() in VAL_DIR_NAMES
+            if is_val or _holds_images(lone, recursive=False) or not find_classes(lone):
                 notes.append(f"{lone} has no split folder beside it: {name!r} is a class")
                 continue
             # Only folders inside: the half of a split layout, not a class.
@@ -437,6 +458,7 @@ def make_lists(
         val = [s for s in val if s.path not in bad]
         if had_val and not val:
             why_empty = "every one failed --verify"
+            notes.append("every val image failed --verify: the trainer will not validate")
         after = {s.label for s in train + val}
         for label in sorted(before - after):
             notes.append(f"class {classes[label]!r}: every image failed --verify")

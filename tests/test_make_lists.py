@@ -447,3 +447,33 @@ def test_an_earlier_lists_folder_inside_root_is_not_a_class(tmp_path, make_image
     make_lists(root, out_dir=root / "Lists" / "v1")
     report = make_lists(root, out_dir=tmp_path / "elsewhere")
     assert report.classes == ["apple", "banana"] and not report.empty_classes
+
+
+def test_flat_classes_named_like_split_folders(tmp_path, make_image):
+    # "train" and "test" holding images are classes of a flat tree, not a split layout; a
+    # lone "valid" with nested images is a class too.
+    root = tmp_path / "root"
+    make_tree(root, make_image, {"train": 3, "test": 3, "other": 3})
+    make_image(root / "valid" / "sub" / "a.jpg")
+    make_image(root / "valid" / "sub" / "b.jpg")
+    report = make_lists(root, out_dir=tmp_path / "out")
+    assert report.layout == "flat"
+    assert report.classes == ["other", "test", "train", "valid"]
+
+
+def test_empty_class_holding_a_list_file_keeps_its_label(tmp_path, make_image):
+    root = tmp_path / "root"
+    make_tree(root, make_image, {"cat": 2, "dog": 2})
+    (root / "zebra").mkdir()
+    (root / "zebra" / "Train.txt").write_text("notes of mine\n")
+    report = make_lists(root, out_dir=tmp_path / "out")
+    assert report.classes == ["cat", "dog", "zebra"] and report.empty_classes == ["zebra"]
+
+
+def test_split_layout_counts_what_lies_beside_it(tmp_path, make_image):
+    root = tmp_path / "root"
+    make_tree(root / "train", make_image, {"cat": 2, "dog": 2})
+    make_tree(root / "val", make_image, {"cat": 1, "dog": 1})
+    make_tree(root / "other", make_image, {"x": 2})
+    report = make_lists(root, out_dir=tmp_path / "out")
+    assert (str(root / "other"), "beside the train/ and val/ folders") in report.skipped

@@ -458,3 +458,36 @@ def test_overwrite_removes_every_file_of_the_earlier_run(tmp_path, tiny_data):
     (out / "notes.txt").write_text("the user's own")
     check_output_dir(parse_config([*base_flags(tiny_data, out), "--overwrite"]))
     assert sorted(os.listdir(out)) == ["notes.txt"]
+
+
+def test_resume_on_epochs_of_another_length_keeps_the_schedule_in_step(capsys, tmp_path, tiny_data):
+    # One epoch on the whole list, then a second on half of it (epochs of another length,
+    # as another world size gives): the lr schedule goes on from the start of epoch 2, so
+    # the run ends exactly at its end, not past it at lr 0 with steps still to go.
+    from pipelines.lists import read_list, write_list
+    from trainer.engine import make_scheduler, set_schedule_position
+
+    run = tmp_path / "run"
+    flags = [*base_flags(tiny_data, run), "--classes", tiny_data.classes_file]
+    assert main([*flags, "--epochs", "1"]) == 0
+    capsys.readouterr()
+    half = tmp_path / "half.txt"
+    write_list(half, read_list(tiny_data.train_list)[::2], absolute=True)
+    resumed = [*flags, "--epochs", "2", "--resume", "auto", "--train-list", str(half)]
+    assert main(resumed) == 0
+    printed = capsys.readouterr().out
+    assert "lr schedule set to the start of epoch 2" in printed
+    assert f"note: --train-list {half} is not the run's" in printed
+    last = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    steps_now = last["optimizer_steps_per_epoch"]
+    assert last["scheduler"]["last_epoch"] == 2 * steps_now
+    # set_schedule_position puts a scheduler where stepping would have.
+    weights = torch.nn.Parameter(torch.zeros(1))
+    stepped = make_scheduler(torch.optim.SGD([weights], lr=1.0), warmup_steps=3, total_steps=20)
+    for _ in range(7):
+        stepped.optimizer.step()
+        stepped.step()
+    placed = make_scheduler(torch.optim.SGD([weights], lr=1.0), warmup_steps=3, total_steps=20)
+    set_schedule_position(placed, 7)
+    assert placed.get_last_lr() == stepped.get_last_lr()
+    assert placed.optimizer.param_groups[0]["lr"] == stepped.optimizer.param_groups[0]["lr"]

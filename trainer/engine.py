@@ -107,6 +107,18 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def set_schedule_position(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put ``scheduler`` at optimizer step ``step`` and its optimizer at that step's lr, as
+    if it had been stepped there (a resume whose epochs changed length, see main)."""
+    scheduler.last_epoch = step
+    lrs = [
+        base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+    ]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports
+
+
 def train_step(
     model: nn.Module,
     images: torch.Tensor,

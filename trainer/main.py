@@ -68,6 +68,7 @@ from trainer.engine import (  # noqa: E402
     make_scaler,
     make_scheduler,
     resolve_amp,
+    set_schedule_position,
     train_one_epoch,
 )
 from trainer.model import build_model, compile_model, wrap_ddp  # noqa: E402
@@ -339,6 +340,7 @@ class Training:
     # Resumed mid-epoch: the next step of start_epoch, and this rank's saved state there.
     start_step: int = 0
     rank_state: dict | None = None
+    optimizer_steps_per_epoch: int = 0  # what one epoch advances the lr schedule by
     progress: dict | None = None
     fit_start: float = 0.0  # perf_counter() when fit() began
     # The final epoch's confusion matrices, of the raw and the EMA weights.
@@ -387,6 +389,7 @@ def build_training(
         amp_dtype=amp_dtype,
         ema=make_ema(model, cfg.ema_decay),
         batch_transform=make_batch_transform(cfg),
+        optimizer_steps_per_epoch=optimizer_steps,
     )
 
 
@@ -406,10 +409,13 @@ def resume_training(
     for line in notes:
         dist.print0(line)
     position = checkpoint.get("position")
+    saved_steps = checkpoint.get("optimizer_steps_per_epoch")
     where = ""
     if position is not None:
         info = dist.current()
         same = position["world_size"] == info.world_size and position["batch_size"] == batch_size
+        # Another list (moved data, another subset) gives epochs of another length.
+        same = same and saved_steps in (None, training.optimizer_steps_per_epoch)
         # A loader's saved mid-epoch state (DALI's generators, PIL's seeds) fits itself only.
         same_loader = checkpoint["config"].get("loader", loader) == loader
         if same and same_loader:
@@ -428,10 +434,23 @@ def resume_training(
             if not same_loader:
                 saved_as += f" with --loader {checkpoint['config']['loader']}"
                 now += f" with --loader {loader}"
+            if saved_steps not in (None, training.optimizer_steps_per_epoch):
+                saved_as += f" ({saved_steps} optimizer steps an epoch)"
+                now += f" ({training.optimizer_steps_per_epoch})"
             where = (
                 f"; saved mid-epoch on {saved_as}, now {now}: epoch "
                 f"{training.start_epoch + 1} restarts from its first step"
             )
+    # The lr schedule counts optimizer steps. Resumed where it stopped, it goes on as saved;
+    # but an epoch that restarts from its first step, or epochs of another length (another
+    # world size, batch or list), would leave it ahead of or behind the epochs trained (a run
+    # finished at lr 0 with epochs still to go): it is set to the start of the next epoch.
+    restarts = position is not None and training.start_step == 0
+    if restarts or saved_steps not in (None, training.optimizer_steps_per_epoch):
+        set_schedule_position(
+            training.scheduler, training.start_epoch * training.optimizer_steps_per_epoch
+        )
+        where += f"; lr schedule set to the start of epoch {training.start_epoch + 1}"
     dist.print0(
         f"resumed from {path}: {training.start_epoch} epoch(s) done, "
         f"best top-1 {training.best_top1:.2f}%{where}"
@@ -450,9 +469,12 @@ SAME_RUN_FIELDS = (
 )  # fmt: skip
 
 
-def check_same_run(checkpoint: dict, path: str, cfg: Config, world_size: int) -> None:
+def check_same_run(
+    checkpoint: dict, path: str, cfg: Config, world_size: int, *, lr_given: bool
+) -> None:
     """Refuse to resume with settings other than the checkpoint's, naming each difference
-    (--epochs may change: a longer or shorter run, said in a line)."""
+    (--epochs may change: a longer or shorter run, said in a line; so may the lists, moved
+    or not, with a note)."""
     saved = checkpoint["config"]
     differ = [
         f"--{name.replace('_', '-')} {saved[name]!r} there, {getattr(cfg, name)!r} now"
@@ -461,13 +483,19 @@ def check_same_run(checkpoint: dict, path: str, cfg: Config, world_size: int) ->
     ]
     if differ:
         hint = ""
-        if any(d.startswith("--lr ") for d in differ) and "lr" in saved:
-            hint = f" (without --lr, the lr follows the global batch: {world_size} rank(s) now)"
+        if any(d.startswith("--lr ") for d in differ) and not lr_given:
+            hint = f" (the default lr follows the global batch: {world_size} rank(s) now)"
         raise TrainerError(
             f"{path}: resuming with other settings than the run's: {'; '.join(differ)}{hint}; "
             f"resume with the run's own (--config {os.path.join(cfg.output_dir, CONFIG_FILE)} "
             "--resume auto), or start a new run from its weights with --pretrained"
         )
+    for name in ("train_list", "val_list"):
+        if saved.get(name) not in (None, getattr(cfg, name)):
+            dist.print0(
+                f"note: --{name.replace('_', '-')} {getattr(cfg, name)} is not the run's "
+                f"({saved[name]}): resuming on it as asked"
+            )
     if saved.get("epochs") not in (None, cfg.epochs):
         # The warmup is capped at a quarter of --epochs, so it may change with them.
         warmup = ""
@@ -519,6 +547,7 @@ def end_epoch(cfg: Config, training: Training, data: DataSpec, record: dict) -> 
         ema=training.ema,
     )
     state["elapsed"] = record["elapsed"]
+    state["optimizer_steps_per_epoch"] = training.optimizer_steps_per_epoch
     ckpt_io.atomic_save(state, os.path.join(cfg.output_dir, ckpt_io.LAST))
     if is_best:
         ckpt_io.atomic_save(state, os.path.join(cfg.output_dir, ckpt_io.BEST))
@@ -789,6 +818,7 @@ def save_position(
         }
         state["ranks"] = ranks
         state["elapsed"] = training.elapsed_before + time.perf_counter() - training.fit_start
+        state["optimizer_steps_per_epoch"] = training.optimizer_steps_per_epoch
         ckpt_io.atomic_save(state, path)
         dist.print0(f"step checkpoint: epoch {epoch + 1} step {next_step} -> {path}")
     return path
@@ -809,6 +839,7 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
         )
         cfg = replace(cfg, warmup_epochs=capped)
     plan = plan_loader(cfg, info)
+    lr_given = cfg.lr is not None  # before resolve_config fills in the default
     cfg = resolve_config(cfg, data, info, plan)
     amp_dtype, note = resolve_amp(cfg.amp, info.device)
     if note:
@@ -860,7 +891,7 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
         return
 
     if checkpoint is not None:  # before config.toml is written: a refusal changes nothing
-        check_same_run(checkpoint, resume_path, cfg, info.world_size)
+        check_same_run(checkpoint, resume_path, cfg, info.world_size, lr_given=lr_given)
     if info.is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.output_dir, CONFIG_FILE))

@@ -413,9 +413,11 @@ def make_lists(
             for entry in os.scandir(root)
             if os.path.realpath(entry.path) not in split_dirs_used
             and not _is_hidden(entry.name)
+            and entry.name.lower() not in TRAIN_DIR_NAMES + VAL_DIR_NAMES  # noted as ignored
             and os.path.realpath(entry.path) != os.path.realpath(out_dir)
         ]
         skipped = sorted(train_scan.skipped + val_scan.skipped + beside)
+        notes += [f"{path} is not listed: it lies beside the split folders" for path, _ in beside]
         empty = [f"{os.path.basename(train_dir)}/{n}" for n in train_scan.empty_classes]
         empty += [f"{os.path.basename(val_dir)}/{n}" for n in val_scan.empty_classes]
         layout, why_empty = "split", f"{val_dir} holds no images"
@@ -425,7 +427,7 @@ def make_lists(
             # A val-named folder alone cannot be half a split (that needs train/): a class.
             is_val = name.lower() in VAL_DIR_NAMES
             if is_val or _holds_images(lone, recursive=False) or not find_classes(lone):
-                notes.append(f"{lone} has no split folder beside it: {name!r} is a class")
+                notes.append(f"{name!r} is taken as a class, not as a split folder ({lone})")
                 continue
             # Only folders inside: the half of a split layout, not a class.
             raise ScanError(

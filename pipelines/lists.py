@@ -9,6 +9,7 @@ aside) to a class name.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -268,17 +269,14 @@ def sample_line(list_file: str | os.PathLike, index: int) -> int | None:
     error about one sample names. None when the file no longer has it."""
     list_file = os.fspath(list_file)
     try:
-        numbered = _numbered_lines(list_file)
-    except (OSError, ListError):
+        samples = (
+            lineno
+            for lineno, raw in _numbered_lines(list_file)
+            if _parse_line(raw, f"{list_file}:{lineno}") is not None
+        )
+        return next(itertools.islice(samples, index, None), None)
+    except (OSError, ListError):  # changed since it was read: no line to name
         return None
-    count = 0
-    for lineno, raw in numbered:
-        line = raw.strip()
-        if line and not line.startswith("#"):
-            if count == index:
-                return lineno
-            count += 1
-    return None
 
 
 def read_classes(classes_file: str | os.PathLike) -> list[str]:

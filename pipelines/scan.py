@@ -172,9 +172,10 @@ def scan_folders(
     the subfolders named in ``ignore`` (the lists' own output folder).
     """
     root = os.path.abspath(os.fspath(root))
-    lists_folders = {n for n in find_classes(root) if _is_lists_folder(root, n)}
+    subfolders = find_classes(root)
+    lists_folders = {n for n in subfolders if _is_lists_folder(root, n)}
     ignore = set(ignore)
-    folders = [name for name in find_classes(root) if name not in ignore | lists_folders]
+    folders = [name for name in subfolders if name not in ignore | lists_folders]
     if classes is None:
         class_names = folders
     else:
@@ -221,9 +222,6 @@ def _holds_images(folder: str, *, recursive: bool = True) -> bool:
         return bool(_walk_class_folder(folder)[0])
     with os.scandir(folder) as entries:
         return any(e.is_file() and is_image_file(e.name) for e in entries)
-
-
-LIST_FILES = frozenset({TRAIN_LIST, VAL_LIST, CLASSES_FILE})
 
 
 def _is_lists_folder(root: str, name: str) -> bool:

@@ -31,7 +31,6 @@ if __package__ in (None, ""):
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, os.path.dirname(_here))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -180,9 +179,9 @@ def check_val_classes(val_list: str, train_classes: str | None, class_names: lis
 def check_train_labels(train_loader, data: DataSpec) -> None:
     """The classes the train list really uses: one class is no classification problem (top-1
     is 100% from the first step), whatever classes.txt names."""
-    used = np.unique(train_loader.table.labels)
-    if len(used) == 1:
-        label = int(used[0])
+    labels = train_loader.table.labels  # never empty: an empty list fails before this
+    if labels.min() == labels.max():
+        label = int(labels[0])
         raise TrainerError(
             f"{data.train_list}: every sample has label {label} "
             f"({data.class_names[label]!r}); a classifier needs images of at least 2 classes"
@@ -271,11 +270,7 @@ def eval_results_dir(output_dir: str) -> str:
     """Where ``--eval-only`` writes: ``output_dir`` if it holds no earlier results (of a
     training run or an evaluation), else its first free ``eval-N`` subfolder."""
 
-    def used(folder: str) -> bool:
-        names = (CONFIG_FILE, *RESULT_FILES)
-        return any(os.path.exists(os.path.join(folder, name)) for name in names)
-
-    if not used(output_dir):
+    if not results_in(output_dir) and not os.path.exists(os.path.join(output_dir, CONFIG_FILE)):
         return output_dir
     k = 1
     while os.path.exists(os.path.join(output_dir, f"eval-{k}")):
@@ -476,9 +471,12 @@ def check_same_run(
     (--epochs may change: a longer or shorter run, said in a line; so may the lists, moved
     or not, with a note)."""
     saved = checkpoint["config"]
+    epochs_changed = saved.get("epochs") not in (None, cfg.epochs)
+    # The warmup is capped at a quarter of --epochs, so it may change with them, not alone.
+    fields = SAME_RUN_FIELDS if epochs_changed else (*SAME_RUN_FIELDS, "warmup_epochs")
     differ = [
         f"--{name.replace('_', '-')} {saved[name]!r} there, {getattr(cfg, name)!r} now"
-        for name in SAME_RUN_FIELDS
+        for name in fields
         if name in saved and saved[name] != getattr(cfg, name)
     ]
     if differ:
@@ -496,8 +494,7 @@ def check_same_run(
                 f"note: --{name.replace('_', '-')} {getattr(cfg, name)} is not the run's "
                 f"({saved[name]}): resuming on it as asked"
             )
-    if saved.get("epochs") not in (None, cfg.epochs):
-        # The warmup is capped at a quarter of --epochs, so it may change with them.
+    if epochs_changed:
         warmup = ""
         if saved.get("warmup_epochs") not in (None, cfg.warmup_epochs):
             warmup = f" (warmup {saved['warmup_epochs']:g} -> {cfg.warmup_epochs:g} epochs)"
@@ -505,11 +502,24 @@ def check_same_run(
             f"--epochs {cfg.epochs} (the run was started for {saved['epochs']}): the learning "
             f"rate schedule is stretched to the new length from here on{warmup}"
         )
-    elif saved.get("warmup_epochs") not in (None, cfg.warmup_epochs):
-        raise TrainerError(
-            f"{path}: resuming with other settings than the run's: --warmup-epochs "
-            f"{saved['warmup_epochs']!r} there, {cfg.warmup_epochs!r} now"
-        )
+
+
+def training_state(cfg: Config, training: Training, data: DataSpec, *, next_epoch: int) -> dict:
+    """What last.pt holds at an epoch end and at a step checkpoint alike (rank 0's)."""
+    state = ckpt_io.checkpoint_state(
+        model=training.model,
+        optimizer=training.optimizer,
+        scaler=training.scaler,
+        scheduler=training.scheduler,
+        next_epoch=next_epoch,
+        best_top1=training.best_top1,
+        config=config_dict(cfg),
+        class_names=data.class_names,
+        ema=training.ema,
+    )
+    # How far one epoch moves the lr schedule: a resume on epochs of another length sees it.
+    state["optimizer_steps_per_epoch"] = training.optimizer_steps_per_epoch
+    return state
 
 
 def end_epoch(cfg: Config, training: Training, data: DataSpec, record: dict) -> None:
@@ -535,19 +545,8 @@ def end_epoch(cfg: Config, training: Training, data: DataSpec, record: dict) -> 
     if not dist.is_main_process():
         return
     run_metrics.append(cfg.output_dir, record)
-    state = ckpt_io.checkpoint_state(
-        model=training.model,
-        optimizer=training.optimizer,
-        scaler=training.scaler,
-        scheduler=training.scheduler,
-        next_epoch=record["epoch"],
-        best_top1=training.best_top1,
-        config=config_dict(cfg),
-        class_names=data.class_names,
-        ema=training.ema,
-    )
+    state = training_state(cfg, training, data, next_epoch=record["epoch"])
     state["elapsed"] = record["elapsed"]
-    state["optimizer_steps_per_epoch"] = training.optimizer_steps_per_epoch
     ckpt_io.atomic_save(state, os.path.join(cfg.output_dir, ckpt_io.LAST))
     if is_best:
         ckpt_io.atomic_save(state, os.path.join(cfg.output_dir, ckpt_io.BEST))
@@ -679,11 +678,16 @@ RESULT_FILES = (
 )
 
 
+def results_in(folder: str) -> list[str]:
+    """The RESULT_FILES that ``folder`` holds."""
+    return [name for name in RESULT_FILES if os.path.exists(os.path.join(folder, name))]
+
+
 def check_output_dir(cfg: Config) -> None:
     """Before any work: never replace an earlier run's results by accident, and find a
     folder that cannot be written now rather than at the first checkpoint."""
     if not cfg.eval_only:  # an evaluation writes beside a run (eval_results_dir), never over
-        found = [n for n in RESULT_FILES if os.path.exists(os.path.join(cfg.output_dir, n))]
+        found = results_in(cfg.output_dir)
         resume_path = ckpt_io.resolve_resume(cfg.resume, cfg.output_dir)
         # Only this folder's own checkpoint continues the run in it; another run's would
         # splice two runs' weights and metrics into one folder.
@@ -799,17 +803,7 @@ def save_position(
     ranks = dist.all_gather_objects(rank_state)
     path = os.path.join(cfg.output_dir, ckpt_io.LAST)
     if info.is_main:
-        state = ckpt_io.checkpoint_state(
-            model=training.model,
-            optimizer=training.optimizer,
-            scaler=training.scaler,
-            scheduler=training.scheduler,
-            next_epoch=epoch,  # epochs completed: this one is not
-            best_top1=training.best_top1,
-            config=config_dict(cfg),
-            class_names=data.class_names,
-            ema=training.ema,
-        )
+        state = training_state(cfg, training, data, next_epoch=epoch)  # this one is not done
         state["position"] = {
             "epoch": epoch,
             "step": next_step,
@@ -818,7 +812,6 @@ def save_position(
         }
         state["ranks"] = ranks
         state["elapsed"] = training.elapsed_before + time.perf_counter() - training.fit_start
-        state["optimizer_steps_per_epoch"] = training.optimizer_steps_per_epoch
         ckpt_io.atomic_save(state, path)
         dist.print0(f"step checkpoint: epoch {epoch + 1} step {next_step} -> {path}")
     return path

@@ -80,7 +80,7 @@ class StepControl:
         next_step: int,
         steps: int,
         progress: dict,
-        group_start: int | None = None,
+        group_start: int,
     ) -> None:
         """Called after each optimizer step; may save a step checkpoint, may raise Stopped.
 
@@ -89,9 +89,8 @@ class StepControl:
         at the first boundary after it, not only when the boundary lands on it exactly.
         """
         signalled, timed = self._agreed_flags()
-        first = next_step - 1 if group_start is None else group_start
         periodic = (
-            self.every_steps > 0 and next_step // self.every_steps > first // self.every_steps
+            self.every_steps > 0 and next_step // self.every_steps > group_start // self.every_steps
         )
         # The epoch's last step is followed by evaluation and the epoch checkpoint anyway.
         due = (periodic or timed) and next_step < steps

@@ -362,42 +362,47 @@ class DaliLoader(common.ShardedLoader):
         self._reusable = False  # a val iterator that finished a clean pass can run again
 
     def _build(self, indices: np.ndarray, checkpoint: bytes | None = None) -> DALIGenericIterator:
+        with warnings.catch_warnings():
+            # DALI warns, when it builds the graph, that a checkpoint cannot hold an iterable
+            # source's position: ours is the pass's indices from start_step on, set before
+            # each build.
+            warnings.filterwarnings("ignore", message="Checkpointing enabled in a pipeline")
+            # No reader and no size: a pass ends when the source does, after its last (maybe
+            # short) batch, which PARTIAL hands out as it is.
+            return DALIGenericIterator(
+                [self.pipeline(indices, checkpoint)],
+                ["images", "labels"],
+                last_batch_policy=LastBatchPolicy.PARTIAL,
+            )
+
+    def pipeline(self, indices: np.ndarray, checkpoint: bytes | None = None):
+        """The DALI pipeline of one pass over ``indices``, defined but not yet built."""
         to_gpu = self.device.type == "cuda"
         pipeline = train_pipeline if self.train else val_pipeline
         graph_extra = {}
         if self.train and self.auto_augment != "none":
             pipeline = train_pipeline_auto_augment
             graph_extra["auto_augment"] = self.auto_augment
-        with warnings.catch_warnings():
-            # DALI warns that a checkpoint cannot hold an iterable source's position: ours is
-            # the pass's indices from start_step on, set before each build.
-            warnings.filterwarnings("ignore", message="Checkpointing enabled in a pipeline")
-            pipe = pipeline(
-                **graph_extra,
-                source=PathBatches(self.table, indices, self.batch_size),
-                image_size=self.image_size,
-                decode_device=self.decode_device,
-                to_gpu=to_gpu,
-                image_dtype=dali_output_dtype(self.dtype, self.device),
-                decoder_options=self.decoder_options,
-                batch_size=self.batch_size,
-                num_threads=self.num_threads,
-                device_id=self.device.index if to_gpu else None,
-                seed=common.derived_seed(self.seed, self.rank, self.epoch),
-                prefetch_queue_depth=self.prefetch,
-                exec_dynamic=True,
-                # Training pipelines track their random generators' state (DALI says at no
-                # cost) so that a run stopped mid-epoch resumes with the same crops and
-                # flips: the state after batch k (``state()``) restores into a new pipeline
-                # fed from k on.
-                enable_checkpointing=self.train,
-                checkpoint=checkpoint,
-            )
-            # No reader and no size: a pass ends when the source does, after its last (maybe
-            # short) batch, which PARTIAL hands out as it is.
-            return DALIGenericIterator(
-                [pipe], ["images", "labels"], last_batch_policy=LastBatchPolicy.PARTIAL
-            )
+        return pipeline(
+            **graph_extra,
+            source=PathBatches(self.table, indices, self.batch_size),
+            image_size=self.image_size,
+            decode_device=self.decode_device,
+            to_gpu=to_gpu,
+            image_dtype=dali_output_dtype(self.dtype, self.device),
+            decoder_options=self.decoder_options,
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
+            device_id=self.device.index if to_gpu else None,
+            seed=common.derived_seed(self.seed, self.rank, self.epoch),
+            prefetch_queue_depth=self.prefetch,
+            exec_dynamic=True,
+            # Training pipelines track their random generators' state (DALI says at no cost)
+            # so that a run stopped mid-epoch resumes with the same crops and flips: the
+            # state after batch k (``state()``) restores into a new pipeline fed from k on.
+            enable_checkpointing=self.train,
+            checkpoint=checkpoint,
+        )
 
     def state(self) -> bytes | None:
         """The training pipeline's random generators after the batches handed out so far

@@ -619,3 +619,33 @@ def test_gpu_auto_augment_graphs_are_well_formed_without_a_gpu(policy):
         seed=derived_seed(0, 0, 0),
     )
     assert pipe.device_id == 0
+
+
+@pytest.mark.parametrize(
+    ("train", "decode", "auto_augment"),
+    [
+        (True, "mixed", "none"),
+        (True, "mixed", "rand"),
+        (True, "cpu", "none"),
+        (True, "cpu", "trivial"),
+        (False, "mixed", "none"),
+        (False, "cpu", "none"),
+    ],
+)
+def test_gpu_graphs_pass_dalis_definition_checks(labelled_list, train, decode, auto_augment):
+    """The GPU pipelines (decode on the GPU, or on the CPU with augmentation on the GPU) run
+    only on a GPU, but DALI checks each operator's arguments and inputs when it defines the
+    graph, before it needs CUDA: ``serialize()`` defines the graph first and only then asks
+    for the device. So a GPU graph that DALI would refuse fails here, on every machine."""
+    kwargs = dict(backend="dali", train=train, dali_decode=decode, device=torch.device("cuda", 0))
+    ld = loader(labelled_list, auto_augment=auto_augment, **kwargs)
+    pipe = ld.pipeline(ld.pass_indices())
+    if torch.cuda.is_available():
+        assert pipe.serialize()
+    else:
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            pipe.serialize()
+    # The control: the same call does reach DALI's checks (a wrong argument name is refused).
+    bad = loader(labelled_list, dali_options={"no_such_option": 1}, **kwargs)
+    with pytest.raises(KeyError, match="no_such_option"):
+        bad.pipeline(bad.pass_indices()).serialize()

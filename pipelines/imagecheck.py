@@ -8,10 +8,14 @@ Three checks, cheapest first:
   is caught before a DALI run stops on it;
 - PNG's chunk checksums and ``IEND``: libpng (DALI) rejects a PNG whose data fails its CRC
   or that ends early, while PIL decodes such a file without a word;
-- a full PIL decode to RGB, with truncated files failing instead of decoding grey.
+- TIFFs of 32-bit integer samples, which PIL decodes and DALI's libtiff decoder rejects;
+- a full decode to RGB by ``open_rgb``, the very function the PIL loaders use (EXIF
+  orientation, 16-bit and float scaling included), with truncated files failing instead of
+  decoding grey.
 
-No torch here: ``make_lists --verify`` runs this in spawned processes, which should not pay
-for importing it.
+``open_rgb`` lives here, not in ``common``, because of the last point and the next: no torch
+here, since ``make_lists --verify`` runs this in spawned processes, which should not pay for
+importing it.
 """
 
 from __future__ import annotations
@@ -86,15 +90,59 @@ def png_problem(path: str) -> str | None:
                 return None
 
 
+def open_rgb(path: str):
+    """Decode one file fully to an RGB PIL image, the way DALI's decoders do.
+
+    Grayscale, palette, CMYK and alpha images convert to RGB (alpha dropped, as DALI does);
+    16-bit grayscale (mode I;16, or I for older Pillow) is scaled to 8 bits as DALI does
+    (round(v / 257)) instead of Pillow's clamp to 255; 32-bit float grayscale (mode F, float
+    TIFFs) is taken as 0..1, clipped, times 255, as DALI does, instead of Pillow's cast of the
+    raw value (which makes a 0..1 image black); EXIF orientation is applied, as DALI's
+    ``adjust_orientation`` default does.
+    """
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode.startswith("I;16") or im.mode == "I":
+            scaled = np.round(np.asarray(im, dtype=np.float64) / 257.0).clip(0, 255)
+            im = Image.fromarray(scaled.astype(np.uint8))  # 2-D uint8: mode L
+        elif im.mode == "F":
+            values = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0)
+            scaled = np.round(values.clip(0.0, 1.0) * 255.0)
+            im = Image.fromarray(scaled.astype(np.uint8))
+        return im.convert("RGB")
+
+
+def tiff_problem(image) -> str | None:
+    """A TIFF DALI cannot decode although PIL can: integer samples of more than 16 bits."""
+    if image.format != "TIFF":
+        return None
+    tags = getattr(image, "tag_v2", {})
+    bits = tags.get(258, (1,))  # BitsPerSample
+    bits = max(bits) if isinstance(bits, tuple) else bits
+    sample_format = tags.get(339, (1,))  # SampleFormat: 1 unsigned, 2 signed, 3 float
+    sample_format = sample_format[0] if isinstance(sample_format, tuple) else sample_format
+    if bits > 16 and sample_format != 3:
+        return (
+            f"is a TIFF of {bits}-bit integer samples, which DALI does not decode "
+            "(save it with 8 or 16 bits per sample)"
+        )
+    return None
+
+
 def decode_problem(path: str) -> str | None:
-    """Decode ``path`` fully with PIL; None when it decodes, else why it does not."""
+    """Decode ``path`` fully as the PIL loaders do; None when it decodes, else why not."""
     from PIL import Image, ImageFile
 
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode grey
     try:
         with Image.open(path) as image:
-            image.load()
-            image.convert("RGB")
+            problem = tiff_problem(image)
+        if problem is not None:
+            return problem
+        open_rgb(path)
     except Image.UnidentifiedImageError:
         return "is not an image PIL can identify"
     except Exception as error:  # any failure to decode makes the file unusable

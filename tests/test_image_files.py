@@ -1,0 +1,127 @@
+"""Files users have: phone photos with an EXIF Orientation tag and float/32-bit TIFFs read the
+same in both backends, and ``make_lists --verify`` keeps exactly what both loaders decode."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import build_loader
+from pipelines.imagecheck import image_problem, open_rgb
+from pipelines.lists import write_list
+
+IMAGE_SIZE = 32
+ONE_GREY_LEVEL = 1 / (255 * 0.224)
+
+
+def marked(width: int = 80, height: int = 60) -> Image.Image:
+    """A picture whose orientation shows: a ramp, and a white block in its top-left corner."""
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 // width, y * 255 // height, np.full_like(x, 90)], -1)
+    pixels[: height // 3, : width // 4] = 255
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def with_orientation(path, image: Image.Image, orientation: int, **save) -> str:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image.save(path, exif=exif, **save)
+    return str(path)
+
+
+def val_batch(list_file, backend: str) -> torch.Tensor:
+    loader = build_loader(
+        list_file,
+        train=False,
+        backend=backend,
+        batch_size=4,
+        image_size=IMAGE_SIZE,
+        num_threads=1 if backend == "dali" else 0,
+        num_classes=1,
+    )
+    return torch.cat([x.clone() for x, _ in loader])
+
+
+def one_list(tmp_path, path: str) -> str:
+    list_file = str(tmp_path / "one.txt")
+    write_list(list_file, [(path, 0)])
+    return list_file
+
+
+# PIL's ImageOps.exif_transpose for each tag: the upright picture the camera saw.
+UPRIGHT = {6: Image.Transpose.ROTATE_270, 8: Image.Transpose.ROTATE_90}
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_exif_orientation_is_applied_alike_in_both_backends(tmp_path, orientation, fmt):
+    picture = marked()
+    save = {"quality": 95} if fmt != "PNG" else {}
+    rotated = with_orientation(tmp_path / f"phone.{fmt.lower()}", picture, orientation, **save)
+    upright = tmp_path / f"upright.{fmt.lower()}"
+    picture.transpose(UPRIGHT[orientation]).save(upright, **save)
+    dali = val_batch(one_list(tmp_path, rotated), "dali")
+    pil = val_batch(one_list(tmp_path, rotated), "pil")
+    assert float((dali - pil).abs().max()) <= 1.01 * ONE_GREY_LEVEL
+    # Both turned the photo upright: each is the same picture saved upright (up to JPEG's
+    # blocks falling elsewhere), not the picture as stored (a white block on the other side).
+    reference = val_batch(one_list(tmp_path, str(upright)), "pil")
+    assert float((pil - reference).abs().max()) <= 10 * ONE_GREY_LEVEL
+    sideways = tmp_path / f"sideways.{fmt.lower()}"
+    picture.save(sideways, **save)
+    assert float((pil - val_batch(one_list(tmp_path, str(sideways)), "pil")).abs().max()) > 1
+    assert open_rgb(rotated).size == (60, 80)  # portrait, as the camera held it
+
+
+@pytest.mark.parametrize("backend", ["dali", "pil"])
+def test_training_crops_are_taken_from_the_upright_photo(tmp_path, backend):
+    """Stored horizontal stripes, orientation 6: every random crop shows vertical stripes."""
+    rows = np.arange(60)[:, None, None]
+    stripes = np.where((rows // 6) % 2 == 0, 230, 30) * np.ones((60, 80, 3))
+    picture = Image.fromarray(stripes.astype(np.uint8))
+    files = [with_orientation(tmp_path / f"p{i}.jpg", picture, 6, quality=95) for i in range(4)]
+    list_file = str(tmp_path / "train.txt")
+    write_list(list_file, [(f, 0) for f in files])
+    loader = build_loader(
+        list_file,
+        train=True,
+        backend=backend,
+        batch_size=4,
+        image_size=IMAGE_SIZE,
+        num_threads=1 if backend == "dali" else 0,
+        num_classes=1,
+    )
+    (images, _), *_ = list(loader)
+    grey = images.float().mean(1)  # (N, H, W)
+    across_columns = grey.diff(dim=2).abs().mean((1, 2))
+    across_rows = grey.diff(dim=1).abs().mean((1, 2))
+    assert bool((across_columns > across_rows).all()), (across_columns, across_rows)
+
+
+def test_float_tiff_reads_alike_in_both_backends(tmp_path):
+    """A 32-bit float TIFF (values 0..1, microscopy and remote sensing): DALI takes it as
+    0..1; the PIL loaders used to cast the raw values, making it black."""
+    ramp = np.tile(np.linspace(-0.25, 1.25, 80, dtype=np.float32), (60, 1))
+    path = str(tmp_path / "float.tif")
+    Image.fromarray(ramp).save(path)
+    assert image_problem(path) is None  # both decode it: --verify keeps it
+    dali = val_batch(one_list(tmp_path, path), "dali")
+    pil = val_batch(one_list(tmp_path, path), "pil")
+    assert float((dali - pil).abs().max()) <= 1.01 * ONE_GREY_LEVEL
+    grey = np.asarray(open_rgb(path))[0, :, 0]
+    assert grey[0] == 0 and grey[-1] == 255 and 100 < grey[40] < 155
+
+
+def test_32_bit_integer_tiff_is_left_out_and_named(tmp_path, make_image):
+    ramp = np.tile(np.arange(80, dtype=np.int32) * 800, (60, 1))
+    path = str(tmp_path / "int32.tif")
+    Image.fromarray(ramp).save(path)
+    assert "32-bit integer samples, which DALI does not decode" in image_problem(path)
+    good = [make_image(str(tmp_path / f"g{i}.jpg")) for i in range(3)]
+    list_file = str(tmp_path / "list.txt")
+    write_list(list_file, [(p, 0) for p in [*good, path]])
+    with pytest.raises(RuntimeError, match="32-bit integer samples") as info:
+        val_batch(list_file, "dali")
+    assert str(info.value).startswith(f"{path}: is a TIFF")

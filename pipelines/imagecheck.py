@@ -98,12 +98,16 @@ def open_rgb(path: str):
     (round(v / 257)) instead of Pillow's clamp to 255; 32-bit float grayscale (mode F, float
     TIFFs) is taken as 0..1, clipped, times 255, as DALI does, instead of Pillow's cast of the
     raw value (which makes a 0..1 image black); EXIF orientation is applied, as DALI's
-    ``adjust_orientation`` default does.
+    ``adjust_orientation`` default does. A TIFF of 32-bit integer samples is refused
+    (ValueError), as DALI refuses it: no backend reads it, rather than one reading it clipped.
     """
     import numpy as np
     from PIL import Image, ImageOps
 
     with Image.open(path) as im:
+        problem = tiff_problem(im)
+        if problem is not None:
+            raise ValueError(problem)
         im = ImageOps.exif_transpose(im)
         if im.mode.startswith("I;16") or im.mode == "I":
             scaled = np.round(np.asarray(im, dtype=np.float64) / 257.0).clip(0, 255)
@@ -139,7 +143,7 @@ def decode_problem(path: str) -> str | None:
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode grey
     try:
         with Image.open(path) as image:
-            problem = tiff_problem(image)
+            problem = tiff_problem(image)  # open_rgb refuses these too; said plainly here
         if problem is not None:
             return problem
         open_rgb(path)

@@ -125,3 +125,7 @@ def test_32_bit_integer_tiff_is_left_out_and_named(tmp_path, make_image):
     with pytest.raises(RuntimeError, match="32-bit integer samples") as info:
         val_batch(list_file, "dali")
     assert str(info.value).startswith(f"{path}: is a TIFF")
+    # The PIL loaders refuse it too (they used to read it clipped to white): the backends agree.
+    with pytest.raises(RuntimeError, match="32-bit integer samples") as info:
+        val_batch(list_file, "pil")
+    assert str(info.value).startswith(f"{path}: ")

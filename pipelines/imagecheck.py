@@ -97,18 +97,31 @@ def open_rgb(path: str):
     16-bit grayscale (mode I;16, or I for older Pillow) is scaled to 8 bits as DALI does
     (round(v / 257)) instead of Pillow's clamp to 255; 32-bit float grayscale (mode F, float
     TIFFs) is taken as 0..1, clipped, times 255, as DALI does, instead of Pillow's cast of the
-    raw value (which makes a 0..1 image black); EXIF orientation is applied, as DALI's
-    ``adjust_orientation`` default does. A TIFF of 32-bit integer samples is refused
-    (ValueError), as DALI refuses it: no backend reads it, rather than one reading it clipped.
+    raw value (which makes a 0..1 image black); the EXIF orientation is applied where DALI's
+    ``adjust_orientation`` default applies it (``exif_orientation``). A TIFF of 32-bit integer
+    samples is refused (ValueError), as DALI refuses it: no backend reads it, rather than one
+    reading it clipped.
     """
     import numpy as np
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     with Image.open(path) as im:
         problem = tiff_problem(im)
         if problem is not None:
             raise ValueError(problem)
-        im = ImageOps.exif_transpose(im)
+        im.load()  # a PNG's eXIf chunk may follow the image data
+        t = Image.Transpose  # the table of Pillow's ImageOps.exif_transpose
+        transpose = {
+            2: t.FLIP_LEFT_RIGHT,
+            3: t.ROTATE_180,
+            4: t.FLIP_TOP_BOTTOM,
+            5: t.TRANSPOSE,
+            6: t.ROTATE_270,
+            7: t.TRANSVERSE,
+            8: t.ROTATE_90,
+        }.get(exif_orientation(im))
+        if transpose is not None:
+            im = im.transpose(transpose)
         if im.mode.startswith("I;16") or im.mode == "I":
             scaled = np.round(np.asarray(im, dtype=np.float64) / 257.0).clip(0, 255)
             im = Image.fromarray(scaled.astype(np.uint8))  # 2-D uint8: mode L
@@ -117,6 +130,29 @@ def open_rgb(path: str):
             scaled = np.round(values.clip(0.0, 1.0) * 255.0)
             im = Image.fromarray(scaled.astype(np.uint8))
         return im.convert("RGB")
+
+
+def exif_orientation(image) -> int:
+    """The EXIF Orientation tag (1 when none) where DALI's decoder reads it: the EXIF block
+    (JPEG APP1, PNG eXIf, WebP EXIF chunk) or a TIFF's own tag.
+
+    Not ``image.getexif()``: Pillow also takes the orientation from XMP (``tiff:Orientation``)
+    and from ImageMagick's PNG text chunk ("Raw profile type exif"), which DALI ignores; with
+    ``ImageOps.exif_transpose`` such a file came out rotated in the PIL loaders and not in
+    DALI's (up to 243 grey levels apart).
+    """
+    from PIL import Image
+
+    raw = image.info.get("exif")
+    if raw:
+        exif = Image.Exif()
+        exif.load(raw)
+        orientation = exif.get(0x0112, 1)
+    elif hasattr(image, "tag_v2"):  # TIFF: the tag is in the image's own directory
+        orientation = image.tag_v2.get(0x0112, 1)
+    else:
+        orientation = 1
+    return orientation if isinstance(orientation, int) else 1
 
 
 def tiff_problem(image) -> str | None:

@@ -129,3 +129,46 @@ def test_32_bit_integer_tiff_is_left_out_and_named(tmp_path, make_image):
     with pytest.raises(RuntimeError, match="32-bit integer samples") as info:
         val_batch(list_file, "pil")
     assert str(info.value).startswith(f"{path}: ")
+
+
+def magick_png(path, image: Image.Image, orientation: int) -> str:
+    """A PNG as ImageMagick writes one converted from a phone JPEG: the EXIF block as hex in
+    a zTXt chunk ("Raw profile type exif"), which Pillow reads and DALI does not."""
+    from PIL import PngImagePlugin
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    block = exif.tobytes().hex()
+    text = f"\nexif\n{len(block) // 2:8d}\n" + "\n".join(
+        block[i : i + 72] for i in range(0, len(block), 72)
+    )
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Raw profile type exif", text + "\n", zip=True)
+    image.save(path, pnginfo=info)
+    return str(path)
+
+
+def xmp_only_jpeg(path, image: Image.Image, orientation: int) -> str:
+    """A JPEG whose orientation is in XMP only (tiff:Orientation), no EXIF block."""
+    xmp = (
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+        'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description '
+        f'xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="{orientation}"/>'
+        "</rdf:RDF></x:xmpmeta>"
+    )
+    image.save(path, xmp=xmp.encode(), quality=95)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["magick.png", "xmp_only.jpg"])
+def test_orientation_outside_the_exif_block_is_ignored_alike(tmp_path, kind):
+    """DALI reads the orientation from the EXIF block only; Pillow's exif_transpose also from
+    XMP and ImageMagick's PNG text chunk. The PIL loaders follow DALI: these stay as stored."""
+    picture = marked()
+    make = magick_png if kind == "magick.png" else xmp_only_jpeg
+    path = make(tmp_path / kind, picture, 6)
+    assert Image.open(path).getexif().get(0x0112) == 6  # Pillow does see a 6 there
+    assert open_rgb(path).size == (80, 60)  # as stored
+    dali = val_batch(one_list(tmp_path, path), "dali")
+    pil = val_batch(one_list(tmp_path, path), "pil")
+    assert float((dali - pil).abs().max()) <= 1.01 * ONE_GREY_LEVEL

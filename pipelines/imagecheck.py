@@ -9,6 +9,8 @@ Three checks, cheapest first:
 - PNG's chunk checksums and ``IEND``: libpng (DALI) rejects a PNG whose data fails its CRC
   or that ends early, while PIL decodes such a file without a word;
 - TIFFs of 32-bit integer samples, which PIL decodes and DALI's libtiff decoder rejects;
+- JPEGs whose EXIF blocks disagree on the orientation, which DALI decodes garbled or crashes
+  on;
 - a full decode to RGB by ``open_rgb``, the very function the PIL loaders use (EXIF
   orientation, 16-bit and float scaling included), with truncated files failing instead of
   decoding grey.
@@ -25,6 +27,7 @@ import struct
 import zlib
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+EXIF_HEADER = b"Exif\x00\x00"
 DALI_FORMATS = "JPEG, PNG, BMP, TIFF, JPEG 2000, PNM, WebP"
 
 
@@ -139,20 +142,51 @@ def exif_orientation(image) -> int:
     Not ``image.getexif()``: Pillow also takes the orientation from XMP (``tiff:Orientation``)
     and from ImageMagick's PNG text chunk ("Raw profile type exif"), which DALI ignores; with
     ``ImageOps.exif_transpose`` such a file came out rotated in the PIL loaders and not in
-    DALI's (up to 243 grey levels apart).
+    DALI's (up to 243 grey levels apart). A JPEG may hold several EXIF blocks: the one tag
+    among them counts, wherever it is (Pillow reads the first block only); blocks that
+    disagree are ``exif_problem``'s.
     """
+    found = exif_orientations(image)
+    if found is None and hasattr(image, "tag_v2"):  # TIFF: the tag is in its own directory
+        found = [image.tag_v2.get(0x0112, 1)]
+    orientation = found[-1] if found else 1
+    return orientation if isinstance(orientation, int) else 1
+
+
+def exif_orientations(image) -> list | None:
+    """The Orientation tags of the image's EXIF blocks, in file order (blocks without one or
+    unreadable ones left out); None when it has no EXIF block."""
     from PIL import Image
 
-    raw = image.info.get("exif")
-    if raw:
+    blocks = [s for m, s in getattr(image, "applist", []) if m == "APP1" and s[:6] == EXIF_HEADER]
+    if not blocks and image.info.get("exif"):
+        blocks = [image.info["exif"]]
+    if not blocks:
+        return None
+    found = []
+    for raw in blocks:
         exif = Image.Exif()
-        exif.load(raw)
-        orientation = exif.get(0x0112, 1)
-    elif hasattr(image, "tag_v2"):  # TIFF: the tag is in the image's own directory
-        orientation = image.tag_v2.get(0x0112, 1)
-    else:
-        orientation = 1
-    return orientation if isinstance(orientation, int) else 1
+        try:
+            exif.load(raw)
+        except Exception:  # an unreadable block: DALI decodes the image, skipping it
+            continue
+        if 0x0112 in exif:
+            found.append(exif[0x0112])
+    return found
+
+
+def exif_problem(image) -> str | None:
+    """A JPEG whose EXIF blocks give different orientations: DALI 2.4 decodes one such file
+    garbled (the shape of one orientation, the pixels of another) and crashes on another
+    (segmentation fault, the whole run gone, no file named), by the order of the tags."""
+    found = exif_orientations(image) or []
+    if len(set(found)) > 1:
+        listed = ", ".join(str(o) for o in found)
+        return (
+            f"has {len(found)} EXIF blocks with different orientations ({listed}), which DALI "
+            "decodes garbled or crashes on (rewrite it with one EXIF block)"
+        )
+    return None
 
 
 def tiff_problem(image) -> str | None:
@@ -179,7 +213,8 @@ def decode_problem(path: str) -> str | None:
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode grey
     try:
         with Image.open(path) as image:
-            problem = tiff_problem(image)  # open_rgb refuses these too; said plainly here
+            # open_rgb refuses the first too; said plainly here
+            problem = tiff_problem(image) or exif_problem(image)
         if problem is not None:
             return problem
         open_rgb(path)

@@ -1,7 +1,7 @@
 """Is this file an image both loaders can decode? One answer for ``make_lists --verify``, the
 trainer's file check and the search for the culprit after a DALI decode error.
 
-Three checks, cheapest first:
+The checks, cheapest first:
 
 - the header: the magic numbers of the formats DALI's decoders read (JPEG, PNG, BMP, TIFF,
   JPEG 2000, PNM, WebP), so that a file PIL decodes but DALI cannot (a GIF named ``.png``)

@@ -20,6 +20,7 @@ model.pt, written at the end, is for inference without this project::
 EXIF orientation is applied as the trainer's loaders apply it (DALI's decoder by default, the
 PIL loaders through ``pipelines.imagecheck.open_rgb``): without it a portrait phone photo
 reaches the network on its side.
+
 Resize is bilinear with antialiasing (torchvision's default),
 the interpolation recorded in ``preprocessing["interpolation"]``.
 """

@@ -14,8 +14,8 @@ import stat
 
 import numpy as np
 import torch
-from PIL import Image
 
+from .imagecheck import open_rgb  # noqa: F401  (the loaders' one decode, re-exported here)
 from .lists import SampleTable, sample_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -231,23 +231,6 @@ class ShardedLoader:
             return order[start:end].copy()
         shard = val_shard(self.dataset_size, rank=self.rank, world_size=self.world_size)
         return np.arange(shard.start, shard.stop, dtype=np.int64)
-
-
-def open_rgb(path: str) -> Image.Image:
-    """Decode one file fully to an RGB PIL image, the way DALI's decoders do.
-
-    Grayscale, palette, CMYK and alpha images convert to RGB; 16-bit grayscale (mode I;16, or
-    I for older Pillow) is scaled to 8 bits as DALI does (round(v / 257)) instead of Pillow's
-    clamp to 255; EXIF orientation is applied, as DALI's ``adjust_orientation`` default does.
-    """
-    from PIL import ImageOps
-
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode.startswith("I;16") or im.mode == "I":
-            scaled = np.round(np.asarray(im, dtype=np.float64) / 257.0).clip(0, 255)
-            im = Image.fromarray(scaled.astype(np.uint8))  # 2-D uint8: mode L
-        return im.convert("RGB")
 
 
 def to_output(

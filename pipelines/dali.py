@@ -473,7 +473,7 @@ class DaliLoader(common.ShardedLoader):
         found = first_problem(window) or first_problem(pass_paths(), decode=False)
         if found is not None:
             path, why = found
-            return ImageError(f"{path}: image {why} (DALI said: {_last_lines(message)})")
+            return ImageError(f"{path}: {why} (DALI said: {_last_lines(message)})")
         return ImageError(
             f"DALI failed in a batch read from files {first}.."
             f"{first + len(window) - 1} of this pass ({window[0] if window else '?'}, ...), "

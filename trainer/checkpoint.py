@@ -8,13 +8,18 @@ epoch, so it ends with the same number of epochs.
 
 model.pt, written at the end, is for inference without this project::
 
-    import PIL.Image, torch, torchvision, torchvision.transforms.v2 as T
+    import PIL.Image, PIL.ImageOps, torch, torchvision, torchvision.transforms.v2 as T
     m = torch.load("model.pt", map_location="cpu", weights_only=True); p = m["preprocessing"]
     net = torchvision.models.get_model(m["arch"], num_classes=len(m["class_names"])).eval()
     net.load_state_dict(m["model"])
     tf = T.Compose([T.ToImage(), T.Resize(p["resize_size"]), T.CenterCrop(p["image_size"]),
                     T.ToDtype(torch.float32, scale=True), T.Normalize(p["mean"], p["std"])])
-    print(m["class_names"][net(tf(PIL.Image.open("x.jpg").convert("RGB"))[None]).argmax()])
+    image = PIL.ImageOps.exif_transpose(PIL.Image.open("x.jpg")).convert("RGB")  # upright
+    print(m["class_names"][net(tf(image)[None]).argmax()])
+
+EXIF orientation is applied as the trainer's loaders apply it (DALI's decoder by default, the
+PIL loaders through ``pipelines.imagecheck.open_rgb``): without it a portrait phone photo
+reaches the network on its side.
 
 Resize is bilinear with antialiasing (torchvision's default),
 the interpolation recorded in ``preprocessing["interpolation"]``.

@@ -124,6 +124,22 @@ def test_no_weight_decay_on_norms_and_biases():
         make_optimizer(model, name="lamb", lr=1.0)
 
 
+def test_no_weight_decay_on_attention_in_proj_bias():
+    # torchvision's ViTs hold their attention biases in nn.MultiheadAttention.in_proj_bias:
+    # a bias, so no decay (it was decayed, unlike every other bias).
+    model = nn.Sequential(nn.Linear(4, 8), nn.MultiheadAttention(8, 2), nn.LayerNorm(8))
+    attention = model[1]
+    decay, no_decay = param_groups(model, 0.05)
+    decayed = {id(p) for p in decay["params"]}
+    assert id(attention.in_proj_bias) not in decayed
+    assert id(attention.out_proj.bias) not in decayed
+    assert decayed == {
+        id(model[0].weight),
+        id(attention.in_proj_weight),
+        id(attention.out_proj.weight),
+    }
+
+
 def test_warmup_then_cosine_per_step():
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = make_scheduler(opt, warmup_steps=4, total_steps=12)

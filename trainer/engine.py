@@ -55,14 +55,16 @@ def make_scaler(amp_dtype: torch.dtype | None, device: torch.device) -> torch.am
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights with decay; norm-layer parameters and every bias without."""
+    """Two groups: weights with decay; norm-layer parameters and every bias without (a
+    parameter named ``bias`` or ``*_bias``, e.g. attention's ``in_proj_bias``)."""
     decay, no_decay, seen = [], [], set()
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            if isinstance(module, NORM_TYPES) or name == "bias":
+            # "*_bias": nn.MultiheadAttention's in_proj_bias (torchvision's ViTs), a bias too.
+            if isinstance(module, NORM_TYPES) or name == "bias" or name.endswith("_bias"):
                 no_decay.append(param)
             else:
                 decay.append(param)

@@ -622,7 +622,10 @@ def fit(
             batch_transform=training.batch_transform,
         )
         # One set of BatchNorm statistics for evaluation and the checkpoint, whatever the rank.
+        # The EMA's too, validated or not: without validation model.pt is the EMA's weights.
         average_batchnorm_buffers(training.model)
+        if training.ema is not None:
+            average_batchnorm_buffers(training.ema)
         val = {"val_top1": None, "val_top5": None, "val_loss": None}
         ema_val = {"val_top1": None, "val_loss": None}
         if val_loader is not None:
@@ -631,7 +634,6 @@ def fit(
 
             val = evaluate_weights(training, "raw", val_loader, data, info, last_epoch)
             if training.ema is not None:
-                average_batchnorm_buffers(training.ema)
                 ema_val = evaluate_weights(training, "ema", val_loader, data, info, last_epoch)
         record = {
             "epoch": epoch + 1,

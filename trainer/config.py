@@ -442,11 +442,15 @@ def uses_demo_data(cfg: Config) -> bool:
     return cfg.train_list is None
 
 
+def global_batch(cfg: Config, world_size: int) -> int:
+    """Images per optimizer step: per GPU x ranks x accumulated batches."""
+    return cfg.batch_size * world_size * cfg.grad_accum_steps
+
+
 def default_lr(cfg: Config, world_size: int) -> float:
-    global_batch = cfg.batch_size * world_size * cfg.grad_accum_steps  # per optimizer step
     if cfg.optimizer == "sgd":
-        return 0.1 * global_batch / 256
-    return 1e-3 * global_batch / 512
+        return 0.1 * global_batch(cfg, world_size) / 256
+    return 1e-3 * global_batch(cfg, world_size) / 512
 
 
 def default_weight_decay(cfg: Config) -> float:

@@ -55,6 +55,7 @@ from trainer.config import (  # noqa: E402
     config_dict,
     default_lr,
     default_weight_decay,
+    global_batch,
     parse_config,
     save_config,
     train_image_size,
@@ -911,7 +912,7 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
         f"training {cfg.arch} on {info.world_size} x {info.device.type}: "
         f"{train_loader.dataset_size} train / {val_loader.dataset_size if val_loader else 0} val "
         f"images, {len(data.class_names)} classes, {cfg.image_size}px, batch {cfg.batch_size}/GPU "
-        f"(global {cfg.batch_size * info.world_size}), {len(train_loader)} steps/epoch, "
+        f"(global {global_batch(cfg, info.world_size)}), {len(train_loader)} steps/epoch, "
         f"{cfg.optimizer} lr {cfg.lr:.4g}, {cfg.epochs} epochs, amp {cfg.amp}, "
         f"output {cfg.output_dir}"
     )

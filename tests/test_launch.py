@@ -8,7 +8,7 @@ import os
 import re
 
 import pytest
-from test_trainer import MAIN, run, tiny_flags, torchrun
+from test_trainer import MAIN, finish, run, start_two_nodes, tiny_flags, torchrun
 
 from pipelines import tuning
 from trainer import dist
@@ -187,3 +187,78 @@ def test_worker_failure_status_picks_the_rank_that_said_why(capsys):
                 timestamp=1)}  # fmt: skip
     assert worker_failure_status(failures) == 137
     assert capsys.readouterr().err.startswith("error: rank 1 (pid 77) was killed by SIGKILL")
+
+
+def test_nodes_started_differently_are_one_line_naming_the_difference(monkeypatch):
+    # Node 1 started with another --batch-size (or its own copy of a list with other lines)
+    # used to issue other collectives than node 0: the job died at --dist-timeout in a gloo
+    # traceback. Each rank's settings and lists are compared with rank 0's first.
+    import numpy as np
+    import torch
+
+    from trainer import main as trainer_main
+
+    def on_rank(rank):
+        return dist.DistInfo(rank, 2, 0, 1, torch.device("cpu"), rank == 0)
+
+    def node1_sends(value):  # every rank gathers (host, value): rank 0's is this process's
+        monkeypatch.setattr(
+            dist, "all_gather_objects", lambda mine: [("n0", mine[1]), ("n1", value)]
+        )
+
+    def settings(cfg):
+        return {k: v for k, v in vars(cfg).items() if k not in trainer_main.NODE_LOCAL_FIELDS}
+
+    cfg = parse_config(["--train-list", "/a/Train.txt", "--batch-size", "16"])
+    # Node-local settings may differ: paths, loader threads, patience.
+    local = parse_config(["--train-list", "/b/Train.txt", "--batch-size", "16", "--workers", "3",
+                          "--output-dir", "/mnt/x", "--dist-timeout", "9"])  # fmt: skip
+    node1_sends(settings(local))
+    trainer_main.check_same_command(cfg, on_rank(0))
+    other = parse_config(["--train-list", "/a/Train.txt", "--batch-size", "8"])
+    node1_sends(settings(other))
+    with pytest.raises(TrainerError) as said:
+        trainer_main.check_same_command(cfg, on_rank(0))
+    assert str(said.value) == (
+        "rank 1 (on n1) was started with other settings than rank 0 (on n0): --batch-size 8 "
+        "there, 16 on rank 0; start every node with the same command"
+    )
+    # On rank 1 (node 1's own log says it too):
+    monkeypatch.setattr(dist, "all_gather_objects", lambda mine: [("n0", settings(cfg)), mine])
+    with pytest.raises(trainer_main.RankError, match=r"^this node \(.*\) was started with"):
+        trainer_main.check_same_command(other, on_rank(1))
+
+    class Loader:
+        def __init__(self, labels):
+            self.table = type("Table", (), {"labels": np.asarray(labels, dtype=np.int64)})
+
+    data = trainer_main.DataSpec("/a/Train.txt", None, ["cat", "dog"], "/a/classes.txt", False)
+    node1 = {"train": ("/b/Train.txt", trainer_main.list_digest(Loader([0, 1, 1]))),
+             "val": (None, None), "classes": ("/b/classes.txt", ["cat", "dog"])}  # fmt: skip
+    node1_sends(node1)
+    trainer_main.check_same_data(data, on_rank(0), Loader([0, 1, 1]), None)  # a copy elsewhere
+    with pytest.raises(TrainerError) as said:
+        trainer_main.check_same_data(data, on_rank(0), Loader([0, 1, 1, 0]), None)
+    assert str(said.value) == (
+        "rank 1 (on n1) reads another train list than rank 0 (on n0): /b/Train.txt there, "
+        "/a/Train.txt on rank 0: 3 samples there, 4 on rank 0; every node needs the same train "
+        "list (a copy of one file)"
+    )
+    with pytest.raises(TrainerError, match="the same 3 samples, other labels or another order"):
+        trainer_main.check_same_data(data, on_rank(0), Loader([1, 0, 1]), None)
+    node1_sends({**node1, "classes": ("/b/classes.txt", ["cat", "dgo"])})
+    with pytest.raises(TrainerError, match="class 1 is 'dgo' there, 'dog' on rank 0"):
+        trainer_main.check_same_data(data, on_rank(0), Loader([0, 1, 1]), None)
+
+
+@pytest.mark.slow
+def test_two_nodes_with_another_batch_size_stop_at_once_saying_so(tiny_data, tmp_path):
+    flags = one_epoch(tiny_data, tmp_path / "out", "--dist-timeout", "60")
+    nodes = finish(start_two_nodes(flags, cwd=tmp_path, node1_extra=["--batch-size", "4"]), 120)
+    for node in nodes:  # each node's log says it, not only the one holding rank 0
+        assert node.returncode != 0
+        errors = [ln for ln in node.stderr.splitlines() if ln.startswith("error: ")]
+        assert len(errors) == 1, node.stderr[-3000:]
+        assert "--batch-size" in errors[0] and "start every node with the same command" in errors[0]
+        assert "]: Traceback" not in node.stderr  # no worker traceback, only the line
+    assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -318,8 +318,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_two_nodes(flags: list[str], *, cwd, **env_extra) -> list[subprocess.Popen]:
-    """Start both nodes; ``cwd`` is one folder or one per node (a node's own disk)."""
+def start_two_nodes(
+    flags: list[str], *, cwd, node1_extra: list[str] = (), **env_extra
+) -> list[subprocess.Popen]:
+    """Start both nodes; ``cwd`` is one folder or one per node (a node's own disk);
+    ``node1_extra``: flags node 1 alone gets after ``flags``."""
     cwds = cwd if isinstance(cwd, list | tuple) else [cwd, cwd]
     port = free_port()
     procs = []
@@ -336,6 +339,7 @@ def start_two_nodes(flags: list[str], *, cwd, **env_extra) -> list[subprocess.Po
             "--rdzv-id=multinode-test",
             MAIN,
             *flags,
+            *(node1_extra if node == 1 else ()),
         ]
         procs.append(
             subprocess.Popen(

@@ -15,14 +15,16 @@ fails before training with one ``error: ...`` line on rank 0 and exit status 2.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 if __package__ in (None, ""):
     # `torchrun trainer/main.py` puts trainer/ first on sys.path, where config.py, model.py...
@@ -723,6 +725,99 @@ def check_output_dir(cfg: Config) -> None:
     ckpt_io.check_writable(cfg.output_dir)
 
 
+# Flags a node may set for itself: its own paths to the run's files (the lists' contents are
+# compared apart, in check_same_data), its loader's threads and decode, its own patience.
+NODE_LOCAL_FIELDS = (
+    "train_list", "val_list", "classes", "output_dir", "workers", "dali_decode",
+    "dali_hw_decoder_load", "prefetch", "dist_timeout", "overwrite", "config", "local_rank",
+    "processes",
+)  # fmt: skip
+
+
+def node_differs(info: dist.DistInfo, rank: int, host: str, what: str) -> TrainerError:
+    """The error for rank ``rank`` differing from rank 0: said by rank 0 and by that rank
+    itself (as ``rank K: ...``), so the logs of both nodes show it."""
+    if info.rank == rank:
+        return RankError(f"this node ({host}) {what}")
+    return TrainerError(f"rank {rank} (on {host}) {what}")
+
+
+def check_same_command(cfg: Config, info: dist.DistInfo) -> None:
+    """Every rank must run with rank 0's settings: a node started with another --batch-size,
+    --epochs or --arch would issue other collectives than the rest, and the job would fail
+    only at --dist-timeout, in a gloo or NCCL traceback. One line naming the rank, its host
+    and each difference instead, before anything is written."""
+    if not info.distributed:
+        return
+    mine = {k: v for k, v in asdict(cfg).items() if k not in NODE_LOCAL_FIELDS}
+    everyone = dist.all_gather_objects((socket.gethostname(), mine))
+    host0, first = everyone[0]
+    for rank, (host, theirs) in enumerate(everyone[1:], start=1):
+        differ = [
+            f"--{name.replace('_', '-')} {theirs.get(name)!r} there, {value!r} on rank 0"
+            for name, value in first.items()
+            if theirs.get(name) != value
+        ]
+        if differ:
+            raise node_differs(
+                info,
+                rank,
+                host,
+                f"was started with other settings than rank 0 (on {host0}): "
+                f"{'; '.join(differ)}; start every node with the same command",
+            )
+
+
+def list_digest(loader) -> tuple[int, str] | None:
+    """What must be the same on every node for a list: its sample count and labels, in order
+    (the paths may differ: each node may hold its own copy)."""
+    if loader is None:
+        return None
+    labels = loader.table.labels
+    return len(labels), hashlib.sha1(labels.tobytes()).hexdigest()
+
+
+def check_same_data(data: DataSpec, info: dist.DistInfo, train_loader, val_loader) -> None:
+    """Every rank must read the same lists and class names: a node whose copy of a list
+    holds other lines shuffles and shards another list, runs another number of steps, and
+    the job would hang until --dist-timeout."""
+    if not info.distributed:
+        return
+    mine = {
+        "train": (data.train_list, list_digest(train_loader)),
+        "val": (data.val_list, list_digest(val_loader)),
+        "classes": (data.classes_file, data.class_names),
+    }
+    everyone = dist.all_gather_objects((socket.gethostname(), mine))
+    host0, first = everyone[0]
+    for rank, (host, theirs) in enumerate(everyone[1:], start=1):
+        for what, (path0, value0) in first.items():
+            path, value = theirs[what]
+            if value == value0:
+                continue
+            noun = "classes file" if what == "classes" else f"{what} list"
+            if what == "classes":
+                how = f"{len(value)} class names there, {len(value0)} on rank 0"
+                if len(value) == len(value0):
+                    k = next(
+                        i for i, (a, b) in enumerate(zip(value, value0, strict=True)) if a != b
+                    )
+                    how = f"class {k} is {value[k]!r} there, {value0[k]!r} on rank 0"
+            elif value is None or value0 is None:
+                how = "no samples there" if value is None else "no samples on rank 0"
+            elif value[0] != value0[0]:
+                how = f"{value[0]} samples there, {value0[0]} on rank 0"
+            else:
+                how = f"the same {value[0]} samples, other labels or another order"
+            raise node_differs(
+                info,
+                rank,
+                host,
+                f"reads another {noun} than rank 0 (on {host0}): {path} there, {path0} on "
+                f"rank 0: {how}; every node needs the same {noun} (a copy of one file)",
+            )
+
+
 class RankError(TrainerError):
     """A fault only this rank sees (e.g. a file missing on its node): this rank says it."""
 
@@ -819,6 +914,7 @@ def save_position(
 
 def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) -> None:
     """Everything after the ranks are up: data, model, resume, then train or evaluate."""
+    check_same_command(cfg, info)
     # Rank 0 alone owns the output folder (other nodes may not even see it).
     decided_by_main(info, lambda: check_output_dir(cfg))
     data = resolve_data(cfg, info)
@@ -842,6 +938,7 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
     # The loaders parse the lists and stat every file: a bad line or a missing image fails
     # here, before any checkpoint or model work.
     train_loader, val_loader = build_loaders(cfg, data, info, plan, amp_dtype or torch.float32)
+    check_same_data(data, info, train_loader, val_loader)
     # Rank 0 decides what every rank resumes from: a node that saw another last.pt (or none)
     # must not start from something else, or from scratch, in silence.
     resume_path = decided_by_main(info, lambda: ckpt_io.resolve_resume(cfg.resume, cfg.output_dir))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 
 import pytest
 from test_trainer import MAIN, finish, run, start_two_nodes, tiny_flags, torchrun
@@ -262,3 +263,50 @@ def test_two_nodes_with_another_batch_size_stop_at_once_saying_so(tiny_data, tmp
         assert "--batch-size" in errors[0] and "start every node with the same command" in errors[0]
         assert "]: Traceback" not in node.stderr  # no worker traceback, only the line
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_a_resume_every_node_sees_differently_is_one_line(monkeypatch, tmp_path):
+    # Node-local output folders: the nodes hold copies of the run saved at different steps.
+    # Each rank used to go on from its own copy (another epoch, another step count: a hang).
+    import torch
+
+    from trainer import main as trainer_main
+
+    cfg = parse_config(["--train-list", "/a/Train.txt", "--resume", "auto",
+                        "--output-dir", str(tmp_path)])  # fmt: skip
+    info = dist.DistInfo(0, 2, 0, 1, torch.device("cpu"), True)
+    at_step = {"epoch": 1, "position": {"step": 4}, "elapsed": 9.0}
+    node1 = ("read", 2, None, 12.5)  # node 1's copy: saved at the end of epoch 2
+    monkeypatch.setattr(dist, "all_gather_objects", lambda mine: [("n0", mine[1]), ("n1", node1)])
+    with pytest.raises(TrainerError) as said:
+        trainer_main.check_same_resume(cfg, info, "run/last.pt", at_step)
+    assert str(said.value) == (
+        "rank 1 (on n1) reads run/last.pt as saved at the end of epoch 2, rank 0 (on n0) at "
+        "epoch 2 step 4: the nodes hold different copies of the run; put --output-dir on a "
+        "filesystem every node sees"
+    )
+    node1 = ("read", 1, 4, 9.0)
+    trainer_main.check_same_resume(cfg, info, "run/last.pt", at_step)  # the same save: fine
+
+
+@pytest.mark.slow
+def test_rank0_finding_no_checkpoint_while_another_node_holds_one_stops(tiny_data, tmp_path):
+    # Node-local output folders, and c10d made the other node rank 0 this time: rank 0 finds
+    # no last.pt and used to start the run afresh (one "starting fresh" line), the run's
+    # last.pt left on node 1.
+    disk0, disk1 = tmp_path / "node0", tmp_path / "node1"
+    disk0.mkdir()
+    (disk1 / "run").mkdir(parents=True)
+    (disk1 / "run" / "last.pt").write_bytes(b"the run's checkpoint")  # only its presence counts
+    flags = one_epoch(tiny_data, "run", "--resume", "auto", "--dist-timeout", "30")
+    nodes = finish(start_two_nodes(flags, cwd=[disk0, disk1]), 120)
+    host = socket.gethostname()
+    want = (
+        f"holds run/last.pt, but rank 0 (on {host}) finds no last.pt in run and would start the "
+        "run afresh: put --output-dir on a filesystem every node sees (or copy the run there)"
+    )
+    for node in nodes:
+        assert node.returncode != 0
+        errors = [ln for ln in node.stderr.splitlines() if ln.startswith("error: ")]
+        assert len(errors) == 1 and errors[0].endswith(want), node.stderr[-3000:]
+    assert not (disk0 / "run").exists() and os.listdir(disk1 / "run") == ["last.pt"]

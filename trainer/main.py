@@ -867,6 +867,47 @@ def load_agreed_checkpoint(path: str, info: dist.DistInfo) -> dict:
         raise RankError(str(exc)) from None
 
 
+def check_same_resume(cfg: Config, info: dist.DistInfo, resume_path, checkpoint) -> None:
+    """Rank 0 decided what the run resumes from; every node must see that, not its own copy.
+    With node-local output folders torchrun's c10d rendezvous may make another node rank 0
+    at each launch: rank 0 then finds no last.pt and starts afresh while the run's last.pt
+    sits on another node, or the nodes hold copies saved at different steps."""
+    if not info.distributed or cfg.resume is None:
+        return
+    if checkpoint is not None:  # what was read: the same save on every rank?
+        position = checkpoint.get("position") or {}
+        mine = ("read", checkpoint.get("epoch"), position.get("step"), checkpoint.get("elapsed"))
+    else:  # rank 0 found nothing to resume: does any node hold a last.pt?
+        last = os.path.join(cfg.output_dir, ckpt_io.LAST)
+        mine = ("found", last) if os.path.isfile(last) else None
+    everyone = dist.all_gather_objects((socket.gethostname(), mine))
+    host0, first = everyone[0]
+    fix = "put --output-dir on a filesystem every node sees"
+    for rank, (host, theirs) in enumerate(everyone[1:], start=1):
+        if theirs == first:
+            continue
+        if first is None:
+            raise node_differs(
+                info, rank, host,
+                f"holds {theirs[1]}, but rank 0 (on {host0}) finds no {ckpt_io.LAST} in "
+                f"{cfg.output_dir} and would start the run afresh: {fix} (or copy the run "
+                "there)",
+            )  # fmt: skip
+
+        def saved(read):  # as the step checkpoint and epoch lines say it
+            _, epoch, step, _ = read
+            return f"the end of epoch {epoch}" if step is None else f"epoch {epoch + 1} step {step}"
+
+        if saved(theirs) != saved(first):
+            how = f"as saved at {saved(theirs)}, rank 0 (on {host0}) at {saved(first)}"
+        else:
+            how = f"as another save of {saved(first)} than rank 0 (on {host0})"
+        raise node_differs(
+            info, rank, host,
+            f"reads {resume_path} {how}: the nodes hold different copies of the run; {fix}",
+        )  # fmt: skip
+
+
 def save_position(
     cfg: Config,
     info: dist.DistInfo,
@@ -942,6 +983,8 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
     # Rank 0 decides what every rank resumes from: a node that saw another last.pt (or none)
     # must not start from something else, or from scratch, in silence.
     resume_path = decided_by_main(info, lambda: ckpt_io.resolve_resume(cfg.resume, cfg.output_dir))
+    checkpoint = load_agreed_checkpoint(resume_path, info) if resume_path else None
+    check_same_resume(cfg, info, resume_path, checkpoint)
     if cfg.eval_only and resume_path is None and not cfg.pretrained:
         raise TrainerError(
             f"--eval-only --resume auto: no {ckpt_io.LAST} in {cfg.output_dir}, nothing to "
@@ -949,7 +992,6 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
         )
     if cfg.resume == "auto" and resume_path is None:
         dist.print0(f"--resume auto: no {ckpt_io.LAST} in {cfg.output_dir}, starting fresh")
-    checkpoint = load_agreed_checkpoint(resume_path, info) if resume_path else None
     if checkpoint is not None:
         ckpt_io.check_compatible(
             checkpoint, resume_path, arch=cfg.arch, num_classes=len(data.class_names)

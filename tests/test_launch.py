@@ -310,3 +310,33 @@ def test_rank0_finding_no_checkpoint_while_another_node_holds_one_stops(tiny_dat
         errors = [ln for ln in node.stderr.splitlines() if ln.startswith("error: ")]
         assert len(errors) == 1 and errors[0].endswith(want), node.stderr[-3000:]
     assert not (disk0 / "run").exists() and os.listdir(disk1 / "run") == ["last.pt"]
+
+
+def test_a_rank_gone_silent_is_one_line_after_dist_timeout(monkeypatch, capsys, tmp_path):
+    # A frozen node (kill -STOP of its worker, a lost network): rank 0's collective gives up
+    # after --dist-timeout with gloo's RuntimeError, which used to end in a traceback.
+    import torch
+
+    from trainer import main as trainer_main
+
+    gloo = RuntimeError(
+        "[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
+        "20000ms for recv operation to complete"
+    )
+    assert dist.peer_timed_out(gloo) and not dist.peer_failed(gloo)
+    info = dist.DistInfo(0, 2, 0, 1, torch.device("cpu"), True)
+    monkeypatch.setattr(dist, "setup_distributed", lambda **kwargs: info)
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+
+    def run(cfg, info, control):
+        raise gloo
+
+    monkeypatch.setattr(trainer_main, "run", run)
+    argv = ["--train-list", "x.txt", "--dist-timeout", "20", "--output-dir", str(tmp_path)]
+    monkeypatch.setenv("RANK", "0")  # as under torchrun: no relaunch
+    assert trainer_main.main(argv) == 3
+    assert capsys.readouterr().err.splitlines() == [
+        "error: rank 0: waited --dist-timeout (20 s) for another rank that went silent (a hung "
+        "or stopped process, a lost node or network); the job stops: continue with --resume "
+        "auto once every node is back"
+    ]

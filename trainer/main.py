@@ -1268,6 +1268,14 @@ def main(argv: list[str] | None = None) -> int:
             "python tools/make_lists.py ROOT --out-dir DIR --verify)"
         )
     except Exception as exc:
+        if info.distributed and dist.peer_timed_out(exc):
+            # Nobody else can say it: the silent rank is hung, stopped or cut off.
+            fail(
+                f"rank {info.rank}: waited --dist-timeout ({cfg.dist_timeout:g} s) for another "
+                "rank that went silent (a hung or stopped process, a lost node or network); "
+                "the job stops: continue with --resume auto once every node is back"
+            )
+            return 3
         if info.distributed and dist.peer_failed(exc):
             # Another rank died (and said why): this one stops with one line, no traceback,
             # and writes no error file, so torchrun's root cause stays the rank that failed.

@@ -1238,7 +1238,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(cfg, info, control)
     except Stopped as exc:
-        if info.is_main:
+        # Rank 0, and the first rank of every other node: the terminal or log of the node
+        # that got the Ctrl-C (or the scheduler's signal) says it too.
+        if info.is_main or info.local_rank == 0:
             last = os.path.join(cfg.output_dir, ckpt_io.LAST)
             if exc.saved:
                 where = f"saved {exc.saved} at this step: continue with --resume auto"

@@ -198,6 +198,7 @@ def test_nodes_started_differently_are_one_line_naming_the_difference(monkeypatc
     import torch
 
     from trainer import main as trainer_main
+    from trainer import nodes
 
     def on_rank(rank):
         return dist.DistInfo(rank, 2, 0, 1, torch.device("cpu"), rank == 0)
@@ -208,18 +209,18 @@ def test_nodes_started_differently_are_one_line_naming_the_difference(monkeypatc
         )
 
     def settings(cfg):
-        return {k: v for k, v in vars(cfg).items() if k not in trainer_main.NODE_LOCAL_FIELDS}
+        return {k: v for k, v in vars(cfg).items() if k not in nodes.NODE_LOCAL_FIELDS}
 
     cfg = parse_config(["--train-list", "/a/Train.txt", "--batch-size", "16"])
     # Node-local settings may differ: paths, loader threads, patience.
     local = parse_config(["--train-list", "/b/Train.txt", "--batch-size", "16", "--workers", "3",
                           "--output-dir", "/mnt/x", "--dist-timeout", "9"])  # fmt: skip
     node1_sends(settings(local))
-    trainer_main.check_same_command(cfg, on_rank(0))
+    nodes.check_same_command(cfg, on_rank(0))
     other = parse_config(["--train-list", "/a/Train.txt", "--batch-size", "8"])
     node1_sends(settings(other))
     with pytest.raises(TrainerError) as said:
-        trainer_main.check_same_command(cfg, on_rank(0))
+        nodes.check_same_command(cfg, on_rank(0))
     assert str(said.value) == (
         "rank 1 (on n1) was started with other settings than rank 0 (on n0): --batch-size 8 "
         "there, 16 on rank 0; start every node with the same command"
@@ -227,29 +228,29 @@ def test_nodes_started_differently_are_one_line_naming_the_difference(monkeypatc
     # On rank 1 (node 1's own log says it too):
     monkeypatch.setattr(dist, "all_gather_objects", lambda mine: [("n0", settings(cfg)), mine])
     with pytest.raises(trainer_main.RankError, match=r"^this node \(.*\) was started with"):
-        trainer_main.check_same_command(other, on_rank(1))
+        nodes.check_same_command(other, on_rank(1))
 
     class Loader:
         def __init__(self, labels):
             self.table = type("Table", (), {"labels": np.asarray(labels, dtype=np.int64)})
 
     data = trainer_main.DataSpec("/a/Train.txt", None, ["cat", "dog"], "/a/classes.txt", False)
-    node1 = {"train": ("/b/Train.txt", trainer_main.list_digest(Loader([0, 1, 1]))),
+    node1 = {"train": ("/b/Train.txt", nodes.list_digest(Loader([0, 1, 1]))),
              "val": (None, None), "classes": ("/b/classes.txt", ["cat", "dog"])}  # fmt: skip
     node1_sends(node1)
-    trainer_main.check_same_data(data, on_rank(0), Loader([0, 1, 1]), None)  # a copy elsewhere
+    nodes.check_same_data(data, on_rank(0), Loader([0, 1, 1]), None)  # a copy elsewhere
     with pytest.raises(TrainerError) as said:
-        trainer_main.check_same_data(data, on_rank(0), Loader([0, 1, 1, 0]), None)
+        nodes.check_same_data(data, on_rank(0), Loader([0, 1, 1, 0]), None)
     assert str(said.value) == (
         "rank 1 (on n1) reads another train list than rank 0 (on n0): /b/Train.txt there, "
         "/a/Train.txt on rank 0: 3 samples there, 4 on rank 0; every node needs the same train "
         "list (a copy of one file)"
     )
     with pytest.raises(TrainerError, match="the same 3 samples, other labels or another order"):
-        trainer_main.check_same_data(data, on_rank(0), Loader([1, 0, 1]), None)
+        nodes.check_same_data(data, on_rank(0), Loader([1, 0, 1]), None)
     node1_sends({**node1, "classes": ("/b/classes.txt", ["cat", "dgo"])})
     with pytest.raises(TrainerError, match="class 1 is 'dgo' there, 'dog' on rank 0"):
-        trainer_main.check_same_data(data, on_rank(0), Loader([0, 1, 1]), None)
+        nodes.check_same_data(data, on_rank(0), Loader([0, 1, 1]), None)
 
 
 @pytest.mark.slow
@@ -270,7 +271,7 @@ def test_a_resume_every_node_sees_differently_is_one_line(monkeypatch, tmp_path)
     # Each rank used to go on from its own copy (another epoch, another step count: a hang).
     import torch
 
-    from trainer import main as trainer_main
+    from trainer import nodes
 
     cfg = parse_config(["--train-list", "/a/Train.txt", "--resume", "auto",
                         "--output-dir", str(tmp_path)])  # fmt: skip
@@ -279,14 +280,14 @@ def test_a_resume_every_node_sees_differently_is_one_line(monkeypatch, tmp_path)
     node1 = ("read", 2, None, 12.5)  # node 1's copy: saved at the end of epoch 2
     monkeypatch.setattr(dist, "all_gather_objects", lambda mine: [("n0", mine[1]), ("n1", node1)])
     with pytest.raises(TrainerError) as said:
-        trainer_main.check_same_resume(cfg, info, "run/last.pt", at_step)
+        nodes.check_same_resume(cfg, info, "run/last.pt", at_step)
     assert str(said.value) == (
         "rank 1 (on n1) reads run/last.pt as saved at the end of epoch 2, rank 0 (on n0) at "
         "epoch 2 step 4: the nodes hold different copies of the run; put --output-dir on a "
         "filesystem every node sees"
     )
     node1 = ("read", 1, 4, 9.0)
-    trainer_main.check_same_resume(cfg, info, "run/last.pt", at_step)  # the same save: fine
+    nodes.check_same_resume(cfg, info, "run/last.pt", at_step)  # the same save: fine
 
 
 @pytest.mark.slow

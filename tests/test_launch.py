@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 
 import pytest
-from test_trainer import MAIN, run, tiny_flags, torchrun
+from test_trainer import MAIN, finish, run, start_two_nodes, tiny_flags, torchrun
 
 from pipelines import tuning
 from trainer import dist
@@ -187,3 +188,156 @@ def test_worker_failure_status_picks_the_rank_that_said_why(capsys):
                 timestamp=1)}  # fmt: skip
     assert worker_failure_status(failures) == 137
     assert capsys.readouterr().err.startswith("error: rank 1 (pid 77) was killed by SIGKILL")
+
+
+def test_nodes_started_differently_are_one_line_naming_the_difference(monkeypatch):
+    # Node 1 started with another --batch-size (or its own copy of a list with other lines)
+    # used to issue other collectives than node 0: the job died at --dist-timeout in a gloo
+    # traceback. Each rank's settings and lists are compared with rank 0's first.
+    import numpy as np
+    import torch
+
+    from trainer import main as trainer_main
+    from trainer import nodes
+
+    def on_rank(rank):
+        return dist.DistInfo(rank, 2, 0, 1, torch.device("cpu"), rank == 0)
+
+    def node1_sends(value):  # every rank gathers (host, value): rank 0's is this process's
+        monkeypatch.setattr(
+            dist, "all_gather_objects", lambda mine: [("n0", mine[1]), ("n1", value)]
+        )
+
+    def settings(cfg):
+        return {k: v for k, v in vars(cfg).items() if k not in nodes.NODE_LOCAL_FIELDS}
+
+    cfg = parse_config(["--train-list", "/a/Train.txt", "--batch-size", "16"])
+    # Node-local settings may differ: paths, loader threads, patience.
+    local = parse_config(["--train-list", "/b/Train.txt", "--batch-size", "16", "--workers", "3",
+                          "--output-dir", "/mnt/x", "--dist-timeout", "9"])  # fmt: skip
+    node1_sends(settings(local))
+    nodes.check_same_command(cfg, on_rank(0))
+    other = parse_config(["--train-list", "/a/Train.txt", "--batch-size", "8"])
+    node1_sends(settings(other))
+    with pytest.raises(TrainerError) as said:
+        nodes.check_same_command(cfg, on_rank(0))
+    assert str(said.value) == (
+        "rank 1 (on n1) was started with other settings than rank 0 (on n0): --batch-size 8 "
+        "there, 16 on rank 0; start every node with the same command"
+    )
+    # On rank 1 (node 1's own log says it too):
+    monkeypatch.setattr(dist, "all_gather_objects", lambda mine: [("n0", settings(cfg)), mine])
+    with pytest.raises(trainer_main.RankError, match=r"^this node \(.*\) was started with"):
+        nodes.check_same_command(other, on_rank(1))
+
+    class Loader:
+        def __init__(self, labels):
+            self.table = type("Table", (), {"labels": np.asarray(labels, dtype=np.int64)})
+
+    data = trainer_main.DataSpec("/a/Train.txt", None, ["cat", "dog"], "/a/classes.txt", False)
+    node1 = {"train": ("/b/Train.txt", nodes.list_digest(Loader([0, 1, 1]))),
+             "val": (None, None), "classes": ("/b/classes.txt", ["cat", "dog"])}  # fmt: skip
+    node1_sends(node1)
+    nodes.check_same_data(data, on_rank(0), Loader([0, 1, 1]), None)  # a copy elsewhere
+    with pytest.raises(TrainerError) as said:
+        nodes.check_same_data(data, on_rank(0), Loader([0, 1, 1, 0]), None)
+    assert str(said.value) == (
+        "rank 1 (on n1) reads another train list than rank 0 (on n0): /b/Train.txt there, "
+        "/a/Train.txt on rank 0: 3 samples there, 4 on rank 0; every node needs the same train "
+        "list (a copy of one file)"
+    )
+    with pytest.raises(TrainerError, match="the same 3 samples, other labels or another order"):
+        nodes.check_same_data(data, on_rank(0), Loader([1, 0, 1]), None)
+    node1_sends({**node1, "classes": ("/b/classes.txt", ["cat", "dgo"])})
+    with pytest.raises(TrainerError, match="class 1 is 'dgo' there, 'dog' on rank 0"):
+        nodes.check_same_data(data, on_rank(0), Loader([0, 1, 1]), None)
+
+
+@pytest.mark.slow
+def test_two_nodes_with_another_batch_size_stop_at_once_saying_so(tiny_data, tmp_path):
+    flags = one_epoch(tiny_data, tmp_path / "out", "--dist-timeout", "60")
+    nodes = finish(start_two_nodes(flags, cwd=tmp_path, node1_extra=["--batch-size", "4"]), 120)
+    for node in nodes:  # each node's log says it, not only the one holding rank 0
+        assert node.returncode != 0
+        errors = [ln for ln in node.stderr.splitlines() if ln.startswith("error: ")]
+        assert len(errors) == 1, node.stderr[-3000:]
+        assert "--batch-size" in errors[0] and "start every node with the same command" in errors[0]
+        assert "]: Traceback" not in node.stderr  # no worker traceback, only the line
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_a_resume_every_node_sees_differently_is_one_line(monkeypatch, tmp_path):
+    # Node-local output folders: the nodes hold copies of the run saved at different steps.
+    # Each rank used to go on from its own copy (another epoch, another step count: a hang).
+    import torch
+
+    from trainer import nodes
+
+    cfg = parse_config(["--train-list", "/a/Train.txt", "--resume", "auto",
+                        "--output-dir", str(tmp_path)])  # fmt: skip
+    info = dist.DistInfo(0, 2, 0, 1, torch.device("cpu"), True)
+    at_step = {"epoch": 1, "position": {"step": 4}, "elapsed": 9.0}
+    node1 = ("read", 2, None, 12.5)  # node 1's copy: saved at the end of epoch 2
+    monkeypatch.setattr(dist, "all_gather_objects", lambda mine: [("n0", mine[1]), ("n1", node1)])
+    with pytest.raises(TrainerError) as said:
+        nodes.check_same_resume(cfg, info, "run/last.pt", at_step)
+    assert str(said.value) == (
+        "rank 1 (on n1) reads run/last.pt as saved at the end of epoch 2, rank 0 (on n0) at "
+        "epoch 2 step 4: the nodes hold different copies of the run; put --output-dir on a "
+        "filesystem every node sees"
+    )
+    node1 = ("read", 1, 4, 9.0)
+    nodes.check_same_resume(cfg, info, "run/last.pt", at_step)  # the same save: fine
+
+
+@pytest.mark.slow
+def test_rank0_finding_no_checkpoint_while_another_node_holds_one_stops(tiny_data, tmp_path):
+    # Node-local output folders, and c10d made the other node rank 0 this time: rank 0 finds
+    # no last.pt and used to start the run afresh (one "starting fresh" line), the run's
+    # last.pt left on node 1.
+    disk0, disk1 = tmp_path / "node0", tmp_path / "node1"
+    disk0.mkdir()
+    (disk1 / "run").mkdir(parents=True)
+    (disk1 / "run" / "last.pt").write_bytes(b"the run's checkpoint")  # only its presence counts
+    flags = one_epoch(tiny_data, "run", "--resume", "auto", "--dist-timeout", "30")
+    nodes = finish(start_two_nodes(flags, cwd=[disk0, disk1]), 120)
+    host = socket.gethostname()
+    want = (
+        f"holds run/last.pt, but rank 0 (on {host}) finds no last.pt in run and would start the "
+        "run afresh: put --output-dir on a filesystem every node sees (or copy the run there)"
+    )
+    for node in nodes:
+        assert node.returncode != 0
+        errors = [ln for ln in node.stderr.splitlines() if ln.startswith("error: ")]
+        assert len(errors) == 1 and errors[0].endswith(want), node.stderr[-3000:]
+    assert not (disk0 / "run").exists() and os.listdir(disk1 / "run") == ["last.pt"]
+
+
+def test_a_rank_gone_silent_is_one_line_after_dist_timeout(monkeypatch, capsys, tmp_path):
+    # A frozen node (kill -STOP of its worker, a lost network): rank 0's collective gives up
+    # after --dist-timeout with gloo's RuntimeError, which used to end in a traceback.
+    import torch
+
+    from trainer import main as trainer_main
+
+    gloo = RuntimeError(
+        "[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
+        "20000ms for recv operation to complete"
+    )
+    assert dist.peer_timed_out(gloo) and not dist.peer_failed(gloo)
+    info = dist.DistInfo(0, 2, 0, 1, torch.device("cpu"), True)
+    monkeypatch.setattr(dist, "setup_distributed", lambda **kwargs: info)
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+
+    def run(cfg, info, control):
+        raise gloo
+
+    monkeypatch.setattr(trainer_main, "run", run)
+    argv = ["--train-list", "x.txt", "--dist-timeout", "20", "--output-dir", str(tmp_path)]
+    monkeypatch.setenv("RANK", "0")  # as under torchrun: no relaunch
+    assert trainer_main.main(argv) == 3
+    assert capsys.readouterr().err.splitlines() == [
+        "error: rank 0: waited --dist-timeout (20 s) for another rank that went silent (a hung "
+        "or stopped process, a lost node or network); the job stops: continue with --resume "
+        "auto once every node is back"
+    ]

@@ -423,6 +423,33 @@ def test_checkpoint_every_n_steps_with_grad_accumulation(accum, expected):
     assert saved == expected
 
 
+def test_a_signal_delivered_twice_still_saves_and_a_later_one_stops_at_once():
+    # Ctrl-C reaches torchrun's agent and its workers, a scheduler signals every process of
+    # the job, and torchrun forwards the signal too: a worker gets it twice within a fraction
+    # of a second. That repeat must not skip the save; a second signal seconds later does.
+    import signal
+
+    from trainer import preemption
+
+    control = preemption.StepControl(every_steps=0, every_minutes=0)
+    saved = []
+    control.save = lambda *, epoch, next_step, progress: saved.append(next_step) or "last.pt"
+    control.install()
+    try:
+        control.in_training = True
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # the agent's copy: still saves at the next step
+        with pytest.raises(preemption.Stopped) as stopped:
+            control.after_step(epoch=0, next_step=3, steps=10, progress=dict, group_start=2)
+        assert (stopped.value.signal_name, stopped.value.saved, saved) == ("SIGINT", "last.pt", [3])
+        control.signalled_at -= preemption.REPEAT_WINDOW_S  # an impatient second Ctrl-C
+        with pytest.raises(preemption.Stopped) as stopped:
+            os.kill(os.getpid(), signal.SIGINT)
+        assert stopped.value.saved is None
+    finally:
+        control.uninstall()
+
+
 @pytest.mark.parametrize(
     ("flag", "value", "words"),
     [

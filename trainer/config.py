@@ -24,6 +24,10 @@ class TrainerError(Exception):
     """Bad input the user can fix; main() prints ``error: <message>`` and exits 2."""
 
 
+class RankError(TrainerError):
+    """A fault only this rank sees (e.g. a file missing on its node): this rank says it."""
+
+
 AMP_CHOICES = ("bf16", "fp16", "off")
 OPTIMIZERS = ("sgd", "adamw", "adam")
 LOADERS = ("dali", "pil", "pil-gpu")

@@ -202,6 +202,19 @@ def peer_failed(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _PEER_GONE)
 
 
+# What gloo and NCCL say when a collective gave up waiting (--dist-timeout) for a rank that is
+# still there but silent: a hung or stopped process, a node lost without closing its sockets.
+_PEER_SILENT = (
+    "Timed out waiting",  # gloo: "Timed out waiting 300000ms for recv operation to complete"
+    "Watchdog caught collective operation timeout",  # NCCL
+)
+
+
+def peer_timed_out(exc: BaseException) -> bool:
+    """True when ``exc`` is a collective that waited the whole timeout for another rank."""
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _PEER_SILENT)
+
+
 def all_gather_objects(value) -> list:
     """Every rank's ``value`` (picklable), in rank order, on every rank."""
     if not _active():

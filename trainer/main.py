@@ -51,6 +51,7 @@ from trainer import dist  # noqa: E402
 from trainer import metrics as run_metrics  # noqa: E402
 from trainer.config import (  # noqa: E402
     Config,
+    RankError,
     TrainerError,
     config_dict,
     default_lr,
@@ -72,6 +73,7 @@ from trainer.engine import (  # noqa: E402
     train_one_epoch,
 )
 from trainer.model import build_model, compile_model, wrap_ddp  # noqa: E402
+from trainer.nodes import check_same_command, check_same_data, check_same_resume  # noqa: E402
 from trainer.preemption import StepControl, Stopped  # noqa: E402
 
 CONFIG_FILE = "config.toml"
@@ -726,10 +728,6 @@ def check_output_dir(cfg: Config) -> None:
     ckpt_io.check_writable(cfg.output_dir)
 
 
-class RankError(TrainerError):
-    """A fault only this rank sees (e.g. a file missing on its node): this rank says it."""
-
-
 def decided_by_main(info: dist.DistInfo, decide):
     """Run ``decide()`` on rank 0 only and hand its result to every rank; a TrainerError it
     raises is raised on every rank (rank 0 prints it), so all stop together."""
@@ -822,6 +820,7 @@ def save_position(
 
 def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) -> None:
     """Everything after the ranks are up: data, model, resume, then train or evaluate."""
+    check_same_command(cfg, info)
     # Rank 0 alone owns the output folder (other nodes may not even see it).
     decided_by_main(info, lambda: check_output_dir(cfg))
     data = resolve_data(cfg, info)
@@ -845,9 +844,12 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
     # The loaders parse the lists and stat every file: a bad line or a missing image fails
     # here, before any checkpoint or model work.
     train_loader, val_loader = build_loaders(cfg, data, info, plan, amp_dtype or torch.float32)
+    check_same_data(data, info, train_loader, val_loader)
     # Rank 0 decides what every rank resumes from: a node that saw another last.pt (or none)
     # must not start from something else, or from scratch, in silence.
     resume_path = decided_by_main(info, lambda: ckpt_io.resolve_resume(cfg.resume, cfg.output_dir))
+    checkpoint = load_agreed_checkpoint(resume_path, info) if resume_path else None
+    check_same_resume(cfg, info, resume_path, checkpoint)
     if cfg.eval_only and resume_path is None and not cfg.pretrained:
         raise TrainerError(
             f"--eval-only --resume auto: no {ckpt_io.LAST} in {cfg.output_dir}, nothing to "
@@ -855,7 +857,6 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
         )
     if cfg.resume == "auto" and resume_path is None:
         dist.print0(f"--resume auto: no {ckpt_io.LAST} in {cfg.output_dir}, starting fresh")
-    checkpoint = load_agreed_checkpoint(resume_path, info) if resume_path else None
     if checkpoint is not None:
         ckpt_io.check_compatible(
             checkpoint, resume_path, arch=cfg.arch, num_classes=len(data.class_names)
@@ -1102,7 +1103,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(cfg, info, control)
     except Stopped as exc:
-        if info.is_main:
+        # Rank 0, and the first rank of every other node: the terminal or log of the node
+        # that got the Ctrl-C (or the scheduler's signal) says it too.
+        if info.is_main or info.local_rank == 0:
             last = os.path.join(cfg.output_dir, ckpt_io.LAST)
             if exc.saved:
                 where = f"saved {exc.saved} at this step: continue with --resume auto"
@@ -1132,6 +1135,14 @@ def main(argv: list[str] | None = None) -> int:
             "python tools/make_lists.py ROOT --out-dir DIR --verify)"
         )
     except Exception as exc:
+        if info.distributed and dist.peer_timed_out(exc):
+            # Nobody else can say it: the silent rank is hung, stopped or cut off.
+            fail(
+                f"rank {info.rank}: waited --dist-timeout ({cfg.dist_timeout:g} s) for another "
+                "rank that went silent (a hung or stopped process, a lost node or network); "
+                "the job stops: continue with --resume auto once every node is back"
+            )
+            return 3
         if info.distributed and dist.peer_failed(exc):
             # Another rank died (and said why): this one stops with one line, no traceback,
             # and writes no error file, so torchrun's root cause stays the rank that failed.

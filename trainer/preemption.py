@@ -24,6 +24,12 @@ import torch.distributed as torch_dist
 from trainer import dist
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A stop signal often reaches a worker twice: Ctrl-C goes to the terminal's whole process
+# group (torchrun's agent and its workers), a scheduler (Slurm's scancel, a preemption)
+# signals every process of the job, and torchrun forwards what it got to its workers within
+# about its --monitor-interval (0.1 s). A repeat this soon after the first is that same stop;
+# a later one is someone who does not want to wait for the save.
+REPEAT_WINDOW_S = 3.0
 
 
 class Stopped(Exception):
@@ -46,6 +52,7 @@ class StepControl:
         # by the trainer once the model and the loaders exist.
         self.save: Callable[..., str] | None = None
         self.signum: int | None = None
+        self.signalled_at = 0.0  # time.monotonic() of the first signal
         self.in_training = False
         self.last_save = time.monotonic()
         self._previous: dict = {}
@@ -66,11 +73,15 @@ class StepControl:
         self._previous.clear()
 
     def _on_signal(self, signum, _frame) -> None:
-        if self.signum is not None or not self.in_training:
-            # A second signal (an impatient Ctrl-C), or one outside the epoch loop (setting
-            # up, exporting), where there is nothing unsaved: stop now.
+        now = time.monotonic()
+        if self.in_training and self.signum is not None:
+            if now - self.signalled_at < REPEAT_WINDOW_S:
+                return  # the first signal delivered again (see REPEAT_WINDOW_S): save anyway
+            raise Stopped(signum)  # a second signal (an impatient Ctrl-C): stop now
+        if not self.in_training:
+            # Outside the epoch loop (setting up, exporting) nothing is unsaved: stop now.
             raise Stopped(signum)
-        self.signum = signum  # acted on at the next agreed step
+        self.signum, self.signalled_at = signum, now  # acted on at the next agreed step
 
     # --- the per-step decision ----------------------------------------------------------
     def after_step(
@@ -98,27 +109,30 @@ class StepControl:
             path = self.save(epoch=epoch, next_step=next_step, progress=progress)
             self.last_save = time.monotonic()
             if signalled:
-                raise Stopped(self.signum or signal.SIGTERM, saved=path)
+                # Not signalled itself: the signal another rank got (Ctrl-C on another node).
+                raise Stopped(self.signum or signalled, saved=path)
         self._send_flags()  # after the decision, so a save just made is not asked for again
 
     def _local_flags(self) -> torch.Tensor:
         timed = dist.is_main_process() and 0 < self.every_seconds <= (
             time.monotonic() - self.last_save
         )
-        return torch.tensor([int(self.signum is not None), int(timed)], dtype=torch.int32)
+        # The signal's number, not a bit: every rank then stops naming the signal that came.
+        return torch.tensor([int(self.signum or 0), int(timed)], dtype=torch.int32)
 
-    def _agreed_flags(self) -> tuple[bool, bool]:
+    def _agreed_flags(self) -> tuple[int, bool]:
         """One process: its own flags now. Several: the flags all ranks sent after the
-        previous step (finished by now; nothing before a run's first step)."""
+        previous step (finished by now; nothing before a run's first step). The first: the
+        signal's number (0 for none; the largest when ranks got different ones)."""
         if self._group is None:
             flags = self._local_flags()
-            return bool(flags[0]), bool(flags[1])
+            return int(flags[0]), bool(flags[1])
         if self._pending is None:
-            return False, False
+            return 0, False
         work, flags = self._pending
         work.wait()
         self._pending = None
-        return bool(flags[0]), bool(flags[1])
+        return int(flags[0]), bool(flags[1])
 
     def _send_flags(self) -> None:
         if self._group is None:
@@ -137,7 +151,7 @@ class StepControl:
         if self._group is not None:
             torch_dist.all_reduce(flags, op=torch_dist.ReduceOp.MAX, group=self._group)
         if flags[0]:
-            raise Stopped(self.signum or signal.SIGTERM, saved=saved)
+            raise Stopped(self.signum or int(flags[0]), saved=saved)
 
     def drain(self, *, quiet: bool = False) -> None:
         """Wait for the flags still in flight (before the group goes away). ``quiet``: on the

@@ -1,0 +1,153 @@
+"""What every node of a multi-node job must agree on, checked once at start.
+
+torchrun starts the same script on each node, but each node reads its own command line, its
+own copies of the lists and its own view of the output folder. A node that differs issues
+other collectives than the rest (another batch size, another list length, another resume
+point), and the job would hang until --dist-timeout and end in a gloo or NCCL traceback.
+Each check gathers every rank's view and compares it with rank 0's; a difference is one line,
+said by rank 0 and by the rank that differs, so the logs of both nodes show it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import asdict
+
+from trainer import checkpoint as ckpt_io
+from trainer import dist
+from trainer.config import Config, RankError, TrainerError
+
+# Flags a node may set for itself: its own paths to the run's files (the lists' contents are
+# compared apart, in check_same_data), its loader's threads and decode, its own patience.
+NODE_LOCAL_FIELDS = (
+    "train_list", "val_list", "classes", "output_dir", "workers", "dali_decode",
+    "dali_hw_decoder_load", "prefetch", "dist_timeout", "overwrite", "config", "local_rank",
+    "processes",
+)  # fmt: skip
+
+
+def node_differs(info: dist.DistInfo, rank: int, host: str, what: str) -> TrainerError:
+    """The error for rank ``rank`` differing from rank 0: said by rank 0 and by that rank
+    itself (as ``rank K: ...``), so the logs of both nodes show it."""
+    if info.rank == rank:
+        return RankError(f"this node ({host}) {what}")
+    return TrainerError(f"rank {rank} (on {host}) {what}")
+
+
+def check_same_command(cfg: Config, info: dist.DistInfo) -> None:
+    """Every rank must run with rank 0's settings: a node started with another --batch-size,
+    --epochs or --arch would issue other collectives than the rest, and the job would fail
+    only at --dist-timeout, in a gloo or NCCL traceback. One line naming the rank, its host
+    and each difference instead, before anything is written."""
+    if not info.distributed:
+        return
+    mine = {k: v for k, v in asdict(cfg).items() if k not in NODE_LOCAL_FIELDS}
+    everyone = dist.all_gather_objects((socket.gethostname(), mine))
+    host0, first = everyone[0]
+    for rank, (host, theirs) in enumerate(everyone[1:], start=1):
+        differ = [
+            f"--{name.replace('_', '-')} {theirs.get(name)!r} there, {value!r} on rank 0"
+            for name, value in first.items()
+            if theirs.get(name) != value
+        ]
+        if differ:
+            raise node_differs(
+                info,
+                rank,
+                host,
+                f"was started with other settings than rank 0 (on {host0}): "
+                f"{'; '.join(differ)}; start every node with the same command",
+            )
+
+
+def list_digest(loader) -> tuple[int, str] | None:
+    """What must be the same on every node for a list: its sample count and labels, in order
+    (the paths may differ: each node may hold its own copy)."""
+    if loader is None:
+        return None
+    labels = loader.table.labels
+    return len(labels), hashlib.sha1(labels.tobytes()).hexdigest()
+
+
+def check_same_data(data, info: dist.DistInfo, train_loader, val_loader) -> None:
+    """Every rank must read the same lists and class names: a node whose copy of a list
+    holds other lines shuffles and shards another list, runs another number of steps, and
+    the job would hang until --dist-timeout."""
+    if not info.distributed:
+        return
+    mine = {
+        "train": (data.train_list, list_digest(train_loader)),
+        "val": (data.val_list, list_digest(val_loader)),
+        "classes": (data.classes_file, data.class_names),
+    }
+    everyone = dist.all_gather_objects((socket.gethostname(), mine))
+    host0, first = everyone[0]
+    for rank, (host, theirs) in enumerate(everyone[1:], start=1):
+        for what, (path0, value0) in first.items():
+            path, value = theirs[what]
+            if value == value0:
+                continue
+            noun = "classes file" if what == "classes" else f"{what} list"
+            if what == "classes":
+                how = f"{len(value)} class names there, {len(value0)} on rank 0"
+                if len(value) == len(value0):
+                    k = next(
+                        i for i, (a, b) in enumerate(zip(value, value0, strict=True)) if a != b
+                    )
+                    how = f"class {k} is {value[k]!r} there, {value0[k]!r} on rank 0"
+            elif value is None or value0 is None:
+                how = "no samples there" if value is None else "no samples on rank 0"
+            elif value[0] != value0[0]:
+                how = f"{value[0]} samples there, {value0[0]} on rank 0"
+            else:
+                how = f"the same {value[0]} samples, other labels or another order"
+            raise node_differs(
+                info,
+                rank,
+                host,
+                f"reads another {noun} than rank 0 (on {host0}): {path} there, {path0} on "
+                f"rank 0: {how}; every node needs the same {noun} (a copy of one file)",
+            )
+
+
+def check_same_resume(cfg: Config, info: dist.DistInfo, resume_path, checkpoint) -> None:
+    """Rank 0 decided what the run resumes from; every node must see that, not its own copy.
+    With node-local output folders torchrun's c10d rendezvous may make another node rank 0
+    at each launch: rank 0 then finds no last.pt and starts afresh while the run's last.pt
+    sits on another node, or the nodes hold copies saved at different steps."""
+    if not info.distributed or cfg.resume is None:
+        return
+    if checkpoint is not None:  # what was read: the same save on every rank?
+        position = checkpoint.get("position") or {}
+        mine = ("read", checkpoint.get("epoch"), position.get("step"), checkpoint.get("elapsed"))
+    else:  # rank 0 found nothing to resume: does any node hold a last.pt?
+        last = os.path.join(cfg.output_dir, ckpt_io.LAST)
+        mine = ("found", last) if os.path.isfile(last) else None
+    everyone = dist.all_gather_objects((socket.gethostname(), mine))
+    host0, first = everyone[0]
+    fix = "put --output-dir on a filesystem every node sees"
+    for rank, (host, theirs) in enumerate(everyone[1:], start=1):
+        if theirs == first:
+            continue
+        if first is None:
+            raise node_differs(
+                info, rank, host,
+                f"holds {theirs[1]}, but rank 0 (on {host0}) finds no {ckpt_io.LAST} in "
+                f"{cfg.output_dir} and would start the run afresh: {fix} (or copy the run "
+                "there)",
+            )  # fmt: skip
+
+        def saved(read):  # as the step checkpoint and epoch lines say it
+            _, epoch, step, _ = read
+            return f"the end of epoch {epoch}" if step is None else f"epoch {epoch + 1} step {step}"
+
+        if saved(theirs) != saved(first):
+            how = f"as saved at {saved(theirs)}, rank 0 (on {host0}) at {saved(first)}"
+        else:
+            how = f"as another save of {saved(first)} than rank 0 (on {host0})"
+        raise node_differs(
+            info, rank, host,
+            f"reads {resume_path} {how}: the nodes hold different copies of the run; {fix}",
+        )  # fmt: skip

@@ -91,6 +91,64 @@ def test_more_local_ranks_than_gpus_is_one_clear_error(monkeypatch):
     assert f"--nproc_per_node={gpus}" in message
 
 
+SRUN_STEP = {  # what srun sets in task 3 of `srun -N 2 --ntasks-per-node=2 ...` on gpu[07-08]
+    "SLURM_JOB_ID": "123456",
+    "SLURM_STEP_NUM_TASKS": "4",
+    "SLURM_STEP_NODELIST": "gpu[07-08]",
+    "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
+    "SLURMD_NODENAME": "gpu08",
+    "SLURM_NODEID": "1",
+    "SLURM_PROCID": "3",
+    "SLURM_LOCALID": "1",
+}
+
+
+def test_slurm_host_and_task_lists_expand_as_slurm_writes_them():
+    assert dist.expand_hostlist("gpu[01-03,7],cpu1") == ["gpu01", "gpu02", "gpu03", "gpu7", "cpu1"]
+    assert dist.expand_hostlist("r[1-2]-n[08-09]") == ["r1-n08", "r1-n09", "r2-n08", "r2-n09"]
+    assert dist.expand_hostlist("node1") == ["node1"]
+    assert dist.expand_tasks_per_node("2(x3),1") == [2, 2, 2, 1]
+    with pytest.raises(dist.DistSetupError, match="not Slurm's format"):
+        dist.expand_tasks_per_node("two")
+
+
+def test_an_srun_task_gets_torchruns_variables():
+    env = dist.slurm_step_env(SRUN_STEP)
+    assert env == {
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "gpu07",  # the step's first node
+        "MASTER_PORT": str(15000 + 123456 % 10000),
+    }
+    # The user's own rendezvous address wins.
+    mine = dist.slurm_step_env({**SRUN_STEP, "MASTER_ADDR": "head", "MASTER_PORT": "29400"})
+    assert (mine["MASTER_ADDR"], mine["MASTER_PORT"]) == ("head", "29400")
+    # Not a task of a several-task step: a batch script's own process (SLURM_NTASKS may be 8
+    # there, but it runs once), a one-task step, torchrun under srun (RANK set already).
+    assert dist.slurm_step_env({"SLURM_NTASKS": "8", "SLURM_PROCID": "0"}) is None
+    assert dist.slurm_step_env({**SRUN_STEP, "SLURM_STEP_NUM_TASKS": "1"}) is None
+    assert dist.slurm_step_env({**SRUN_STEP, "RANK": "0"}) is None
+    # Variables that do not say who this task is: one line, naming the way out.
+    broken = {k: v for k, v in SRUN_STEP.items() if k != "SLURM_PROCID"}
+    with pytest.raises(dist.DistSetupError, match="srun started 4 tasks.*SLURM_PROCID"):
+        dist.slurm_step_env(broken)
+
+
+def test_an_srun_task_bound_to_its_cores_keeps_them(monkeypatch):
+    # srun --cpus-per-task=4 binds each task to 4 cores: its affinity mask is its share
+    # already, and dividing it by the ranks on the node again would leave 2 of its 4 idle.
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setattr(dist, "usable_cpus", lambda: 4)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert dist.cpu_threads_per_rank(2) == 4
+    assert dist.loader_threads_reason(2) == "4 cores srun bound to this task"
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)  # not bound: the node's cores, shared
+    assert dist.cpu_threads_per_rank(2) == 2
+
+
 def test_cpu_threads_per_rank_ignores_omp_num_threads(monkeypatch):
     cores = dist.usable_cpus()
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

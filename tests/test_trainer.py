@@ -34,7 +34,8 @@ METRIC_KEYS = {
 
 def env(**extra: str) -> dict[str, str]:
     out = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    for key in ("RANK", "WORLD_SIZE"):
+    # Not one rank of an outer job (torchrun's or srun's): each test starts its own.
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_STEP_NUM_TASKS"):
         out.pop(key, None)
     out.update(extra)
     return out
@@ -364,6 +365,41 @@ def finish(procs: list[subprocess.Popen], timeout: float = 300):
 
 def two_nodes(flags: list[str], *, cwd, timeout: float = 300, **env_extra):
     return finish(start_two_nodes(flags, cwd=cwd, **env_extra), timeout)
+
+
+@pytest.mark.slow
+def test_tasks_started_by_srun_are_ranks_and_match_torchrun(trained, tiny_data, tmp_path):
+    # `srun -n 2 python trainer/main.py`: Slurm starts both processes and says who each is in
+    # SLURM_* variables only (no RANK, no MASTER_ADDR). Each must be one rank of one job, not
+    # a launcher of its own (two separate runs into one folder), and train exactly what
+    # torchrun's two processes train. The variables are the ones srun sets for such a step.
+    reference_dir, _ = trained
+    out = tmp_path / "srun"
+    slurm = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_STEP_NUM_TASKS": "2",
+        "SLURM_STEP_NODELIST": "127.0.0.1",
+        "SLURM_STEP_TASKS_PER_NODE": "2",
+        "SLURMD_NODENAME": "127.0.0.1",
+        "SLURM_NODEID": "0",
+        "MASTER_PORT": str(free_port()),
+    }
+    tasks = [
+        start(
+            [sys.executable, MAIN, *tiny_flags(tiny_data, out)],
+            cwd=tmp_path,
+            **slurm,
+            SLURM_PROCID=str(task),
+            SLURM_LOCALID=str(task),
+        )
+        for task in (0, 1)
+    ]
+    task0, task1 = finish(tasks)
+    for task in (task0, task1):
+        assert task.returncode == 0, task.stdout[-3000:] + task.stderr[-3000:]
+    assert "starting" not in task0.stdout and "on 2 x cpu" in task0.stdout
+    assert task1.stdout == ""  # rank 1 prints nothing: rank 0 speaks for the job
+    assert_same_weights(out, reference_dir)
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -53,12 +54,22 @@ def cpu_threads_per_rank(local_world_size: int) -> int:
     sets it to 1 for every worker of a multi-process job, and it governs torch's intra-op
     threads, not the loader's (an 8-GPU node would otherwise get 1 loader thread per GPU).
     """
+    if bound_by_slurm():
+        return usable_cpus()
     return max(1, usable_cpus() // max(1, local_world_size))
+
+
+def bound_by_slurm() -> bool:
+    """A task srun bound to cores of its own (--cpus-per-task, --cpu-bind): its affinity
+    mask is already its share, not the node's to divide."""
+    return slurm_task() and usable_cpus() < (os.cpu_count() or 1)
 
 
 def loader_threads_reason(local_world_size: int) -> str:
     """Why ``cpu_threads_per_rank`` gave what it gave, for the startup line."""
     cores = usable_cpus()
+    if bound_by_slurm():
+        return f"{cores} cores srun bound to this task"
     ranks = max(1, local_world_size)
     return f"{cores} usable cores / {ranks} rank{'s' if ranks > 1 else ''} on this node"
 
@@ -77,6 +88,94 @@ class DistSetupError(RuntimeError):
     """The launch does not fit the machine (e.g. more local ranks than GPUs); one line."""
 
 
+# --- Slurm: `srun -n N python trainer/main.py` without torchrun --------------------------------
+# srun starts every task itself and says who each is in SLURM_* variables; torchvision's
+# reference scripts and Lightning read them, and so do we: a step of several tasks becomes
+# torchrun's RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE / MASTER_ADDR / MASTER_PORT, and
+# everything after reads only those. A batch script's own process (SLURM_NTASKS may be 8 there,
+# but it runs once) has no SLURM_STEP_NUM_TASKS and is left alone.
+
+
+def expand_hostlist(hostlist: str) -> list[str]:
+    """Slurm's compressed host list, expanded: ``gpu[01-03,7],cpu1`` -> gpu01 gpu02 gpu03
+    gpu7 cpu1 (zero padding kept; several bracket groups in one name multiply out)."""
+    names, depth, start = [], 0, 0
+    for i, ch in enumerate(hostlist + ","):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            if hostlist[start:i]:
+                names.append(hostlist[start:i])
+            start = i + 1
+    hosts = []
+    for name in names:
+        match = re.search(r"\[([^\]]*)\]", name)
+        if match is None:
+            hosts.append(name)
+            continue
+        head, tail = name[: match.start()], name[match.end() :]
+        for part in match.group(1).split(","):
+            low, _, high = part.partition("-")
+            for n in range(int(low), int(high or low) + 1):
+                hosts.extend(expand_hostlist(f"{head}{n:0{len(low)}d}{tail}"))
+    return hosts
+
+
+def expand_tasks_per_node(spec: str) -> list[int]:
+    """Slurm's ``2(x3),1`` -> [2, 2, 2, 1]: tasks on each node of the step, in node order."""
+    counts = []
+    for part in spec.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if match is None:
+            raise DistSetupError(f"SLURM_STEP_TASKS_PER_NODE={spec!r} is not Slurm's format")
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    return counts
+
+
+def slurm_step_env(environ=os.environ) -> dict[str, str] | None:
+    """torchrun's variables for this task of a Slurm step of several tasks; None when not in
+    one, or when a launcher (torchrun under srun) has set them already."""
+    tasks = environ.get("SLURM_STEP_NUM_TASKS", "")
+    if "RANK" in environ or not tasks.isdigit() or int(tasks) <= 1:
+        return None
+    try:
+        hosts = expand_hostlist(environ["SLURM_STEP_NODELIST"])
+        per_node = expand_tasks_per_node(environ["SLURM_STEP_TASKS_PER_NODE"])
+        node = environ.get("SLURMD_NODENAME", "")
+        node_index = hosts.index(node) if node in hosts else int(environ["SLURM_NODEID"])
+        env = {
+            "RANK": environ["SLURM_PROCID"],
+            "WORLD_SIZE": tasks,
+            "LOCAL_RANK": environ["SLURM_LOCALID"],
+            "LOCAL_WORLD_SIZE": str(per_node[node_index]),
+            # The step's first node hosts the rendezvous (Lightning's choice too); a port
+            # from the job id, so two jobs sharing a node do not collide.
+            "MASTER_ADDR": environ.get("MASTER_ADDR") or hosts[0],
+            "MASTER_PORT": environ.get("MASTER_PORT")
+            or str(15000 + int(environ.get("SLURM_JOB_ID", "0") or 0) % 10000),
+        }
+    except (KeyError, ValueError, IndexError) as exc:
+        raise DistSetupError(
+            f"srun started {tasks} tasks, but Slurm's variables do not say who this one is "
+            f"({type(exc).__name__}: {exc}); start torchrun under srun instead (one task per "
+            "node), as the README shows"
+        ) from None
+    return env
+
+
+def slurm_task() -> bool:
+    """True in a task srun started itself (a step of several tasks), not under torchrun."""
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "")
+    return tasks.isdigit() and int(tasks) > 1 and "TORCHELASTIC_RUN_ID" not in os.environ
+
+
+def adopt_slurm_step() -> None:
+    """In a Slurm step of several tasks, set torchrun's variables from Slurm's (idempotent:
+    once RANK is set this does nothing)."""
+    env = slurm_step_env()
+    if env is not None:
+        os.environ.update(env)
+
+
 def setup_distributed(
     *,
     timeout_s: float = 300.0,
@@ -91,6 +190,7 @@ def setup_distributed(
     ``device`` forces "cpu" or "cuda"; by default CUDA when available.
     """
     global _info
+    adopt_slurm_step()
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", local_rank if local_rank is not None else rank)
@@ -99,7 +199,12 @@ def setup_distributed(
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda:
         gpus = torch.cuda.device_count()
-        if local_world_size > gpus or local_rank >= gpus:
+        gpu = local_rank
+        if slurm_task() and 0 < gpus < local_world_size:
+            # srun binds GPUs per task (--gpus-per-task, --gpu-bind): each task sees only its
+            # own, so its local rank says nothing about which one. torchvision's rule then.
+            gpu = local_rank % gpus
+        if gpu >= gpus or (local_world_size > gpus and not slurm_task()):
             # Checked on every rank before joining the group, so all fail alike and at once
             # (rank 0 says it) instead of rank k dying in set_device with a CUDA error.
             raise DistSetupError(
@@ -108,8 +213,8 @@ def setup_distributed(
                 f"one process per GPU (torchrun --nproc_per_node={gpus}, or plain "
                 "`python trainer/main.py`, which starts one per GPU by itself)"
             )
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(gpu)
+        dev = torch.device("cuda", gpu)
         # Fixed input shapes every step: let cuDNN pick the fastest kernels once.
         torch.backends.cudnn.benchmark = True
     else:

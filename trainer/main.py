@@ -959,6 +959,8 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
 
 
 def launched_by_torchrun(cfg: Config) -> bool:
+    """Started as one rank of a job: by torchrun, the legacy launcher or srun (whose
+    variables ``dist.adopt_slurm_step`` has turned into torchrun's)."""
     return "RANK" in os.environ or "LOCAL_RANK" in os.environ or cfg.local_rank is not None
 
 
@@ -1077,6 +1079,12 @@ def fail(message: str, *, speak: bool = True) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        # `srun -n N python trainer/main.py`: Slurm started the ranks; its variables become
+        # torchrun's, so this process is one rank, not a launcher of its own.
+        dist.adopt_slurm_step()
+    except dist.DistSetupError as exc:
+        return fail(str(exc), speak=os.environ.get("SLURM_PROCID", "0") == "0")
     first_rank = int(os.environ.get("RANK", "0")) == 0
     try:
         cfg = parse_config(argv)

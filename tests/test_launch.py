@@ -136,6 +136,67 @@ def test_an_srun_task_gets_torchruns_variables():
         dist.slurm_step_env(broken)
 
 
+def test_srun_variables_that_contradict_each_other_are_one_line():
+    # SLURM_STEP_TASKS_PER_NODE that does not add up to the step's tasks and nodes made a wrong
+    # LOCAL_WORLD_SIZE (a wrong share of the cores) without a word; a SLURM_PROCID beyond the
+    # step's tasks made a rank the rendezvous waits for in vain.
+    for bad, said in [
+        ({"SLURM_STEP_TASKS_PER_NODE": "3(x2)"}, "is 6 tasks on 2 node"),
+        ({"SLURM_STEP_TASKS_PER_NODE": "4"}, "is 4 tasks on 1 node"),
+        ({"SLURM_PROCID": "4"}, "SLURM_PROCID=4 and SLURM_LOCALID=1 do not fit 4 tasks"),
+        ({"SLURM_LOCALID": "2"}, "do not fit 4 tasks, 2 on this node"),
+        ({"SLURM_PROCID": "x"}, "SLURM_PROCID"),
+    ]:
+        with pytest.raises(dist.DistSetupError, match="srun started 4 tasks") as info:
+            dist.slurm_step_env({**SRUN_STEP, **bad})
+        assert said in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_rendezvous_host_that_does_not_resolve_is_one_line_at_once(monkeypatch, capsys):
+    # node[01-02] in SLURM_STEP_NODELIST where node01 does not resolve: the rendezvous retried
+    # with a C++ warning each time for twice --dist-timeout (10 minutes by default), then died
+    # in a DistNetworkError traceback. Now one line before any retry, from every node.
+    from trainer import main as trainer_main
+
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "1")  # not rank 0: the first rank of its node says it too
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "node01.invalid")
+    monkeypatch.setenv("MASTER_PORT", "19999")
+    with pytest.raises(dist.DistSetupError, match="MASTER_ADDR='node01.invalid'") as info:
+        dist.setup_distributed(device="cpu", timeout_s=5)
+    assert info.value.every_node and "\n" not in str(info.value)
+    assert trainer_main.main(["--train-list", "/nowhere/Train.txt", "--dist-timeout", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "does not resolve" in err
+
+
+def test_a_rendezvous_that_never_answers_is_one_line(monkeypatch):
+    # Rank 0 never came up (or a firewall, or the port taken): torch's DistNetworkError with
+    # its C++ frames became one line naming the address and what to check.
+    import torch.distributed as torch_dist
+
+    def never(**kwargs):
+        raise torch_dist.DistNetworkError(
+            "The client socket has timed out after 5000ms while trying to connect to (h, 1).\n"
+            "Exception raised from throwTimeoutError at socket.cpp:1030"
+        )
+
+    monkeypatch.setattr(torch_dist, "init_process_group", never)
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
+                        "MASTER_ADDR": "localhost", "MASTER_PORT": "19998"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    with pytest.raises(dist.DistSetupError) as info:
+        dist.setup_distributed(device="cpu", timeout_s=5)
+    assert str(info.value) == (
+        "rank 1 could not join the job's rendezvous at localhost:19998 (The client socket has "
+        "timed out after 5000ms while trying to connect to (h, 1).); is rank 0 running there, "
+        "reachable from this node, and the port free? (MASTER_ADDR / MASTER_PORT choose it)"
+    )
+
+
 def test_an_srun_task_bound_to_its_cores_keeps_them(monkeypatch):
     # srun --cpus-per-task=4 binds each task to 4 cores: its affinity mask is its share
     # already, and dividing it by the ranks on the node again would leave 2 of its 4 idle.

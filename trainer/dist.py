@@ -85,7 +85,30 @@ def torch_threads_per_rank(local_world_size: int) -> int:
 
 
 class DistSetupError(RuntimeError):
-    """The launch does not fit the machine (e.g. more local ranks than GPUs); one line."""
+    """The launch does not fit the machine (e.g. more local ranks than GPUs); one line.
+
+    ``every_node``: a fault each node meets on its own (its rendezvous address does not
+    resolve, or cannot be reached), so the first rank of every node says it, not rank 0 alone.
+    """
+
+    def __init__(self, message: str, *, every_node: bool = False):
+        super().__init__(message)
+        self.every_node = every_node
+
+
+def check_rendezvous_host(addr: str, port: str) -> None:
+    """MASTER_ADDR must name a host: one that does not resolve would have the rendezvous retry
+    (a C++ warning each time) until twice --dist-timeout, then end in a traceback."""
+    import socket
+
+    try:
+        socket.getaddrinfo(addr, None)
+    except (OSError, UnicodeError) as exc:
+        raise DistSetupError(
+            f"the rendezvous host MASTER_ADDR={addr!r} (port {port}) does not resolve on this "
+            f"node ({exc}); set MASTER_ADDR to a name or address of the node running rank 0",
+            every_node=True,
+        ) from None
 
 
 # --- Slurm: `srun -n N python trainer/main.py` without torchrun --------------------------------
@@ -131,6 +154,13 @@ def expand_tasks_per_node(spec: str) -> list[int]:
     return counts
 
 
+def _slurm_int(environ, name: str) -> int:
+    value = environ[name]
+    if not value.strip().isdigit():
+        raise ValueError(f"{name}={value!r} is not a number")
+    return int(value)
+
+
 def slurm_step_env(environ=os.environ) -> dict[str, str] | None:
     """torchrun's variables for this task of a Slurm step of several tasks; None when not in
     one, or when a launcher (torchrun under srun) has set them already."""
@@ -141,11 +171,26 @@ def slurm_step_env(environ=os.environ) -> dict[str, str] | None:
         hosts = expand_hostlist(environ["SLURM_STEP_NODELIST"])
         per_node = expand_tasks_per_node(environ["SLURM_STEP_TASKS_PER_NODE"])
         node = environ.get("SLURMD_NODENAME", "")
-        node_index = hosts.index(node) if node in hosts else int(environ["SLURM_NODEID"])
+        node_index = hosts.index(node) if node in hosts else _slurm_int(environ, "SLURM_NODEID")
+        rank = _slurm_int(environ, "SLURM_PROCID")
+        local_rank = _slurm_int(environ, "SLURM_LOCALID")
+        # Variables that contradict each other would make a wrong rank or a wrong share of the
+        # node's cores, or leave the rendezvous waiting for a rank that never comes.
+        if sum(per_node) != int(tasks) or len(per_node) != len(hosts):
+            raise ValueError(
+                f"SLURM_STEP_TASKS_PER_NODE={environ['SLURM_STEP_TASKS_PER_NODE']!r} is "
+                f"{sum(per_node)} tasks on {len(per_node)} node(s), but the step has {tasks} "
+                f"on {len(hosts)} (SLURM_STEP_NODELIST={environ['SLURM_STEP_NODELIST']!r})"
+            )
+        if not (0 <= rank < int(tasks) and 0 <= local_rank < per_node[node_index]):
+            raise ValueError(
+                f"SLURM_PROCID={rank} and SLURM_LOCALID={local_rank} do not fit {tasks} tasks, "
+                f"{per_node[node_index]} on this node"
+            )
         env = {
-            "RANK": environ["SLURM_PROCID"],
+            "RANK": str(rank),
             "WORLD_SIZE": tasks,
-            "LOCAL_RANK": environ["SLURM_LOCALID"],
+            "LOCAL_RANK": str(local_rank),
             "LOCAL_WORLD_SIZE": str(per_node[node_index]),
             # The step's first node hosts the rendezvous (Lightning's choice too); a port
             # from the job id, so two jobs sharing a node do not collide.
@@ -224,12 +269,26 @@ def setup_distributed(
         torch.set_num_threads(torch_threads_per_rank(local_world_size))
 
     if world_size > 1 and not torch_dist.is_initialized():
-        torch_dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
-            timeout=datetime.timedelta(seconds=timeout_s),
-            # Bind the group to our GPU so NCCL never guesses the device from the rank.
-            device_id=dev if use_cuda else None,
-        )
+        addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT", "")
+        if addr:
+            check_rendezvous_host(addr, port)
+        try:
+            torch_dist.init_process_group(
+                backend="nccl" if use_cuda else "gloo",
+                timeout=datetime.timedelta(seconds=timeout_s),
+                # Bind the group to our GPU so NCCL never guesses the device from the rank.
+                device_id=dev if use_cuda else None,
+            )
+        except getattr(torch_dist, "DistError", RuntimeError) as exc:
+            # The rendezvous store never answered (rank 0 not started, a firewall, the wrong
+            # address) or its port is taken: torch's own words, without its C++ traceback.
+            said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DistSetupError(
+                f"rank {rank} could not join the job's rendezvous at {addr}:{port} ({said}); "
+                "is rank 0 running there, reachable from this node, and the port free? "
+                "(MASTER_ADDR / MASTER_PORT choose it)",
+                every_node=True,
+            ) from None
     _info = DistInfo(rank, world_size, local_rank, local_world_size, dev, rank == 0)
     return _info
 

@@ -1105,7 +1105,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = dist.setup_distributed(timeout_s=cfg.dist_timeout, local_rank=cfg.local_rank)
     except dist.DistSetupError as exc:
-        return fail(str(exc), speak=first_rank)
+        # A rendezvous fault is each node's own: the first rank of each says it.
+        local_first = os.environ.get("LOCAL_RANK", "0") == "0"
+        return fail(str(exc), speak=first_rank or (exc.every_node and local_first))
     control = StepControl(every_steps=cfg.checkpoint_every, every_minutes=cfg.checkpoint_minutes)
     control.install()
     try:

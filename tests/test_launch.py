@@ -313,7 +313,6 @@ def test_nodes_started_differently_are_one_line_naming_the_difference(monkeypatc
     # Node 1 started with another --batch-size (or its own copy of a list with other lines)
     # used to issue other collectives than node 0: the job died at --dist-timeout in a gloo
     # traceback. Each rank's settings and lists are compared with rank 0's first.
-    import numpy as np
     import torch
 
     from trainer import main as trainer_main
@@ -344,17 +343,25 @@ def test_nodes_started_differently_are_one_line_naming_the_difference(monkeypatc
         "rank 1 (on n1) was started with other settings than rank 0 (on n0): --batch-size 8 "
         "there, 16 on rank 0; start every node with the same command"
     )
+    # A flag one node leaves to its default is said so, not as None.
+    node1_sends(settings(parse_config(["--train-list", "/a/Train.txt", "--batch-size", "16",
+                                       "--lr", "0.2"])))  # fmt: skip
+    with pytest.raises(TrainerError, match=r"--lr 0\.2 there, not given \(the default\) on"):
+        nodes.check_same_command(cfg, on_rank(0))
     # On rank 1 (node 1's own log says it too):
     monkeypatch.setattr(dist, "all_gather_objects", lambda mine: [("n0", settings(cfg)), mine])
     with pytest.raises(trainer_main.RankError, match=r"^this node \(.*\) was started with"):
         nodes.check_same_command(other, on_rank(1))
 
+    from pipelines.lists import SampleTable
+
     class Loader:
-        def __init__(self, labels):
-            self.table = type("Table", (), {"labels": np.asarray(labels, dtype=np.int64)})
+        def __init__(self, labels, root="/a/img", names=None):
+            names = names or [f"c{k}/{i}.jpg" for i, k in enumerate(labels)]
+            self.table = SampleTable.from_pairs([f"{root}/{n}" for n in names], labels)
 
     data = trainer_main.DataSpec("/a/Train.txt", None, ["cat", "dog"], "/a/classes.txt", False)
-    node1 = {"train": ("/b/Train.txt", nodes.list_digest(Loader([0, 1, 1]))),
+    node1 = {"train": ("/b/Train.txt", nodes.list_digest(Loader([0, 1, 1], "/copy/b/img"))),
              "val": (None, None), "classes": ("/b/classes.txt", ["cat", "dog"])}  # fmt: skip
     node1_sends(node1)
     nodes.check_same_data(data, on_rank(0), Loader([0, 1, 1]), None)  # a copy elsewhere
@@ -367,6 +374,11 @@ def test_nodes_started_differently_are_one_line_naming_the_difference(monkeypatc
     )
     with pytest.raises(TrainerError, match="the same 3 samples, other labels or another order"):
         nodes.check_same_data(data, on_rank(0), Loader([1, 0, 1]), None)
+    # A copy whose line names another image of the same class: the labels alone agreed, and
+    # rank 1 trained on other images without a word. The names below the shared folder count.
+    other_image = ["c0/0.jpg", "c1/1.jpg", "c1/7.jpg"]
+    with pytest.raises(TrainerError, match="the same 3 samples and labels, but other images"):
+        nodes.check_same_data(data, on_rank(0), Loader([0, 1, 1], names=other_image), None)
     node1_sends({**node1, "classes": ("/b/classes.txt", ["cat", "dgo"])})
     with pytest.raises(TrainerError, match="class 1 is 'dgo' there, 'dog' on rank 0"):
         nodes.check_same_data(data, on_rank(0), Loader([0, 1, 1]), None)

@@ -36,6 +36,11 @@ def node_differs(info: dist.DistInfo, rank: int, host: str, what: str) -> Traine
     return TrainerError(f"rank {rank} (on {host}) {what}")
 
 
+def _shown(value) -> str:
+    # None is a flag left to its default (--lr: scaled from the batch), not a value given.
+    return "not given (the default)" if value is None else repr(value)
+
+
 def check_same_command(cfg: Config, info: dist.DistInfo) -> None:
     """Every rank must run with rank 0's settings: a node started with another --batch-size,
     --epochs or --arch would issue other collectives than the rest, and the job would fail
@@ -48,7 +53,8 @@ def check_same_command(cfg: Config, info: dist.DistInfo) -> None:
     host0, first = everyone[0]
     for rank, (host, theirs) in enumerate(everyone[1:], start=1):
         differ = [
-            f"--{name.replace('_', '-')} {theirs.get(name)!r} there, {value!r} on rank 0"
+            f"--{name.replace('_', '-')} {_shown(theirs.get(name))} there, {_shown(value)} on "
+            "rank 0"
             for name, value in first.items()
             if theirs.get(name) != value
         ]
@@ -62,13 +68,21 @@ def check_same_command(cfg: Config, info: dist.DistInfo) -> None:
             )
 
 
-def list_digest(loader) -> tuple[int, str] | None:
-    """What must be the same on every node for a list: its sample count and labels, in order
-    (the paths may differ: each node may hold its own copy)."""
+def list_digest(loader) -> tuple[int, str, str] | None:
+    """What must be the same on every node for a list: its sample count, its labels in order,
+    and its images in order below the folder they all share (that folder may differ: each
+    node may hold its own copy of the tree, and of the list, anywhere)."""
     if loader is None:
         return None
-    labels = loader.table.labels
-    return len(labels), hashlib.sha1(labels.tobytes()).hexdigest()
+    table = loader.table
+    labels = table.labels
+    paths = table.paths()
+    # The folder every path lies in ("/data/flowers/" for a copy of a class-per-folder tree),
+    # cut at a "/" so that a name is never split; the rest of each path must match.
+    shared = os.path.commonprefix([min(paths), max(paths)]) if paths else ""
+    cut = shared.rfind("/") + 1
+    names = "\0".join(p[cut:] for p in paths).encode("utf-8", "surrogateescape")
+    return len(labels), hashlib.sha1(labels.tobytes()).hexdigest(), hashlib.sha1(names).hexdigest()
 
 
 def check_same_data(data, info: dist.DistInfo, train_loader, val_loader) -> None:
@@ -101,8 +115,13 @@ def check_same_data(data, info: dist.DistInfo, train_loader, val_loader) -> None
                 how = "no samples there" if value is None else "no samples on rank 0"
             elif value[0] != value0[0]:
                 how = f"{value[0]} samples there, {value0[0]} on rank 0"
-            else:
+            elif value[1] != value0[1]:
                 how = f"the same {value[0]} samples, other labels or another order"
+            else:
+                how = (
+                    f"the same {value[0]} samples and labels, but other images (their paths "
+                    "below the folder they share differ)"
+                )
             raise node_differs(
                 info,
                 rank,

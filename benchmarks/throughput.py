@@ -838,6 +838,7 @@ BAD_INPUT = (
     ListError,
     ImageError,
     TrainerError,
+    dist.DistSetupError,  # the launch: srun's variables, the rendezvous address
     run_metrics.PlotUnavailable,
     ValueError,
     OSError,

@@ -144,6 +144,21 @@ def test_benchmark_rejects_unknown_backend(tmp_path):
     ]
 
 
+def test_benchmark_under_broken_srun_variables_is_one_line(tmp_path):
+    # The trainer said one line for these; the benchmark, which reads the same variables,
+    # ended in a DistSetupError traceback.
+    env = {**_env(), "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "n1",
+           "SLURM_STEP_TASKS_PER_NODE": "two", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--modes", "loader", "--list", "unused"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "error: SLURM_STEP_TASKS_PER_NODE='two' is not Slurm's format"
+    ]
+
+
 def test_benchmark_plot_or_clear_message(tiny_data, tmp_path):
     """--plot writes a PNG with matplotlib (an optional extra), else fails before measuring."""
     import importlib.util

@@ -379,6 +379,13 @@ def test_nodes_started_differently_are_one_line_naming_the_difference(monkeypatc
     other_image = ["c0/0.jpg", "c1/1.jpg", "c1/7.jpg"]
     with pytest.raises(TrainerError, match="the same 3 samples and labels, but other images"):
         nodes.check_same_data(data, on_rank(0), Loader([0, 1, 1], names=other_image), None)
+    # Node 1 finds a Test.txt beside its train list, rank 0 none: said so, not as None.
+    node1_sends({**node1, "val": ("/b/Test.txt", nodes.list_digest(Loader([0])))})
+    with pytest.raises(TrainerError) as said:
+        nodes.check_same_data(data, on_rank(0), Loader([0, 1, 1]), None)
+    assert "/b/Test.txt there, none on rank 0: no val list on rank 0 (no --val-list given" in str(
+        said.value
+    )
     node1_sends({**node1, "classes": ("/b/classes.txt", ["cat", "dgo"])})
     with pytest.raises(TrainerError, match="class 1 is 'dgo' there, 'dog' on rank 0"):
         nodes.check_same_data(data, on_rank(0), Loader([0, 1, 1]), None)

@@ -111,8 +111,10 @@ def check_same_data(data, info: dist.DistInfo, train_loader, val_loader) -> None
                         i for i, (a, b) in enumerate(zip(value, value0, strict=True)) if a != b
                     )
                     how = f"class {k} is {value[k]!r} there, {value0[k]!r} on rank 0"
-            elif value is None or value0 is None:
-                how = "no samples there" if value is None else "no samples on rank 0"
+            elif value is None or value0 is None:  # one side has no such list at all
+                how = f"no {noun} {'there' if value is None else 'on rank 0'}"
+                if what == "val":
+                    how += " (no --val-list given, and no Test.txt beside its train list)"
             elif value[0] != value0[0]:
                 how = f"{value[0]} samples there, {value0[0]} on rank 0"
             elif value[1] != value0[1]:
@@ -126,8 +128,9 @@ def check_same_data(data, info: dist.DistInfo, train_loader, val_loader) -> None
                 info,
                 rank,
                 host,
-                f"reads another {noun} than rank 0 (on {host0}): {path} there, {path0} on "
-                f"rank 0: {how}; every node needs the same {noun} (a copy of one file)",
+                f"reads another {noun} than rank 0 (on {host0}): {path or 'none'} there, "
+                f"{path0 or 'none'} on rank 0: {how}; every node needs the same {noun} (a copy "
+                "of one file)",
             )
 
 

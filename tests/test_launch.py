@@ -196,6 +196,21 @@ def test_a_rendezvous_that_never_answers_is_one_line(monkeypatch):
         "reachable from this node, and the port free? (MASTER_ADDR / MASTER_PORT choose it)"
     )
 
+    def alone(**kwargs):  # rank 0 hosts the store; the other rank never came
+        raise torch_dist.DistStoreError(
+            "Timed out after 6 seconds waiting for clients. 1/2 clients joined."
+        )
+
+    monkeypatch.setattr(torch_dist, "init_process_group", alone)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(dist.DistSetupError) as info:
+        dist.setup_distributed(device="cpu", timeout_s=5)
+    assert str(info.value) == (
+        "rank 0 waited --dist-timeout (5 s) at the rendezvous localhost:19998 for the other "
+        "ranks (Timed out after 6 seconds waiting for clients. 1/2 clients joined.); did every "
+        "rank start, and does each reach this address and port?"
+    )
+
 
 def test_an_srun_task_bound_to_its_cores_keeps_them(monkeypatch):
     # srun --cpus-per-task=4 binds each task to 4 cores: its affinity mask is its share

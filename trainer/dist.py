@@ -283,12 +283,19 @@ def setup_distributed(
             # The rendezvous store never answered (rank 0 not started, a firewall, the wrong
             # address) or its port is taken: torch's own words, without its C++ traceback.
             said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DistSetupError(
-                f"rank {rank} could not join the job's rendezvous at {addr}:{port} ({said}); "
-                "is rank 0 running there, reachable from this node, and the port free? "
-                "(MASTER_ADDR / MASTER_PORT choose it)",
-                every_node=True,
-            ) from None
+            if "clients joined" in said:  # the store is up (here) but ranks are missing
+                message = (
+                    f"rank {rank} waited --dist-timeout ({timeout_s:g} s) at the rendezvous "
+                    f"{addr}:{port} for the other ranks ({said}); did every rank start, and "
+                    "does each reach this address and port?"
+                )
+            else:
+                message = (
+                    f"rank {rank} could not join the job's rendezvous at {addr}:{port} ({said}); "
+                    "is rank 0 running there, reachable from this node, and the port free? "
+                    "(MASTER_ADDR / MASTER_PORT choose it)"
+                )
+            raise DistSetupError(message, every_node=True) from None
     _info = DistInfo(rank, world_size, local_rank, local_world_size, dev, rank == 0)
     return _info
 

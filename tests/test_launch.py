@@ -494,3 +494,25 @@ def test_a_rank_gone_silent_is_one_line_after_dist_timeout(monkeypatch, capsys, 
         "or stopped process, a lost node or network); the job stops: continue with --resume "
         "auto once every node is back"
     ]
+
+
+def test_a_missing_train_list_is_named_as_missing(tmp_path, capsys):
+    # It read "<list>: no classes.txt beside it; give --classes FILE or --num-classes N".
+    from trainer import main as trainer_main
+
+    missing = str(tmp_path / "nowhere" / "Train.txt")
+    assert trainer_main.main(["--train-list", missing, "--output-dir", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: --train-list {missing}: no such file"]
+
+
+@pytest.mark.slow
+def test_a_node_missing_its_list_is_named_by_rank0_at_once(tiny_data, tmp_path):
+    # Node 1 without its copy of the train list exited 2 without a word (only rank 0 speaks),
+    # while rank 0 said "another rank failed (its error line ... says why)": no line said why.
+    flags = one_epoch(tiny_data, tmp_path / "out", "--dist-timeout", "60")
+    missing = str(tmp_path / "node1" / "Train.txt")
+    nodes = finish(start_two_nodes(flags, cwd=tmp_path, node1_extra=["--train-list", missing]), 120)
+    assert all(node.returncode != 0 for node in nodes)
+    errors = [ln for ln in nodes[0].stderr.splitlines() if ln.startswith("error: ")]
+    assert errors == [f"error: rank 1: --train-list {missing}: no such file"], nodes[0].stderr
+    assert not (tmp_path / "out").exists()

@@ -109,10 +109,20 @@ def prepare_demo_data(info: dist.DistInfo) -> str:
         raise TrainerError(str(exc)) from None
 
 
+def resolve_data_or_error(cfg: Config, info: dist.DistInfo) -> DataSpec:
+    """``resolve_data`` with a bad list or classes file (ListError, OSError) as TrainerError."""
+    try:
+        return resolve_data(cfg, info)
+    except (ValueError, OSError) as exc:
+        raise TrainerError(str(exc)) from None
+
+
 def resolve_data(cfg: Config, info: dist.DistInfo) -> DataSpec:
     """Which lists and class names to use; the loaders then parse and check the lists."""
     demo = cfg.train_list is None
     train_list = prepare_demo_data(info) if demo else cfg.train_list
+    if not os.path.isfile(train_list):  # before "no classes.txt beside it", which misleads
+        raise TrainerError(f"--train-list {train_list}: no such file")
     val_list = cfg.val_list
     if val_list is None:
         beside = os.path.join(os.path.dirname(os.path.abspath(train_list)), VAL_LIST)
@@ -823,7 +833,9 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
     check_same_command(cfg, info)
     # Rank 0 alone owns the output folder (other nodes may not even see it).
     decided_by_main(info, lambda: check_output_dir(cfg))
-    data = resolve_data(cfg, info)
+    # Every rank reads its own lists and classes file (on another node, its own copies): a
+    # rank alone failing here must not exit without a word while the others wait for it.
+    data = agreed_by_all(info, lambda: resolve_data_or_error(cfg, info))
     if not cfg.eval_only and cfg.warmup_epochs > cfg.epochs * MAX_WARMUP_FRACTION:
         # A warmup longer than the run never reaches the peak rate: a 3-epoch fine-tune with
         # 5 warmup epochs ended at chance on data that reaches 98% with 1.

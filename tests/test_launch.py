@@ -516,3 +516,20 @@ def test_a_node_missing_its_list_is_named_by_rank0_at_once(tiny_data, tmp_path):
     errors = [ln for ln in nodes[0].stderr.splitlines() if ln.startswith("error: ")]
     assert errors == [f"error: rank 1: --train-list {missing}: no such file"], nodes[0].stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_processes_under_srun_names_srun(monkeypatch, capsys):
+    from trainer import main as trainer_main
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                 "MASTER_PORT", "TORCHELASTIC_RUN_ID"):  # fmt: skip
+        monkeypatch.setenv(name, "")  # recorded, so what main sets is undone after the test
+        monkeypatch.delenv(name)
+    for name, value in {**SRUN_STEP, "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+                        "SLURMD_NODENAME": "gpu07", "SLURM_NODEID": "0"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    assert trainer_main.main(["--train-list", "/nowhere/Train.txt", "--processes", "2"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --processes is for runs without a launcher; under srun, its --ntasks (or "
+        "--ntasks-per-node) decides"
+    ]

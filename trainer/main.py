@@ -1104,6 +1104,11 @@ def main(argv: list[str] | None = None) -> int:
         # started itself) means nothing to a worker torchrun started.
         processes_flag = any(a == "--processes" or a.startswith("--processes=") for a in argv)
         if launched_by_torchrun(cfg) and processes_flag:
+            if dist.slurm_task():  # srun started this task: its task count decides
+                raise TrainerError(
+                    "--processes is for runs without a launcher; under srun, its --ntasks "
+                    "(or --ntasks-per-node) decides"
+                )
             raise TrainerError(
                 "--processes is for runs without torchrun; under torchrun, --nproc_per_node decides"
             )

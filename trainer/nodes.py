@@ -68,7 +68,7 @@ def check_same_command(cfg: Config, info: dist.DistInfo) -> None:
             )
 
 
-def list_digest(loader) -> tuple[int, str, str] | None:
+def list_digest(loader, *, chunk: int = 65536) -> tuple[int, str, str] | None:
     """What must be the same on every node for a list: its sample count, its labels in order,
     and its images in order below the folder they all share (that folder may differ: each
     node may hold its own copy of the tree, and of the list, anywhere)."""
@@ -76,13 +76,23 @@ def list_digest(loader) -> tuple[int, str, str] | None:
         return None
     table = loader.table
     labels = table.labels
-    paths = table.paths()
+    if len(table) == 0:
+        return 0, hashlib.sha1(labels.tobytes()).hexdigest(), hashlib.sha1().hexdigest()
     # The folder every path lies in ("/data/flowers/" for a copy of a class-per-folder tree),
-    # cut at a "/" so that a name is never split; the rest of each path must match.
-    shared = os.path.commonprefix([min(paths), max(paths)]) if paths else ""
-    cut = shared.rfind("/") + 1
-    names = "\0".join(p[cut:] for p in paths).encode("utf-8", "surrogateescape")
-    return len(labels), hashlib.sha1(labels.tobytes()).hexdigest(), hashlib.sha1(names).hexdigest()
+    # cut at a "/" so that a name is never split: the common prefix of all paths is the
+    # common prefix of the first and the last in sorted order.
+    first = last = table.path(0)
+    for start in range(0, len(table), chunk):
+        paths = table.paths(start, start + chunk)
+        first, last = min(first, *paths), max(last, *paths)
+    cut = os.path.commonprefix([first, last]).rfind("/") + 1
+    # Hashed a chunk at a time: 1.28M paths as strings at once would add 200 MB to a rank's
+    # peak memory at start.
+    names = hashlib.sha1()
+    for start in range(0, len(table), chunk):
+        for path in table.paths(start, start + chunk):
+            names.update(path[cut:].encode("utf-8", "surrogateescape") + b"\0")
+    return len(labels), hashlib.sha1(labels.tobytes()).hexdigest(), names.hexdigest()
 
 
 def check_same_data(data, info: dist.DistInfo, train_loader, val_loader) -> None:

@@ -157,6 +157,7 @@ def measure_case(args, train_list: str, val_list: str) -> dict:
 
     from pipelines import build_loader, common
     from pipelines.lists import read_table
+    from trainer.nodes import list_digest  # the trainer's modules, imported as a run does
 
     loader_args = dict(
         backend="dali",
@@ -188,12 +189,19 @@ def measure_case(args, train_list: str, val_list: str) -> dict:
     start = time.perf_counter()
     val = build_loader(val_list, train=False, **loader_args)
     out["build_val_s"] = time.perf_counter() - start
+    # What a multi-rank trainer adds before its first step: every rank digests both lists so
+    # that a node holding another copy stops the job at start (trainer/nodes.py).
+    start = time.perf_counter()
+    list_digest(train), list_digest(val)
+    out["digest_s"] = time.perf_counter() - start
     start = time.perf_counter()
     train.set_epoch(0)
     batches = iter(train)
     next(batches)
     out["first_batch_s"] = time.perf_counter() - start
-    out["start_to_first_batch_s"] = out["build_train_s"] + out["build_val_s"] + out["first_batch_s"]
+    out["start_to_first_batch_s"] = (
+        out["build_train_s"] + out["build_val_s"] + out["digest_s"] + out["first_batch_s"]
+    )
     out["steps_per_epoch"] = len(train)
     out["table_mb"] = train.table.nbytes / 1e6
 
@@ -242,6 +250,7 @@ def markdown(results: dict, args) -> str:
         ("files checked by this rank", "files_checked", "{:,}"),
         ("build_loader train (s)", "build_train_s", "{:.2f}"),
         ("build_loader val (s)", "build_val_s", "{:.2f}"),
+        ("lists' digests for the node check (s)", "digest_s", "{:.2f}"),
         ("first training batch (s)", "first_batch_s", "{:.2f}"),
         ("start to first batch (s)", "start_to_first_batch_s", "{:.2f}"),
         ("max RSS, train + val alive (MB)", "max_rss_mb", "{:,}"),

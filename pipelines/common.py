@@ -233,6 +233,30 @@ class ShardedLoader:
         return np.arange(shard.start, shard.stop, dtype=np.int64)
 
 
+def return_freed_memory() -> None:
+    """Hand the heap memory freed so far back to the OS (glibc's ``malloc_trim``; a no-op
+    where there is none).
+
+    Why: a DALI pipeline is rebuilt for every training pass, and what the old one freed stays
+    in glibc's heap, fragmented; the rank's RSS then crept up epoch after epoch. On the demo
+    list (224 px, batch 32, 2 threads, CPU) it went from 735 MB built to 1,100-1,200 MB over
+    120 passes, and stayed at 775-840 MB with a trim after each pass. A trim takes a few ms.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
 def to_output(
     images: torch.Tensor,
     labels: torch.Tensor,

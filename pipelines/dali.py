@@ -413,8 +413,11 @@ class DaliLoader(common.ShardedLoader):
 
     def _release(self) -> None:
         # Drops the pipeline (and its decoder buffers); batches handed out stay valid.
+        had_pipeline = self._iterator is not None
         self._iterator = None
         self._reusable = False
+        if had_pipeline:
+            common.return_freed_memory()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.num_samples == 0:  # a val rank whose slice is empty (list shorter than world)

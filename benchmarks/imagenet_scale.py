@@ -192,7 +192,8 @@ def measure_case(args, train_list: str, val_list: str) -> dict:
     # What a multi-rank trainer adds before its first step: every rank digests both lists so
     # that a node holding another copy stops the job at start (trainer/nodes.py).
     start = time.perf_counter()
-    list_digest(train), list_digest(val)
+    list_digest(train)
+    list_digest(val)
     out["digest_s"] = time.perf_counter() - start
     start = time.perf_counter()
     train.set_epoch(0)

@@ -191,9 +191,8 @@ def read_table(list_file: str | os.PathLike, *, num_classes: int | None = None) 
     The same rules and errors as ``read_list`` (which is built on it), faster (0.8 s for
     ImageNet's 1.28M lines on one core here, garbage collection paused) and with a bounded
     transient footprint: the list is parsed a chunk at a time, each chunk in a few whole-chunk
-    C passes. A list
-    with any line the fast pass cannot take as valid goes through the line-by-line parser
-    instead, which raises naming ``file:line``.
+    C passes. A list with any line the fast pass cannot take as valid goes through the
+    line-by-line parser instead, which raises naming ``file:line``.
     """
     list_file = os.fspath(list_file)
     if not os.path.isfile(list_file):

@@ -109,14 +109,6 @@ def prepare_demo_data(info: dist.DistInfo) -> str:
         raise TrainerError(str(exc)) from None
 
 
-def resolve_data_or_error(cfg: Config, info: dist.DistInfo) -> DataSpec:
-    """``resolve_data`` with a bad list or classes file (ListError, OSError) as TrainerError."""
-    try:
-        return resolve_data(cfg, info)
-    except (ValueError, OSError) as exc:
-        raise TrainerError(str(exc)) from None
-
-
 def resolve_data(cfg: Config, info: dist.DistInfo) -> DataSpec:
     """Which lists and class names to use; the loaders then parse and check the lists."""
     demo = cfg.train_list is None
@@ -256,27 +248,26 @@ def build_loaders(
     )
 
     def build():
-        try:
-            train = None if cfg.eval_only else build_loader(data.train_list, train=True, **common)
-            if train is not None:
-                check_train_labels(train, data)
-            val = None
-            if data.val_list:
-                try:
-                    val = build_loader(data.val_list, train=False, **common)
-                except EmptyListError:
-                    # make_lists --val-fraction 0 writes a val list of comments only: that
-                    # asks for no validation (but eval-only has nothing to do without one).
-                    if cfg.eval_only:
-                        raise
-                    dist.print0(f"{data.val_list} holds no samples: training without validation")
-        except (ValueError, OSError) as exc:  # bad lists/files/sizes: the loaders name the file
-            raise TrainerError(str(exc)) from None
+        train = None if cfg.eval_only else build_loader(data.train_list, train=True, **common)
+        if train is not None:
+            check_train_labels(train, data)
+        val = None
+        if data.val_list:
+            try:
+                val = build_loader(data.val_list, train=False, **common)
+            except EmptyListError:
+                # make_lists --val-fraction 0 writes a val list of comments only: that asks
+                # for no validation (but eval-only has nothing to do without one).
+                if cfg.eval_only:
+                    raise
+                dist.print0(f"{data.val_list} holds no samples: training without validation")
         return train, val
 
     # Each rank checks only its slice of the files, so a missing one is found by one rank:
     # all ranks learn of it here and stop together, rank 0 saying which rank found what.
-    return agreed_by_all(info, build)
+    # Bad lists, files and sizes (ValueError, OSError) are the user's input: the loaders name
+    # the file.
+    return agreed_by_all(info, build, input_errors=(ValueError, OSError))
 
 
 def eval_results_dir(output_dir: str) -> str:
@@ -753,13 +744,14 @@ def decided_by_main(info: dist.DistInfo, decide):
     return value
 
 
-def agreed_by_all(info: dist.DistInfo, action):
+def agreed_by_all(info: dist.DistInfo, action, *, input_errors: tuple = ()):
     """Run ``action()`` on every rank; if it raised TrainerError on any rank, raise on every
-    rank the first such error (naming the rank that met it when that is not rank 0)."""
+    rank the first such error (naming the rank that met it when that is not rank 0).
+    ``input_errors``: other exception types that mean bad input here, taken alike."""
     error = None
     try:
         result = action()
-    except TrainerError as exc:
+    except (TrainerError, *input_errors) as exc:
         error, result = str(exc), None
     for rank, message in enumerate(dist.all_gather_objects(error)):
         if message is not None:
@@ -835,7 +827,7 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
     decided_by_main(info, lambda: check_output_dir(cfg))
     # Every rank reads its own lists and classes file (on another node, its own copies): a
     # rank alone failing here must not exit without a word while the others wait for it.
-    data = agreed_by_all(info, lambda: resolve_data_or_error(cfg, info))
+    data = agreed_by_all(info, lambda: resolve_data(cfg, info), input_errors=(ValueError, OSError))
     if not cfg.eval_only and cfg.warmup_epochs > cfg.epochs * MAX_WARMUP_FRACTION:
         # A warmup longer than the run never reaches the peak rate: a 3-epoch fine-tune with
         # 5 warmup epochs ended at chance on data that reaches 98% with 1.

@@ -28,6 +28,7 @@ def test_every_field_is_one_documented_flag():
         action = by_dest[name]
         assert flag_name(name) in action.option_strings
         assert "default: " in action.help, name  # the help states the default
+        assert action.help.count("default:") == 1, name  # once: not "0.99 ... [default: none]"
     help_text = parser.format_help()
     for flag in ("--batch-size", "--amp", "--no-channels-last", "--resume", "--dali-decode"):
         assert flag in help_text
@@ -73,6 +74,43 @@ def test_config_file_errors_name_file_and_key(tmp_path):
         load_config_file(str(tmp_path / "missing.toml"))
 
 
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("image_size = 0", "--image-size must be > 0, got 0"),
+        ("batch-size = 0", "--batch-size must be > 0, got 0"),
+        ("label_smoothing = 1.5", "--label-smoothing must be in"),
+        ('loader = "foo"', "--loader must be one of dali, pil, pil-gpu, not 'foo'"),
+        ('progressive_resize = "32:64"', "--progressive-resize takes START:END:RAMP_EPOCHS"),
+        ("warmup_epochs = -1", "--warmup-epochs must be >= 0"),
+    ],
+)
+def test_config_file_bad_value_names_the_file(tmp_path, line, message):
+    config = tmp_path / "run.toml"
+    config.write_text(line + "\n")
+    with pytest.raises(TrainerError) as error:
+        parse_config(["--config", str(config)])
+    assert str(error.value).startswith(f"{config}: {message}")
+
+
+def test_config_file_bad_value_overridden_or_not_from_the_file(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text("image_size = 0\n")
+    # The command line's value replaces the file's: nothing wrong is left.
+    assert parse_config(["--config", str(config), "--image-size", "32"]).image_size == 32
+    # A bad command-line value beside a file is the command line's: the file is not named.
+    config.write_text("image_size = 32\n")
+    with pytest.raises(TrainerError, match=r"^--epochs must be > 0, got 0$"):
+        parse_config(["--config", str(config), "--epochs", "0"])
+
+
+def test_config_file_key_given_twice(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text("batch-size = 4\nbatch_size = 8\n")
+    with pytest.raises(TrainerError, match=r"run\.toml: set twice .*: batch_size$"):
+        parse_config(["--config", str(config)])
+
+
 def test_boolean_flags_and_legacy_local_rank():
     cfg = parse_config(["--no-channels-last", "--sync-bn", "--compile"])
     assert (cfg.channels_last, cfg.sync_bn, cfg.compile) == (False, True, True)
@@ -87,6 +125,13 @@ def test_boolean_flags_and_legacy_local_rank():
         (["--epochs", "0"], "--epochs must be > 0"),
         (["--label-smoothing", "1.5"], "--label-smoothing"),
         (["--lr", "-1"], "--lr must be > 0"),
+        (["--checkpoint-minutes", "-1"], r"^--checkpoint-minutes must be >= 0, got -1.0$"),
+        (["--weight-decay", "-1"], r"^--weight-decay must be >= 0, got -1.0$"),
+        (["--clip-grad-norm", "-1"], r"^--clip-grad-norm must be >= 0, got -1.0$"),
+        # Negative: the loaders refuse it late, without the flag; huge: torch.manual_seed
+        # overflows at the first epoch (a traceback).
+        (["--seed", "-1"], r"^--seed must be in \[0, 4294967295\], got -1$"),
+        (["--seed", str(2**50)], "--seed must be in"),
     ],
 )
 def test_bad_values(argv, message):

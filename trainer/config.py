@@ -105,8 +105,8 @@ class Config:
     )
     dali_hw_decoder_load: float | None = _opt(
         None,
-        "share of JPEGs, 0-1, for the GPU's hardware JPEG decoder in mixed decode (A100/H100 "
-        "and newer; default: 0.99, measured fastest for training; DALI's own default is 0.65)",
+        "share of JPEGs, 0-1, for the GPU's hardware JPEG decoder in mixed decode, on A100/H100 "
+        "and newer (default: 0.99, measured fastest for training; DALI's own default is 0.65)",
     )
     prefetch: int = _opt(
         2,
@@ -191,7 +191,7 @@ class Config:
         "scaler) or off (float32)",
         choices=AMP_CHOICES,
     )
-    seed: int = _opt(0, "random seed of model init, shuffling and augmentation")
+    seed: int = _opt(0, "random seed of model init, shuffling and augmentation, 0 to 2**32 - 1")
     # Run
     output_dir: str = _opt(
         "runs/train", "folder for checkpoints, metrics.jsonl, config.toml", metavar="DIR"
@@ -339,6 +339,9 @@ def load_config_file(path: str) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise TrainerError(f"{path}: not valid TOML: {exc}") from None
     values = {key.replace("-", "_"): value for key, value in raw.items()}
+    if len(values) < len(raw):  # batch-size and batch_size: one would win in silence
+        twice = sorted(k for k in values if sum(r.replace("-", "_") == k for r in raw) > 1)
+        raise TrainerError(f"{path}: set twice (with - and with _): {', '.join(twice)}")
     unknown = sorted(k for k in values if k not in FIELDS or k == "config")
     if unknown:
         raise TrainerError(
@@ -352,66 +355,99 @@ def load_config_file(path: str) -> dict[str, Any]:
 MIN_IMAGE_SIZE = 16
 
 
+class BadValue(TrainerError):
+    """A setting's value out of range; ``name`` is its field, so a file's value can be
+    reported with the file's name."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+
+# torch.manual_seed takes at most 2**64 - 1, and each epoch reseeds with seed * 1_000_003 + ...
+MAX_SEED = 2**32 - 1
+
+
 def check_config(cfg: Config) -> None:
-    """Values the parser's types cannot rule out (also reached from config files)."""
+    """Values the parser's types cannot rule out (also reached from config files). Raises
+    BadValue naming the one field at fault."""
     for name, f in FIELDS.items():
         choices = f.metadata["choices"]
         value = getattr(cfg, name)
         if choices and value not in choices:
-            raise TrainerError(
-                f"{flag_name(name)} must be one of {', '.join(choices)}, not {value!r}"
+            raise BadValue(
+                name, f"{flag_name(name)} must be one of {', '.join(choices)}, not {value!r}"
             )
     for name in FIELDS:  # NaN passes every `< 0` check below, and inf is no setting either
         value = getattr(cfg, name)
         if isinstance(value, float) and not math.isfinite(value):
-            raise TrainerError(f"{flag_name(name)} must be a finite number, got {value}")
+            raise BadValue(name, f"{flag_name(name)} must be a finite number, got {value}")
     positive = ("epochs", "batch_size", "image_size", "log_interval", "dist_timeout", "prefetch")
     for name in positive:
         if not getattr(cfg, name) > 0:
-            raise TrainerError(f"{flag_name(name)} must be > 0, got {getattr(cfg, name)}")
-    if cfg.checkpoint_every < 0 or cfg.checkpoint_minutes < 0:
-        raise TrainerError("--checkpoint-every and --checkpoint-minutes must be >= 0")
+            raise BadValue(name, f"{flag_name(name)} must be > 0, got {getattr(cfg, name)}")
     for name in ("num_classes", "workers", "lr", "processes"):
         value = getattr(cfg, name)
         if value is not None and not value > 0:
-            raise TrainerError(f"{flag_name(name)} must be > 0, got {value}")
-    if cfg.warmup_epochs < 0 or (cfg.weight_decay is not None and cfg.weight_decay < 0):
-        raise TrainerError("--warmup-epochs and --weight-decay must be >= 0")
+            raise BadValue(name, f"{flag_name(name)} must be > 0, got {value}")
+    at_least_zero = (
+        "checkpoint_every", "checkpoint_minutes", "warmup_epochs", "weight_decay",
+        "mixup_alpha", "cutmix_alpha", "clip_grad_norm",
+    )  # fmt: skip
+    for name in at_least_zero:
+        value = getattr(cfg, name)
+        if value is not None and value < 0:
+            raise BadValue(name, f"{flag_name(name)} must be >= 0, got {value}")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise BadValue("seed", f"--seed must be in [0, {MAX_SEED}], got {cfg.seed}")
     if cfg.dali_hw_decoder_load is not None and not 0.0 <= cfg.dali_hw_decoder_load <= 1.0:
-        raise TrainerError(
-            f"--dali-hw-decoder-load must be in [0, 1], got {cfg.dali_hw_decoder_load}"
+        raise BadValue(
+            "dali_hw_decoder_load",
+            f"--dali-hw-decoder-load must be in [0, 1], got {cfg.dali_hw_decoder_load}",
         )
     if cfg.progressive_resize is not None:
-        progressive_sizes(cfg.progressive_resize)  # raises TrainerError when malformed
-    if cfg.mixup_alpha < 0 or cfg.cutmix_alpha < 0 or cfg.clip_grad_norm < 0:
-        raise TrainerError("--mixup-alpha, --cutmix-alpha and --clip-grad-norm must be >= 0")
+        try:
+            progressive_sizes(cfg.progressive_resize)
+        except TrainerError as exc:
+            raise BadValue("progressive_resize", str(exc)) from None
     if cfg.grad_accum_steps < 1:
-        raise TrainerError(f"--grad-accum-steps must be >= 1, got {cfg.grad_accum_steps}")
+        raise BadValue(
+            "grad_accum_steps", f"--grad-accum-steps must be >= 1, got {cfg.grad_accum_steps}"
+        )
     if not 0.0 <= cfg.ema_decay < 1.0:
-        raise TrainerError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+        raise BadValue("ema_decay", f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     if not 0.0 <= cfg.momentum < 1.0:
-        raise TrainerError(f"--momentum must be in [0, 1), got {cfg.momentum}")
+        raise BadValue("momentum", f"--momentum must be in [0, 1), got {cfg.momentum}")
     if cfg.image_size < MIN_IMAGE_SIZE:
-        raise TrainerError(
+        raise BadValue(
+            "image_size",
             f"--image-size must be at least {MIN_IMAGE_SIZE} px (a ResNet halves it 5 times), "
-            f"got {cfg.image_size}"
+            f"got {cfg.image_size}",
         )
     if not 0.0 <= cfg.label_smoothing < 1.0:
-        raise TrainerError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+        raise BadValue(
+            "label_smoothing",
+            f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}",
+        )
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
     """Command line (and optional --config file) -> Config. Raises TrainerError on bad input."""
     given = vars(build_parser().parse_args(argv))
-    values: dict[str, Any] = {}
+    from_file: dict[str, Any] = {}
     if given.get("config"):
-        values.update(load_config_file(given["config"]))
-    values.update(given)
+        from_file = load_config_file(given["config"])
+    values = {**from_file, **given}
     if values.get("train_list") is None:
         for name, value in DEMO_RECIPE.items():
             values.setdefault(name, value)
     cfg = Config(**values)
-    check_config(cfg)
+    try:
+        check_config(cfg)
+    except BadValue as exc:
+        if exc.name in from_file and exc.name not in given:  # the file's value: name the file
+            raise TrainerError(f"{given['config']}: {exc}") from None
+        raise
     return cfg
 
 

@@ -132,6 +132,8 @@ def test_boolean_flags_and_legacy_local_rank():
         # overflows at the first epoch (a traceback).
         (["--seed", "-1"], r"^--seed must be in \[0, 4294967295\], got -1$"),
         (["--seed", str(2**50)], "--seed must be in"),
+        (["--output-dir", ""], r"^--output-dir must not be empty$"),  # was os.makedirs' traceback
+        (["--val-list", ""], r"^--val-list must not be empty$"),  # was: no validation
     ],
 )
 def test_bad_values(argv, message):

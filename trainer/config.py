@@ -382,6 +382,10 @@ def check_config(cfg: Config) -> None:
         value = getattr(cfg, name)
         if isinstance(value, float) and not math.isfinite(value):
             raise BadValue(name, f"{flag_name(name)} must be a finite number, got {value}")
+        # An empty path is no file: --output-dir '' failed in os.makedirs with a traceback,
+        # and --val-list "$VAL" with VAL unset meant no validation.
+        if value == "":
+            raise BadValue(name, f"{flag_name(name)} must not be empty")
     positive = ("epochs", "batch_size", "image_size", "log_interval", "dist_timeout", "prefetch")
     for name in positive:
         if not getattr(cfg, name) > 0:

@@ -155,6 +155,11 @@ def test_saved_config_reads_back(tmp_path):
     again = parse_config(["--config", str(path)])
     assert config_dict(again) == config_dict(cfg)
     assert "local_rank" not in path.read_text()  # launch detail, not a setting of the run
+    # Characters a TOML string cannot hold as they are (the file failed to read back).
+    for folder in ("runs/a\nb", "runs/a\x7fb\x01", 'runs/"q"\\ é\t'):
+        cfg = parse_config(["--train-list", "T.txt", "--output-dir", folder])
+        save_config(cfg, str(path))
+        assert parse_config(["--config", str(path)]).output_dir == folder
 
 
 def test_progressive_resize_schedule():

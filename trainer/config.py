@@ -512,6 +512,9 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, int | float):
         return repr(value)
     text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    # TOML strings may not hold control characters (a newline in a folder name): escaped, so
+    # the saved config.toml still reads back.
+    text = "".join(f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c for c in text)
     return f'"{text}"'
 
 

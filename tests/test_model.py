@@ -3,6 +3,7 @@ files and the single-process side of dist: small tensors, one process, no launch
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from trainer import checkpoint, dist
 from trainer.config import TrainerError
@@ -497,3 +499,81 @@ def test_mixup_cutmix_make_soft_targets_on_the_device(which):
     # The label-smoothed loss takes the soft targets.
     loss = nn.CrossEntropyLoss(label_smoothing=0.1)(torch.randn(8, 4), targets)
     assert torch.isfinite(loss)
+
+
+class HostDeviceTraffic(TorchDispatchMode):
+    """Records the ops that make the host wait for an accelerator: a copy between the CPU and
+    another device (blocking unless pinned and non_blocking: a stream synchronize on CUDA),
+    and reading a device tensor's value (``.item()``, ``bool()``, ``float()``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.events: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if name == "_local_scalar_dense" and tensors[0].device.type != "cpu":
+            self.events.append(f"read of a {tensors[0].device.type} tensor")
+        out = func(*args, **(kwargs or {}))
+        if name in ("_to_copy", "copy_"):
+            devices = {t.device.type for t in [*tensors, out] if isinstance(t, torch.Tensor)}
+            if "cpu" in devices and len(devices) > 1:
+                self.events.append(f"{name} between {' and '.join(sorted(devices))}")
+        return out
+
+
+@pytest.mark.parametrize("option", ["ema", "clip", "mixup", "accumulate"])
+def test_train_step_makes_no_host_sync(monkeypatch, option):
+    # The model on the meta device stands in for a GPU: any copy to or from the host, or
+    # any read of a value, is an op the recorder sees (on a CPU run they cost nothing, so
+    # other tests cannot notice them). torch's AveragedModel.update_parameters copied its
+    # update count to the device twice a step (a stream synchronize each on CUDA).
+    from torchvision.transforms import v2
+
+    from trainer.engine import make_ema
+
+    monkeypatch.setattr(torch, "autocast", lambda *a, **k: contextlib.nullcontext())  # no meta
+    meta = torch.device("meta")
+    model = torchvision.models.resnet18(num_classes=4).to(meta)  # BatchNorm: int buffers too
+    opt = make_optimizer(model, name="sgd", lr=0.1)
+    kwargs = dict(
+        criterion=nn.CrossEntropyLoss(label_smoothing=0.1),
+        optimizer=opt,
+        scaler=make_scaler(None, meta),
+        scheduler=make_scheduler(opt, warmup_steps=2, total_steps=10),
+        ema=make_ema(model, 0.9) if option == "ema" else None,
+        clip_grad_norm=1.0 if option == "clip" else None,
+        batch_transform=v2.MixUp(alpha=0.2, num_classes=4) if option == "mixup" else None,
+    )
+    micro_steps = 2 if option == "accumulate" else 1
+    images = torch.empty(2, 3, 32, 32, device=meta)
+    labels = torch.zeros(2, dtype=torch.long, device=meta)
+    for step in range(3):  # the EMA's first update copies; its later ones average
+        with HostDeviceTraffic() as traffic:
+            train_step(
+                model, images, labels, micro_step=step % micro_steps, micro_steps=micro_steps,
+                **kwargs,
+            )  # fmt: skip
+        assert traffic.events == [], (step, traffic.events)
+
+
+def test_weight_ema_matches_torch_averaged_model():
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from trainer.engine import make_ema
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 2))
+    ours = make_ema(model, 0.8)
+    reference = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.8), use_buffers=True)
+    for _ in range(4):
+        model(torch.randn(5, 3, 4, 4))  # moves the BatchNorm statistics and counter
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ours.update_parameters(model)
+        reference.update_parameters(model)
+    assert ours.state_dict().keys() == reference.state_dict().keys()  # checkpoints unchanged
+    for name, value in reference.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], value), name

@@ -182,7 +182,36 @@ def train_step(
     return loss.detach()
 
 
-def make_ema(model: nn.Module, decay: float) -> AveragedModel | None:
+class WeightEMA(AveragedModel):
+    """torch's AveragedModel (the same state dict: ``module.*`` and ``n_averaged``) whose
+    update never waits for the device.
+
+    AveragedModel.update_parameters copies its update count ``n_averaged`` (a CPU tensor) to
+    the device once per dtype group on every call: a blocking host-to-device copy, which on a
+    GPU synchronizes the stream, so with --ema-decay the host waited for every step to finish.
+    Here the count is read on the host, where it lives (built without ``device``, and loading
+    a checkpoint copies into it), and the averaging is the same foreach lerp.
+    """
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        averaged = [*self.module.parameters(), *self.module.buffers()]
+        current = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        if int(self.n_averaged) == 0:  # the first update copies the weights
+            for ema_tensor, tensor in zip(averaged, current, strict=True):
+                ema_tensor.copy_(tensor)
+        else:
+            groups: dict[tuple, tuple[list, list]] = {}  # foreach ops take one dtype a list
+            for ema_tensor, tensor in zip(averaged, current, strict=True):
+                ema_tensors, tensors = groups.setdefault((tensor.device, tensor.dtype), ([], []))
+                ema_tensors.append(ema_tensor)
+                tensors.append(tensor)
+            for ema_tensors, tensors in groups.values():
+                self.multi_avg_fn(ema_tensors, tensors, None)  # the count is not used
+        self.n_averaged += 1
+
+
+def make_ema(model: nn.Module, decay: float) -> WeightEMA | None:
     """An EMA copy of ``model`` (weights and BatchNorm buffers), or None when decay is 0.
 
     ``ema = decay * ema + (1 - decay) * weights`` after each optimizer step, as foreach ops on
@@ -190,7 +219,7 @@ def make_ema(model: nn.Module, decay: float) -> AveragedModel | None:
     """
     if decay <= 0.0:
         return None
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    return WeightEMA(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def optimizer_steps_taken(optimizer: torch.optim.Optimizer) -> list[int]:

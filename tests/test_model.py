@@ -269,6 +269,11 @@ def test_evaluate_counts_every_image_with_k_capped():
     assert result["val_images"] == 5
     expected = nn.functional.cross_entropy(logits, labels).item()
     assert result["val_loss"] == pytest.approx(expected, rel=1e-6)
+    # confusion[true, predicted]: (0, 0), (2, 1), (2, 2), (1, 0), (2, 2)
+    matrix = evaluate(
+        FixedLogits(logits), batches, num_classes=3, amp_dtype=None, device=CPU, confusion=True
+    )["confusion"]
+    assert matrix.tolist() == [[1, 0, 0], [1, 0, 0], [0, 1, 2]]
 
 
 # --------------------------------------------------------------------------- checkpoint
@@ -577,3 +582,28 @@ def test_weight_ema_matches_torch_averaged_model():
     assert ours.state_dict().keys() == reference.state_dict().keys()  # checkpoints unchanged
     for name, value in reference.state_dict().items():
         assert torch.equal(ours.state_dict()[name], value), name
+
+
+def test_evaluate_makes_no_host_sync_between_batches(monkeypatch):
+    # As above, the meta device stands in for a GPU. Only the end of evaluate (the
+    # all-reduced sums read once) may wait for the device; its batches, confusion matrix
+    # included, must not (CUDA's bincount read its input's min and max: two syncs a batch).
+    monkeypatch.setattr(torch, "autocast", lambda *a, **k: contextlib.nullcontext())
+    meta = torch.device("meta")
+    model = torchvision.models.resnet18(num_classes=4).to(meta)
+    traffic = HostDeviceTraffic()
+
+    class AllBatchesSeen(Exception):
+        pass
+
+    def batches():
+        for _ in range(3):
+            yield (
+                torch.empty(2, 3, 32, 32, device=meta),
+                torch.zeros(2, 4, device=meta).long()[:, 0],
+            )
+            assert traffic.events == [], traffic.events  # that batch, counted
+        raise AllBatchesSeen  # before the final read, which meta tensors cannot do
+
+    with traffic, pytest.raises(AllBatchesSeen):
+        evaluate(model, batches(), num_classes=4, amp_dtype=None, device=meta, confusion=True)

@@ -466,9 +466,11 @@ def evaluate(
         sums[1] += top[:, 0].sum()
         sums[2] += top.any(dim=1).sum()
         sums[3] += labels.shape[0]
-        if confusion:  # one bincount a batch, on the device
+        if confusion:  # counted on the device
             cells = labels * num_classes + predicted[:, 0]  # the top-1 prediction, as counted
-            counts += torch.bincount(cells, minlength=num_classes * num_classes)
+            # index_add_, not bincount: CUDA's bincount reads the input's min and max on the
+            # host (two syncs a batch) to size its output, whose size is known here.
+            counts.index_add_(0, cells, torch.ones_like(cells))
     loss_sum, correct1, correctk, count = dist.all_reduce_sum(sums).tolist()
     model.train(was_training)
     if count == 0:

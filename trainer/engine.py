@@ -2,7 +2,8 @@
 
 Modelled on torchvision's references/classification/train.py and nanoGPT's train.py. The host
 never waits for the device inside an epoch: losses accumulate on the device and are read (one
-all-reduce, one sync) only every ``log_interval`` steps and at the end of the epoch.
+all-reduce, one sync) only every ``log_interval`` steps and at the end of the epoch. The one
+exception is fp16: torch's GradScaler reads its overflow flag on the host at every step.
 """
 
 from __future__ import annotations
@@ -173,7 +174,9 @@ def train_step(
     scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
     scaler.update()
     # The schedule counts optimizer steps: a step the scaler skipped must not advance it.
-    # Known on the host without a sync (the scaler decided on the host to skip or not).
+    # Known on the host without a further sync: under fp16, scaler.step has read its overflow
+    # flag (found_inf.item(), torch's GradScaler: the one host sync a step that fp16 costs);
+    # bf16 and float32 have no scaler, and the step always runs.
     if taken[0] > before:
         if scheduler is not None:
             scheduler.step()

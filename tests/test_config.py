@@ -162,6 +162,31 @@ def test_saved_config_reads_back(tmp_path):
         assert parse_config(["--config", str(path)]).output_dir == folder
 
 
+def test_saved_data_files_follow_another_train_list(tmp_path):
+    # config.toml holds the val list and classes file found beside the run's train list.
+    a, b = tmp_path / "a", tmp_path / "b"
+    resolved = dict(
+        train_list=str(a / "Train.txt"), val_list=str(a / "Test.txt"),
+        classes=str(a / "classes.txt"), num_classes=3,
+    )  # fmt: skip
+    path = tmp_path / "config.toml"
+    save_config(dataclasses.replace(parse_config([]), **resolved), str(path))
+    again = parse_config(["--config", str(path)])
+    assert {k: getattr(again, k) for k in resolved} == resolved  # as saved
+    # Another --train-list: its own Test.txt and classes.txt, as without the file (they were
+    # the old run's, silently).
+    other = parse_config(["--config", str(path), "--train-list", str(b / "Train.txt")])
+    assert (other.val_list, other.classes, other.num_classes) == (None, None, None)
+    given = parse_config(
+        ["--config", str(path), "--train-list", str(b / "Train.txt"), "--val-list", "v.txt"]
+    )
+    assert (given.val_list, given.classes) == ("v.txt", None)
+    # Files the config names elsewhere were chosen, not found: they stay.
+    path.write_text(f'train_list = "{a / "Train.txt"}"\nval_list = "{tmp_path / "v.txt"}"\n')
+    kept = parse_config(["--config", str(path), "--train-list", str(b / "Train.txt")])
+    assert kept.val_list == str(tmp_path / "v.txt")
+
+
 def test_progressive_resize_schedule():
     from trainer.config import train_image_size
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.fileio import atomic_write_text
+from pipelines.lists import CLASSES_FILE, VAL_LIST
 
 
 class TrainerError(Exception):
@@ -442,6 +443,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
     if given.get("config"):
         from_file = load_config_file(given["config"])
     values = {**from_file, **given}
+    values = _rederive_data_files(values, from_file, given)
     if values.get("train_list") is None:
         for name, value in DEMO_RECIPE.items():
             values.setdefault(name, value)
@@ -453,6 +455,27 @@ def parse_config(argv: list[str] | None = None) -> Config:
             raise TrainerError(f"{given['config']}: {exc}") from None
         raise
     return cfg
+
+
+def _rederive_data_files(
+    values: dict[str, Any], from_file: dict[str, Any], given: dict[str, Any]
+) -> dict[str, Any]:
+    """A saved config.toml names the val list and classes file found beside its train list
+    (and their class count): with another --train-list on the command line they are that
+    list's defaults again, as without the file. Kept, the new data trained against the old
+    run's val list and class names without a word."""
+    old_list, new_list = from_file.get("train_list"), given.get("train_list")
+    if old_list is None or new_list is None or old_list == new_list:
+        return values
+    old_dir = os.path.dirname(os.path.abspath(old_list))
+    values = dict(values)
+    for name, beside in (("val_list", VAL_LIST), ("classes", CLASSES_FILE)):
+        path = from_file.get(name)
+        if name not in given and path and os.path.abspath(path) == os.path.join(old_dir, beside):
+            del values[name]
+            if name == "classes" and "num_classes" not in given:
+                values.pop("num_classes", None)  # counted from that classes.txt
+    return values
 
 
 def progressive_sizes(spec: str) -> tuple[int, int, int]:

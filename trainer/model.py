@@ -8,6 +8,7 @@ classification model accepts, so no per-architecture code knows where the head l
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -113,7 +114,19 @@ def read_state_dict(
         # weights_only: a weights file must never be able to run code on load.
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a file that is not a torch save
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
+        if text.startswith("Weights only load failed"):
+            # A torch save of Python objects (torch.save(model), a checkpoint holding
+            # argparse.Namespace): torch's paragraph (terminal escapes included) would say
+            # "not a PyTorch weights file" followed by advice to run its code.
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+            what = f" ({found.group(1)})" if found else ""
+            raise TrainerError(
+                f"{path}: holds pickled Python objects{what}, not only tensors, and they are "
+                "not loaded since unpickling can run code; save the weights alone: "
+                "torch.save(model.state_dict(), PATH)"
+            ) from None
+        first_line = text.splitlines()[0] if text else type(exc).__name__
         raise TrainerError(f"{path}: not a PyTorch weights file ({first_line})") from None
     class_names = None
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):

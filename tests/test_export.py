@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 
 import numpy as np
 import onnxruntime as ort
@@ -109,6 +110,20 @@ def test_check_images_default_to_the_runs_val_list(capsys, tmp_path, run_dir):
     captured = capsys.readouterr()
     assert DIFFERENCE_LINE.search(captured.out).group(1) == "8", captured.out
     assert out.stat().st_size > 1_000_000  # resnet18's weights are inside the file
+
+    # A run trained without validation: its val list holds only a comment (make_lists
+    # --val-fraction 0 writes one). The check takes the train list's images; it stopped with
+    # "error: .../Test.txt: the list holds no samples" instead.
+    no_val = tmp_path / "no_val"
+    no_val.mkdir()
+    (no_val / "model.pt").write_bytes((run_dir / "model.pt").read_bytes())
+    empty_val = tmp_path / "Test.txt"
+    empty_val.write_text("# no validation images\n")
+    train_list = tomllib.loads((run_dir / "config.toml").read_text())["train_list"]
+    (no_val / "config.toml").write_text(f'train_list = "{train_list}"\nval_list = "{empty_val}"\n')
+    assert export_main([str(no_val / "model.pt"), str(tmp_path / "no_val.onnx")]) == 0
+    captured = capsys.readouterr()
+    assert DIFFERENCE_LINE.search(captured.out).group(1) == "8", captured.err
 
     # A model.pt alone, without its run's config.toml: no images to check with, an error.
     alone = tmp_path / "alone"

@@ -93,6 +93,54 @@ def test_pretrained_wrong_shapes_are_an_error(tmp_path):
         )
 
 
+def test_pretrained_head_of_other_class_names_is_not_loaded(tmp_path):
+    # A model.pt of the same class count but other classes (here: two swapped): its head's
+    # row 0 means 'cat', the data's label 0 'dog'. Loading it scored every image against the
+    # wrong class in --eval-only (50% instead of 25% on a 5-class run), without a word.
+    source = create_model("resnet18", num_classes=3)
+    path = tmp_path / "model.pt"
+    checkpoint.export_model(
+        str(path), model=source, arch="resnet18", class_names=["cat", "dog", "fox"], image_size=32
+    )
+    model = create_model("resnet18", num_classes=3)
+    report = load_pretrained(
+        model, str(path), arch="resnet18", num_classes=3, class_names=["dog", "cat", "fox"]
+    )
+    assert sorted(report.skipped_head) == ["fc.bias", "fc.weight"]
+    assert "other classes: label 0 is 'cat' there, 'dog' here" in report.summary()
+    assert torch.equal(model.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+    assert not torch.equal(model.fc.weight, source.fc.weight)
+    with pytest.raises(TrainerError, match="no trained head for the data's 3 classes .*'dog'"):
+        build_model(
+            "resnet18", num_classes=3, device=CPU, pretrained=str(path), log=quiet,
+            class_names=["dog", "cat", "fox"], require_head=True,
+        )  # fmt: skip
+    # The same names, or none to compare (--num-classes alone): the head loads.
+    for names in (["cat", "dog", "fox"], None):
+        model = create_model("resnet18", num_classes=3)
+        report = load_pretrained(
+            model, str(path), arch="resnet18", num_classes=3, class_names=names
+        )
+        assert not report.skipped_head and torch.equal(model.fc.weight, source.fc.weight)
+
+
+def test_resume_checkpoint_of_other_class_names_is_refused():
+    ckpt = {"config": {"arch": "resnet18"}, "class_names": ["cat", "dog", "fox"]}
+    checkpoint.check_compatible(
+        ckpt, "last.pt", arch="resnet18", num_classes=3, class_names=["cat", "dog", "fox"]
+    )
+    checkpoint.check_compatible(ckpt, "last.pt", arch="resnet18", num_classes=3)
+    with pytest.raises(TrainerError, match="classes differ .*label 1 is 'dog' there, 'fox' here"):
+        checkpoint.check_compatible(
+            ckpt, "last.pt", arch="resnet18", num_classes=3, class_names=["cat", "fox", "dog"]
+        )
+    # A run given only --num-classes records "0", "1", ...: no names to hold a run to.
+    numbered = {"config": {"arch": "resnet18"}, "class_names": ["0", "1", "2"]}
+    checkpoint.check_compatible(
+        numbered, "last.pt", arch="resnet18", num_classes=3, class_names=["cat", "dog", "fox"]
+    )
+
+
 def test_strip_and_unwrap():
     assert strip_wrapper_prefixes({"module._orig_mod.fc.weight": 1, "fc.bias": 2}) == {
         "fc.weight": 1,

@@ -96,6 +96,17 @@ def test_pretrained_not_a_state_dict(capsys, tmp_path, tiny_data):
     flags = base_flags(tiny_data, tmp_path / "out")
     fails(capsys, [*flags, "--pretrained", str(listed)], str(listed), "not a state dict")
     fails(capsys, [*flags, "--pretrained", str(text)], str(text), "not a PyTorch weights file")
+    # torch.save(model): a torch file, but of pickled objects, which weights_only refuses.
+    # It read "not a PyTorch weights file (Weights only load failed. ... \x1b[1m...".
+    whole = tmp_path / "whole.pth"
+    torch.save(torchvision.models.resnet18(num_classes=10), whole)
+    line = fails(
+        capsys,
+        [*flags, "--pretrained", str(whole)],
+        f"{whole}: holds pickled Python objects (torchvision.models.resnet.ResNet)",
+        "torch.save(model.state_dict(), PATH)",
+    )
+    assert "\x1b" not in line
 
 
 def test_pretrained_of_another_arch(capsys, tmp_path, tiny_data):

@@ -41,7 +41,12 @@ from pipelines import common as preprocessing_constants
 from pipelines.fileio import atomic_write
 from trainer import metrics
 from trainer.config import TrainerError
-from trainer.model import strip_wrapper_prefixes, unwrap_model
+from trainer.model import (
+    first_difference,
+    recorded_class_names,
+    strip_wrapper_prefixes,
+    unwrap_model,
+)
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -184,14 +189,31 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     return ckpt
 
 
-def check_compatible(ckpt: Mapping[str, Any], path: str, *, arch: str, num_classes: int) -> None:
+def check_compatible(
+    ckpt: Mapping[str, Any],
+    path: str,
+    *,
+    arch: str,
+    num_classes: int,
+    class_names: Sequence[str] | None = None,
+) -> None:
+    """``class_names``: the data's, when a classes file names them. Label k must mean the class
+    the checkpoint's head learned as k, or a resumed run trains (and an evaluation scores)
+    every image against another class than its own, without a word."""
     saved_arch = ckpt["config"].get("arch")
     saved_classes = len(ckpt.get("class_names") or []) or ckpt["config"].get("num_classes")
+    saved_names = recorded_class_names(ckpt.get("class_names"))
     if saved_arch != arch:
         raise TrainerError(f"{path}: checkpoint of {saved_arch}, but --arch is {arch}")
     if saved_classes and saved_classes != num_classes:
         raise TrainerError(
             f"{path}: checkpoint has {saved_classes} classes, the data {num_classes}"
+        )
+    if class_names is not None and saved_names and saved_names != list(class_names):
+        raise TrainerError(
+            f"{path}: checkpoint's classes differ from the data's "
+            f"({first_difference(saved_names, class_names)}); use the classes.txt it was "
+            "trained with, or start a new run from its weights with --pretrained"
         )
 
 

@@ -50,6 +50,7 @@ from torch import nn
 from pipelines import build_loader, tuning
 from pipelines.imagecheck import header_problem
 from pipelines.lists import (
+    EmptyListError,
     ImageError,
     ListError,
     classes_beside,
@@ -574,7 +575,18 @@ def run_config_lists(model_path: str) -> list[str]:
             config = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError):
         return []
-    return [config[key] for key in ("val_list", "train_list") if config.get(key)]
+    lists = [config[key] for key in ("val_list", "train_list") if config.get(key)]
+    if len(lists) == 2:
+        # A val list of comments only (make_lists --val-fraction 0, or classes of one image
+        # each) is the trainer's "no validation": the train list's images are the ones to
+        # check with, not an error that the val list holds no samples.
+        try:
+            read_table(lists[0])
+        except EmptyListError:
+            return lists[1:]
+        except ListError:
+            pass  # any other fault is named when the images are collected
+    return lists
 
 
 @dataclass

@@ -863,7 +863,11 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
         dist.print0(f"--resume auto: no {ckpt_io.LAST} in {cfg.output_dir}, starting fresh")
     if checkpoint is not None:
         ckpt_io.check_compatible(
-            checkpoint, resume_path, arch=cfg.arch, num_classes=len(data.class_names)
+            checkpoint,
+            resume_path,
+            arch=cfg.arch,
+            num_classes=len(data.class_names),
+            class_names=data.class_names if data.classes_file else None,
         )
 
     # Same initial weights on every rank (DDP would broadcast rank 0's anyway).
@@ -877,6 +881,8 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
         channels_last=cfg.channels_last,
         log=dist.print0,
         require_head=cfg.eval_only and checkpoint is None,
+        # Names only from a classes file: --num-classes alone numbers the classes "0", "1", ...
+        class_names=data.class_names if data.classes_file else None,
     )
     if cfg.eval_only:
         # Results of its own, beside (never over) the training run whose weights it reads.

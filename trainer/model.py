@@ -8,7 +8,8 @@ classification model accepts, so no per-architecture code knows where the head l
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -67,19 +68,43 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 class PretrainedReport:
     path: str
     loaded: list[str] = field(default_factory=list)
-    skipped_head: list[str] = field(default_factory=list)  # shape differs: another class count
+    skipped_head: list[str] = field(default_factory=list)  # a head trained for other classes
+    head_reason: str = "other class count"  # or "other classes: ..." (same count, other names)
 
     def summary(self) -> str:
         text = f"pretrained {self.path}: loaded {len(self.loaded)} tensors"
         if self.skipped_head:
             text += (
-                f", kept the new head (skipped {', '.join(self.skipped_head)}: other class count)"
+                f", kept the new head (skipped {', '.join(self.skipped_head)}: {self.head_reason})"
             )
         return text
 
 
-def read_state_dict(path: str, *, arch: str | None = None) -> dict[str, torch.Tensor]:
-    """A state dict from a torchvision-format file, this trainer's model.pt or a checkpoint.
+def recorded_class_names(names) -> list[str] | None:
+    """The class names a weights file records, None for none or for the numbers "0", "1", ...
+    that a run given only --num-classes records (they name no class, so compare with none)."""
+    if not isinstance(names, list | tuple) or not names:
+        return None
+    names = [str(name) for name in names]
+    return None if names == [str(k) for k in range(len(names))] else names
+
+
+def first_difference(theirs: Sequence[str], ours: Sequence[str]) -> str:
+    """Where two class lists part, as 'label K is A there, B here'."""
+    k = next(
+        (k for k, (a, b) in enumerate(zip(theirs, ours, strict=False)) if a != b),
+        min(len(theirs), len(ours)),
+    )
+    there = repr(theirs[k]) if k < len(theirs) else "(none)"
+    here = repr(ours[k]) if k < len(ours) else "(none)"
+    return f"label {k} is {there} there, {here} here"
+
+
+def read_state_dict(
+    path: str, *, arch: str | None = None
+) -> tuple[dict[str, torch.Tensor], list[str] | None]:
+    """A state dict from a torchvision-format file, this trainer's model.pt or a checkpoint,
+    and the class names the file records (this trainer's files), else None.
 
     ``arch``, when the file records its own (model.pt, checkpoints), must match it.
     """
@@ -89,9 +114,23 @@ def read_state_dict(path: str, *, arch: str | None = None) -> dict[str, torch.Te
         # weights_only: a weights file must never be able to run code on load.
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a file that is not a torch save
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
+        if text.startswith("Weights only load failed"):
+            # A torch save of Python objects (torch.save(model), a checkpoint holding
+            # argparse.Namespace): torch's paragraph (terminal escapes included) would say
+            # "not a PyTorch weights file" followed by advice to run its code.
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+            what = f" ({found.group(1)})" if found else ""
+            raise TrainerError(
+                f"{path}: holds pickled Python objects{what}, not only tensors, and they are "
+                "not loaded since unpickling can run code; save the weights alone: "
+                "torch.save(model.state_dict(), PATH)"
+            ) from None
+        first_line = text.splitlines()[0] if text else type(exc).__name__
         raise TrainerError(f"{path}: not a PyTorch weights file ({first_line})") from None
+    class_names = None
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        class_names = recorded_class_names(obj.get("class_names"))
         saved_arch = obj.get("arch") or (obj.get("config") or {}).get("arch")
         if arch is not None and saved_arch and saved_arch != arch:
             raise TrainerError(f"{path}: weights of {saved_arch}, but --arch is {arch}")
@@ -106,21 +145,48 @@ def read_state_dict(path: str, *, arch: str | None = None) -> dict[str, torch.Te
         and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
     ):
         raise TrainerError(f"{path}: not a state dict (expected a mapping of names to tensors)")
-    return strip_wrapper_prefixes(obj)
+    return strip_wrapper_prefixes(obj), class_names
 
 
 def load_pretrained(
-    model: nn.Module, path: str, *, arch: str, num_classes: int
+    model: nn.Module,
+    path: str,
+    *,
+    arch: str,
+    num_classes: int,
+    class_names: Sequence[str] | None = None,
 ) -> PretrainedReport:
     """Load every tensor of ``path`` into ``model`` except a head sized for other classes.
 
     A tensor may be skipped only when it is the head's: its shape differs and the model's
     first dimension is ``num_classes``. Anything else missing, extra or misshapen means the
     file belongs to another architecture, which is an error, never a silent partial load.
+
+    ``class_names``: the data's (None when it has none, only --num-classes). A file that
+    records other names for the same class count (a model.pt of another data set, or of
+    these classes in another order) has a head whose row k means another class than label
+    k: it is skipped like a head of another count, so fine-tuning starts from a new head and
+    an evaluation refuses, instead of scoring every image against the wrong class.
     """
-    state = read_state_dict(path, arch=arch)
+    state, saved_names = read_state_dict(path, arch=arch)
     own = model.state_dict()
     report = PretrainedReport(path)
+    # Another count of names is the shape check's below; the same count, other names, is here.
+    if (
+        class_names is not None
+        and saved_names is not None
+        and len(saved_names) == len(class_names)
+        and saved_names != list(class_names)
+    ):
+        # Same shapes, so the head is found as the tensors that change with the count (built
+        # on a forked generator: the run's seeded random stream stays as without this file).
+        with torch.random.fork_rng(devices=[]):
+            other = create_model(arch, num_classes=num_classes + 1).state_dict()
+        head = [k for k in own if k in other and other[k].shape != own[k].shape]
+        report.skipped_head = [k for k in head if k in state]
+        report.head_reason = f"other classes: {first_difference(saved_names, class_names)}"
+        state = {k: v for k, v in state.items() if k not in head}
+        own = {k: v for k, v in own.items() if k not in head}
     loadable: dict[str, torch.Tensor] = {}
     misshapen: list[str] = []
     for key, value in state.items():
@@ -162,22 +228,26 @@ def build_model(
     channels_last: bool = True,
     log: Callable[[str], None] = print,
     require_head: bool = False,
+    class_names: Sequence[str] | None = None,
 ) -> nn.Module:
     """Bare model on ``device``: head for ``num_classes``, optional weights, SyncBN, layout.
 
     ``require_head``: the ``pretrained`` weights must include the head (evaluation: a new
-    head of another class count would score untrained weights).
+    head of another class count would score untrained weights). ``class_names``: the data's,
+    when a classes file names them (see ``load_pretrained``).
 
     Not yet compiled or DDP-wrapped (see ``compile_model`` and ``wrap_ddp``), so checkpoints
     and evaluation can use it directly.
     """
     model = create_model(arch, num_classes=num_classes)
     if pretrained:
-        report = load_pretrained(model, pretrained, arch=arch, num_classes=num_classes)
+        report = load_pretrained(
+            model, pretrained, arch=arch, num_classes=num_classes, class_names=class_names
+        )
         if require_head and report.skipped_head:
             raise TrainerError(
-                f"{pretrained}: its head is for another class count than the data's "
-                f"{num_classes}, so there is no trained head to evaluate"
+                f"{pretrained}: no trained head for the data's {num_classes} classes "
+                f"({report.head_reason}), so nothing to evaluate"
             )
         log(report.summary())
     if sync_bn and device.type != "cuda":

@@ -523,3 +523,29 @@ def test_resume_on_epochs_of_another_length_keeps_the_schedule_in_step(capsys, t
     set_schedule_position(placed, 7)
     assert placed.get_last_lr() == stepped.get_last_lr()
     assert placed.optimizer.param_groups[0]["lr"] == stepped.optimizer.param_groups[0]["lr"]
+
+
+def test_run_stopped_after_its_last_checkpoint_resumes_to_every_result(capsys, tmp_path, tiny_data):
+    # A signal during the final evaluation (or a kill during the export) stops the run after
+    # last.pt of its last epoch: model.pt, per_class.csv and the confusion matrix are missing.
+    # --resume auto has no epoch left to train and must still write them all, as they were.
+    run = tmp_path / "run"
+    assert main(base_flags(tiny_data, run)) == 0
+    finals = ["model.pt", "per_class.csv", "confusion_matrix.csv", "metrics.png"]
+    before = {name: (run / name).read_bytes() for name in ("per_class.csv", "confusion_matrix.csv")}
+    for name in finals:
+        (run / name).unlink()
+    capsys.readouterr()
+    assert main([*base_flags(tiny_data, run), "--resume", "auto"]) == 0
+    assert "nothing to train" in capsys.readouterr().out
+    assert all((run / name).exists() for name in finals)
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    # Another folder's finished run resumed into a new one: no epoch runs there, no metrics
+    # to plot; that is said in a line, not a traceback.
+    other = tmp_path / "other"
+    assert main([*base_flags(tiny_data, other), "--resume", str(run / "last.pt")]) == 0
+    assert "no metrics.png: no epochs were trained" in capsys.readouterr().out
+    assert (other / "model.pt").exists() and (other / "per_class.csv").read_bytes() == before[
+        "per_class.csv"
+    ]

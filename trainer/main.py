@@ -586,6 +586,14 @@ def fit(
     start_time = training.fit_start = time.perf_counter()
     if control is not None:
         control.in_training = True  # from here a signal is acted on at an agreed step
+    if training.start_epoch >= cfg.epochs and val_loader is not None:
+        # Resumed from the last epoch's checkpoint: the run was stopped after it was saved
+        # (a signal during the final evaluation, a kill during the export). The per-class
+        # figures come from that evaluation, which the stop lost: evaluate the final weights
+        # again, or the finished run would have no per_class.csv and confusion matrix.
+        evaluate_weights(training, "raw", val_loader, data, info, True)
+        if training.ema is not None:
+            evaluate_weights(training, "ema", val_loader, data, info, True)
     for epoch in range(training.start_epoch, cfg.epochs):
         # Seeded per epoch and rank, so a resumed run draws what the uninterrupted one would.
         torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + info.rank)
@@ -939,7 +947,8 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
 
     if info.is_main:
         export = os.path.join(cfg.output_dir, ckpt_io.EXPORT)
-        weights, which = final_weights(training, run_metrics.read(cfg.output_dir))
+        records = run_metrics.read(cfg.output_dir)
+        weights, which = final_weights(training, records)
         ckpt_io.export_model(
             export,
             model=weights,
@@ -956,6 +965,9 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
         )
         if training.confusion.get(which) is not None:
             report_per_class(cfg.output_dir, training.confusion[which], data.class_names)
+        if not records:  # resumed from another folder's finished run: no epoch ran here
+            dist.print0(f"no {run_metrics.PNG}: no epochs were trained in {cfg.output_dir}")
+            return
         try:
             dist.print0(f"loss and top-1 per epoch: {run_metrics.plot(cfg.output_dir)}")
         except run_metrics.PlotUnavailable as exc:

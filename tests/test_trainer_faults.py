@@ -245,7 +245,9 @@ def test_earlier_results_are_never_replaced(capsys, tmp_path, tiny_data):
     assert (out / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
     assert (out / "best.pt").read_bytes() == b"an earlier run's best weights"
     # --resume auto with no last.pt to continue from is no licence to replace them either.
-    fails(capsys, [*base_flags(tiny_data, out), "--resume", "auto"], "already holds a run")
+    # It says that there is nothing to continue, rather than "continue it with --resume auto".
+    line = fails(capsys, [*base_flags(tiny_data, out), "--resume", "auto"], "already holds a run")
+    assert "no last.pt to continue it from" in line and "--overwrite" in line
 
 
 def test_unwritable_output_folder_found_at_start(capsys, tmp_path, tiny_data):
@@ -271,6 +273,10 @@ def test_failed_checkpoint_write_says_what_and_how_much(tmp_path):
     message = checkpoint._save_failure(str(tmp_path / "last.pt"), str(tmp_path), state, full)
     assert "No space left on device" in message and "previous one is intact" in message
     assert "needs about 1 MiB" in message and "--resume auto" in message
+    # The first epoch's saves: no last.pt to resume from, so not "then --resume auto".
+    (tmp_path / "last.pt").unlink()
+    message = checkpoint._save_failure(str(tmp_path / "best.pt"), str(tmp_path), state, full)
+    assert "then start over" in message and "--resume auto" not in message
 
 
 @pytest.mark.slow
@@ -549,3 +555,23 @@ def test_run_stopped_after_its_last_checkpoint_resumes_to_every_result(capsys, t
     assert (other / "model.pt").exists() and (other / "per_class.csv").read_bytes() == before[
         "per_class.csv"
     ]
+
+
+def test_a_failed_best_pt_write_is_redone_on_resume(capsys, tmp_path, tiny_data):
+    # best.pt of a new best epoch cannot be written (a full disk; here a folder in its way):
+    # the run stops, and --resume auto once the space is there must redo that epoch and save
+    # it as best.pt, not find its score already in last.pt and never write best.pt again.
+    run = tmp_path / "run"
+    flags = [*base_flags(tiny_data, run), "--classes", tiny_data.classes_file]
+    assert main(flags) == 0
+    (run / "best.pt").unlink()
+    (run / "best.pt").mkdir()  # in the way of best.pt's write
+    line = fails(capsys, [*flags, "--epochs", "2", "--resume", "auto"], "could not write")
+    assert str(run / "best.pt") in line  # epoch 2 was a new best
+    (run / "best.pt").rmdir()  # the space is freed
+    assert main([*flags, "--epochs", "2", "--resume", "auto"]) == 0
+    best = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
+    last = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert best["epoch"] == last["epoch"] == 2 and best["best_top1"] == last["best_top1"]
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]

@@ -551,9 +551,13 @@ def end_epoch(cfg: Config, training: Training, data: DataSpec, record: dict) -> 
     run_metrics.append(cfg.output_dir, record)
     state = training_state(cfg, training, data, next_epoch=record["epoch"])
     state["elapsed"] = record["elapsed"]
-    ckpt_io.atomic_save(state, os.path.join(cfg.output_dir, ckpt_io.LAST))
+    # best.pt before last.pt: last.pt records this epoch's score as the best, so once it is
+    # written a resume never saves this epoch as best.pt again. A run that stopped between
+    # the two (killed, or best.pt's write failing on a full disk) kept a best.pt of an earlier,
+    # worse epoch (or none) after --resume auto; this way it redoes the epoch and saves both.
     if is_best:
         ckpt_io.atomic_save(state, os.path.join(cfg.output_dir, ckpt_io.BEST))
+    ckpt_io.atomic_save(state, os.path.join(cfg.output_dir, ckpt_io.LAST))
 
 
 def evaluate_weights(
@@ -716,6 +720,15 @@ def check_output_dir(cfg: Config) -> None:
             except run_metrics.MetricsError as exc:
                 raise TrainerError(f"{exc} (the run resumes once it is)") from None
         if found and not own and not cfg.overwrite:
+            if cfg.resume == "auto" and resume_path is None:
+                # A run stopped before its first last.pt (killed, or that write failed) left
+                # records but nothing to continue from: saying "continue it with --resume
+                # auto" here would send the user round in a circle.
+                raise TrainerError(
+                    f"{cfg.output_dir} already holds a run ({', '.join(found)}) but no "
+                    f"{ckpt_io.LAST} to continue it from (it stopped before its first "
+                    "checkpoint): start it over with --overwrite, or use --output-dir NEW_DIR"
+                )
             if resume_path is not None:
                 raise TrainerError(
                     f"{cfg.output_dir} already holds a run ({', '.join(found)}), and --resume "

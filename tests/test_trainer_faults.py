@@ -575,3 +575,32 @@ def test_a_failed_best_pt_write_is_redone_on_resume(capsys, tmp_path, tiny_data)
     assert best["epoch"] == last["epoch"] == 2 and best["best_top1"] == last["best_top1"]
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_folder_in_use_is_refused(capsys, tmp_path, tiny_data):
+    # Until its first checkpoint a run's folder holds only config.toml, which marks nothing:
+    # a second run started there trained too, the two appending their epochs to one
+    # metrics.jsonl (1, 1, 2, 2) and saving over each other's checkpoints; with --overwrite it
+    # deleted the running one's files.
+    out = tmp_path / "out"
+    flags = [*base_flags(tiny_data, out), "--epochs", "2", "--log-interval", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    first = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "trainer", "main.py"), *flags],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    for line in first.stdout:  # the first run is training, before its first checkpoint
+        if "step 1/" in line:
+            break
+    for extra in ([], ["--overwrite"]):
+        fails(capsys, [*flags, "--seed", "1", *extra], str(out), "another run is writing")
+    first.communicate(timeout=120)
+    assert first.returncode == 0
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    # Once it has ended the folder is free again: --resume auto continues it.
+    assert main([*flags, "--epochs", "3", "--resume", "auto"]) == 0

@@ -15,6 +15,7 @@ fails before training with one ``error: ...`` line on rank 0 and exit status 2.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -701,9 +702,53 @@ def results_in(folder: str) -> list[str]:
     return [name for name in RESULT_FILES if os.path.exists(os.path.join(folder, name))]
 
 
+# The folder this process trains into, locked (flock) from its check to the process's end:
+# (its real path, the descriptor holding the lock).
+_output_lock: tuple[str, int] | None = None
+
+
+def lock_output_dir(output_dir: str) -> None:
+    """Rank 0: hold an exclusive lock on ``output_dir`` (an existing folder) for this run.
+
+    Two runs started into one folder (before the first one's first checkpoint, which alone
+    marks the folder as used, or one with --overwrite) would interleave their epoch records
+    and checkpoints, or delete the running one's files. The lock is on the folder itself, so
+    nothing is left behind; it ends with the process, however that ends (kill -9 included).
+    """
+    global _output_lock
+    folder = os.path.realpath(output_dir)
+    if _output_lock is not None:
+        if _output_lock[0] == folder:
+            return
+        unlock_output_dir()  # main() called again in one process, for another folder
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise TrainerError(
+            f"{output_dir}: another run is writing into this folder now; wait for it to end, "
+            "or use another --output-dir"
+        ) from None
+    except OSError:  # a filesystem without flock on folders (some NFS): go on unguarded
+        os.close(fd)
+        return
+    _output_lock = (folder, fd)
+
+
+def unlock_output_dir() -> None:
+    global _output_lock
+    if _output_lock is not None:
+        os.close(_output_lock[1])  # closing releases the flock
+        _output_lock = None
+
+
 def check_output_dir(cfg: Config) -> None:
     """Before any work: never replace an earlier run's results by accident, and find a
     folder that cannot be written now rather than at the first checkpoint."""
+    if not cfg.eval_only and os.path.isdir(cfg.output_dir):
+        # Before looking at (or, with --overwrite, removing) what the folder holds.
+        lock_output_dir(cfg.output_dir)
     if not cfg.eval_only:  # an evaluation writes beside a run (eval_results_dir), never over
         found = results_in(cfg.output_dir)
         resume_path = ckpt_io.resolve_resume(cfg.resume, cfg.output_dir)
@@ -914,9 +959,13 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
 
     if checkpoint is not None:  # before config.toml is written: a refusal changes nothing
         check_same_run(checkpoint, resume_path, cfg, info.world_size, lr_given=lr_given)
-    if info.is_main:
+
+    def claim_output_dir() -> None:
         os.makedirs(cfg.output_dir, exist_ok=True)
+        lock_output_dir(cfg.output_dir)  # a folder made since check_output_dir: lock it now
         save_config(cfg, os.path.join(cfg.output_dir, CONFIG_FILE))
+
+    decided_by_main(info, claim_output_dir)
 
     training = build_training(
         cfg, model, steps_per_epoch=len(train_loader), amp_dtype=amp_dtype, device=info.device
@@ -1202,6 +1251,7 @@ def main(argv: list[str] | None = None) -> int:
         control.uninstall()
         control.drain(quiet=True)
         dist.cleanup_distributed()
+        unlock_output_dir()
     return 0
 
 

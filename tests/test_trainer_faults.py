@@ -604,3 +604,12 @@ def test_a_second_run_into_a_folder_in_use_is_refused(capsys, tmp_path, tiny_dat
     assert [r["epoch"] for r in records] == [1, 2]
     # Once it has ended the folder is free again: --resume auto continues it.
     assert main([*flags, "--epochs", "3", "--resume", "auto"]) == 0
+
+
+def test_a_failed_write_into_the_output_folder_is_one_line(capsys, tmp_path, tiny_data):
+    # config.toml, metrics and per-class files are written outside the checkpoints' own error
+    # handling: a full disk there (here a folder in config.toml's way) ended in a traceback
+    # naming a temp file, or none.
+    out = tmp_path / "out"
+    (out / "config.toml").mkdir(parents=True)
+    fails(capsys, base_flags(tiny_data, out), f"could not write {out / 'config.toml'}")

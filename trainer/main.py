@@ -1227,6 +1227,16 @@ def main(argv: list[str] | None = None) -> int:
             f"rank {info.rank}: {exc} (to find every unreadable image before training: "
             "python tools/make_lists.py ROOT --out-dir DIR --verify)"
         )
+    except OSError as exc:
+        # A write into the output folder failed (a full disk, a quota) outside the checkpoints,
+        # which say it themselves: config.toml, metrics, per-class files. Rank 0 alone writes.
+        folder = os.path.abspath(cfg.output_dir) + os.sep
+        if not (exc.filename and os.path.abspath(exc.filename).startswith(folder)):
+            raise
+        return fail(
+            f"could not write {exc.filename} ({exc.strerror or exc}): free some space or use "
+            "another --output-dir, then --resume auto"
+        )
     except Exception as exc:
         if info.distributed and dist.peer_timed_out(exc):
             # Nobody else can say it: the silent rank is hung, stopped or cut off.

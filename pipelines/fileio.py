@@ -27,6 +27,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        # Name the file the caller asked for: not the temp file, and not nothing (a write
+        # failing for a full disk carries no file name).
+        if exc.filename in (None, tmp):
+            exc.filename, exc.filename2 = path, None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -256,7 +256,9 @@ def test_earlier_results_are_never_replaced(capsys, tmp_path, tiny_data):
     assert (out / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
     assert (out / "best.pt").read_bytes() == b"an earlier run's best weights"
     # --resume auto with no last.pt to continue from is no licence to replace them either.
-    fails(capsys, [*base_flags(tiny_data, out), "--resume", "auto"], "already holds a run")
+    # It says that there is nothing to continue, rather than "continue it with --resume auto".
+    line = fails(capsys, [*base_flags(tiny_data, out), "--resume", "auto"], "already holds a run")
+    assert "no last.pt to continue it from" in line and "--overwrite" in line
 
 
 def test_unwritable_output_folder_found_at_start(capsys, tmp_path, tiny_data):
@@ -282,6 +284,10 @@ def test_failed_checkpoint_write_says_what_and_how_much(tmp_path):
     message = checkpoint._save_failure(str(tmp_path / "last.pt"), str(tmp_path), state, full)
     assert "No space left on device" in message and "previous one is intact" in message
     assert "needs about 1 MiB" in message and "--resume auto" in message
+    # The first epoch's saves: no last.pt to resume from, so not "then --resume auto".
+    (tmp_path / "last.pt").unlink()
+    message = checkpoint._save_failure(str(tmp_path / "best.pt"), str(tmp_path), state, full)
+    assert "then start over" in message and "--resume auto" not in message
 
 
 @pytest.mark.slow
@@ -534,3 +540,87 @@ def test_resume_on_epochs_of_another_length_keeps_the_schedule_in_step(capsys, t
     set_schedule_position(placed, 7)
     assert placed.get_last_lr() == stepped.get_last_lr()
     assert placed.optimizer.param_groups[0]["lr"] == stepped.optimizer.param_groups[0]["lr"]
+
+
+def test_run_stopped_after_its_last_checkpoint_resumes_to_every_result(capsys, tmp_path, tiny_data):
+    # A signal during the final evaluation (or a kill during the export) stops the run after
+    # last.pt of its last epoch: model.pt, per_class.csv and the confusion matrix are missing.
+    # --resume auto has no epoch left to train and must still write them all, as they were.
+    run = tmp_path / "run"
+    assert main(base_flags(tiny_data, run)) == 0
+    finals = ["model.pt", "per_class.csv", "confusion_matrix.csv", "metrics.png"]
+    before = {name: (run / name).read_bytes() for name in ("per_class.csv", "confusion_matrix.csv")}
+    for name in finals:
+        (run / name).unlink()
+    capsys.readouterr()
+    assert main([*base_flags(tiny_data, run), "--resume", "auto"]) == 0
+    assert "nothing to train" in capsys.readouterr().out
+    assert all((run / name).exists() for name in finals)
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    # Another folder's finished run resumed into a new one: no epoch runs there, no metrics
+    # to plot; that is said in a line, not a traceback.
+    other = tmp_path / "other"
+    assert main([*base_flags(tiny_data, other), "--resume", str(run / "last.pt")]) == 0
+    assert "no metrics.png: no epochs were trained" in capsys.readouterr().out
+    assert (other / "model.pt").exists() and (other / "per_class.csv").read_bytes() == before[
+        "per_class.csv"
+    ]
+
+
+def test_a_failed_best_pt_write_is_redone_on_resume(capsys, tmp_path, tiny_data):
+    # best.pt of a new best epoch cannot be written (a full disk; here a folder in its way):
+    # the run stops, and --resume auto once the space is there must redo that epoch and save
+    # it as best.pt, not find its score already in last.pt and never write best.pt again.
+    run = tmp_path / "run"
+    flags = [*base_flags(tiny_data, run), "--classes", tiny_data.classes_file]
+    assert main(flags) == 0
+    (run / "best.pt").unlink()
+    (run / "best.pt").mkdir()  # in the way of best.pt's write
+    line = fails(capsys, [*flags, "--epochs", "2", "--resume", "auto"], "could not write")
+    assert str(run / "best.pt") in line  # epoch 2 was a new best
+    (run / "best.pt").rmdir()  # the space is freed
+    assert main([*flags, "--epochs", "2", "--resume", "auto"]) == 0
+    best = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
+    last = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert best["epoch"] == last["epoch"] == 2 and best["best_top1"] == last["best_top1"]
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_folder_in_use_is_refused(capsys, tmp_path, tiny_data):
+    # Until its first checkpoint a run's folder holds only config.toml, which marks nothing:
+    # a second run started there trained too, the two appending their epochs to one
+    # metrics.jsonl (1, 1, 2, 2) and saving over each other's checkpoints; with --overwrite it
+    # deleted the running one's files.
+    out = tmp_path / "out"
+    flags = [*base_flags(tiny_data, out), "--epochs", "2", "--log-interval", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    first = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "trainer", "main.py"), *flags],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    for line in first.stdout:  # the first run is training, before its first checkpoint
+        if "step 1/" in line:
+            break
+    for extra in ([], ["--overwrite"]):
+        fails(capsys, [*flags, "--seed", "1", *extra], str(out), "another run is writing")
+    first.communicate(timeout=120)
+    assert first.returncode == 0
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    # Once it has ended the folder is free again: --resume auto continues it.
+    assert main([*flags, "--epochs", "3", "--resume", "auto"]) == 0
+
+
+def test_a_failed_write_into_the_output_folder_is_one_line(capsys, tmp_path, tiny_data):
+    # config.toml, metrics and per-class files are written outside the checkpoints' own error
+    # handling: a full disk there (here a folder in config.toml's way) ended in a traceback
+    # naming a temp file, or none.
+    out = tmp_path / "out"
+    (out / "config.toml").mkdir(parents=True)
+    fails(capsys, base_flags(tiny_data, out), f"could not write {out / 'config.toml'}")

@@ -79,9 +79,11 @@ def _save_failure(path: str, folder: str, obj: Any, exc: BaseException) -> str:
         return message
     needed = _tensor_bytes(obj)
     if needed >= free or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+        # Without a last.pt in the folder (the first epoch's saves) there is nothing to resume.
+        then = "--resume auto" if os.path.isfile(os.path.join(folder, LAST)) else "start over"
         message += (
             f"; it needs about {needed / 2**20:.0f} MiB and {free / 2**20:.0f} MiB are free "
-            "there: free some space or use another --output-dir, then --resume auto"
+            f"there: free some space or use another --output-dir, then {then}"
         )
     return message
 

@@ -15,6 +15,7 @@ fails before training with one ``error: ...`` line on rank 0 and exit status 2.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -551,9 +552,13 @@ def end_epoch(cfg: Config, training: Training, data: DataSpec, record: dict) -> 
     run_metrics.append(cfg.output_dir, record)
     state = training_state(cfg, training, data, next_epoch=record["epoch"])
     state["elapsed"] = record["elapsed"]
-    ckpt_io.atomic_save(state, os.path.join(cfg.output_dir, ckpt_io.LAST))
+    # best.pt before last.pt: last.pt records this epoch's score as the best, so once it is
+    # written a resume never saves this epoch as best.pt again. A run that stopped between
+    # the two (killed, or best.pt's write failing on a full disk) kept a best.pt of an earlier,
+    # worse epoch (or none) after --resume auto; this way it redoes the epoch and saves both.
     if is_best:
         ckpt_io.atomic_save(state, os.path.join(cfg.output_dir, ckpt_io.BEST))
+    ckpt_io.atomic_save(state, os.path.join(cfg.output_dir, ckpt_io.LAST))
 
 
 def evaluate_weights(
@@ -586,6 +591,14 @@ def fit(
     start_time = training.fit_start = time.perf_counter()
     if control is not None:
         control.in_training = True  # from here a signal is acted on at an agreed step
+    if training.start_epoch >= cfg.epochs and val_loader is not None:
+        # Resumed from the last epoch's checkpoint: the run was stopped after it was saved
+        # (a signal during the final evaluation, a kill during the export). The per-class
+        # figures come from that evaluation, which the stop lost: evaluate the final weights
+        # again, or the finished run would have no per_class.csv and confusion matrix.
+        evaluate_weights(training, "raw", val_loader, data, info, True)
+        if training.ema is not None:
+            evaluate_weights(training, "ema", val_loader, data, info, True)
     for epoch in range(training.start_epoch, cfg.epochs):
         # Seeded per epoch and rank, so a resumed run draws what the uninterrupted one would.
         torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + info.rank)
@@ -689,9 +702,53 @@ def results_in(folder: str) -> list[str]:
     return [name for name in RESULT_FILES if os.path.exists(os.path.join(folder, name))]
 
 
+# The folder this process trains into, locked (flock) from its check to the process's end:
+# (its real path, the descriptor holding the lock).
+_output_lock: tuple[str, int] | None = None
+
+
+def lock_output_dir(output_dir: str) -> None:
+    """Rank 0: hold an exclusive lock on ``output_dir`` (an existing folder) for this run.
+
+    Two runs started into one folder (before the first one's first checkpoint, which alone
+    marks the folder as used, or one with --overwrite) would interleave their epoch records
+    and checkpoints, or delete the running one's files. The lock is on the folder itself, so
+    nothing is left behind; it ends with the process, however that ends (kill -9 included).
+    """
+    global _output_lock
+    folder = os.path.realpath(output_dir)
+    if _output_lock is not None:
+        if _output_lock[0] == folder:
+            return
+        unlock_output_dir()  # main() called again in one process, for another folder
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise TrainerError(
+            f"{output_dir}: another run is writing into this folder now; wait for it to end, "
+            "or use another --output-dir"
+        ) from None
+    except OSError:  # a filesystem without flock on folders (some NFS): go on unguarded
+        os.close(fd)
+        return
+    _output_lock = (folder, fd)
+
+
+def unlock_output_dir() -> None:
+    global _output_lock
+    if _output_lock is not None:
+        os.close(_output_lock[1])  # closing releases the flock
+        _output_lock = None
+
+
 def check_output_dir(cfg: Config) -> None:
     """Before any work: never replace an earlier run's results by accident, and find a
     folder that cannot be written now rather than at the first checkpoint."""
+    if not cfg.eval_only and os.path.isdir(cfg.output_dir):
+        # Before looking at (or, with --overwrite, removing) what the folder holds.
+        lock_output_dir(cfg.output_dir)
     if not cfg.eval_only:  # an evaluation writes beside a run (eval_results_dir), never over
         found = results_in(cfg.output_dir)
         resume_path = ckpt_io.resolve_resume(cfg.resume, cfg.output_dir)
@@ -708,6 +765,15 @@ def check_output_dir(cfg: Config) -> None:
             except run_metrics.MetricsError as exc:
                 raise TrainerError(f"{exc} (the run resumes once it is)") from None
         if found and not own and not cfg.overwrite:
+            if cfg.resume == "auto" and resume_path is None:
+                # A run stopped before its first last.pt (killed, or that write failed) left
+                # records but nothing to continue from: saying "continue it with --resume
+                # auto" here would send the user round in a circle.
+                raise TrainerError(
+                    f"{cfg.output_dir} already holds a run ({', '.join(found)}) but no "
+                    f"{ckpt_io.LAST} to continue it from (it stopped before its first "
+                    "checkpoint): start it over with --overwrite, or use --output-dir NEW_DIR"
+                )
             if resume_path is not None:
                 raise TrainerError(
                     f"{cfg.output_dir} already holds a run ({', '.join(found)}), and --resume "
@@ -899,9 +965,13 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
 
     if checkpoint is not None:  # before config.toml is written: a refusal changes nothing
         check_same_run(checkpoint, resume_path, cfg, info.world_size, lr_given=lr_given)
-    if info.is_main:
+
+    def claim_output_dir() -> None:
         os.makedirs(cfg.output_dir, exist_ok=True)
+        lock_output_dir(cfg.output_dir)  # a folder made since check_output_dir: lock it now
         save_config(cfg, os.path.join(cfg.output_dir, CONFIG_FILE))
+
+    decided_by_main(info, claim_output_dir)
 
     training = build_training(
         cfg, model, steps_per_epoch=len(train_loader), amp_dtype=amp_dtype, device=info.device
@@ -945,7 +1015,8 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
 
     if info.is_main:
         export = os.path.join(cfg.output_dir, ckpt_io.EXPORT)
-        weights, which = final_weights(training, run_metrics.read(cfg.output_dir))
+        records = run_metrics.read(cfg.output_dir)
+        weights, which = final_weights(training, records)
         ckpt_io.export_model(
             export,
             model=weights,
@@ -962,6 +1033,9 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
         )
         if training.confusion.get(which) is not None:
             report_per_class(cfg.output_dir, training.confusion[which], data.class_names)
+        if not records:  # resumed from another folder's finished run: no epoch ran here
+            dist.print0(f"no {run_metrics.PNG}: no epochs were trained in {cfg.output_dir}")
+            return
         try:
             dist.print0(f"loss and top-1 per epoch: {run_metrics.plot(cfg.output_dir)}")
         except run_metrics.PlotUnavailable as exc:
@@ -1159,6 +1233,16 @@ def main(argv: list[str] | None = None) -> int:
             f"rank {info.rank}: {exc} (to find every unreadable image before training: "
             "python tools/make_lists.py ROOT --out-dir DIR --verify)"
         )
+    except OSError as exc:
+        # A write into the output folder failed (a full disk, a quota) outside the checkpoints,
+        # which say it themselves: config.toml, metrics, per-class files. Rank 0 alone writes.
+        folder = os.path.abspath(cfg.output_dir) + os.sep
+        if not (exc.filename and os.path.abspath(exc.filename).startswith(folder)):
+            raise
+        return fail(
+            f"could not write {exc.filename} ({exc.strerror or exc}): free some space or use "
+            "another --output-dir, then --resume auto"
+        )
     except Exception as exc:
         if info.distributed and dist.peer_timed_out(exc):
             # Nobody else can say it: the silent rank is hung, stopped or cut off.
@@ -1183,6 +1267,7 @@ def main(argv: list[str] | None = None) -> int:
         control.uninstall()
         control.drain(quiet=True)
         dist.cleanup_distributed()
+        unlock_output_dir()
     return 0
 
 

@@ -3,6 +3,7 @@ files and the single-process side of dist: small tensors, one process, no launch
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import os
@@ -340,6 +341,36 @@ def test_atomic_save_and_resume_resolution(tmp_path):
         checkpoint.resolve_resume(str(tmp_path / "gone.pt"), str(tmp_path))
     with pytest.raises(TrainerError, match="not a checkpoint of this trainer"):
         checkpoint.load_checkpoint(str(path))
+
+
+def test_unloadable_checkpoints_say_why_in_one_line(tmp_path):
+    """What a user passes to --resume by mistake: each refused with a reason to act on, never
+    torch's paragraph advising weights_only=False (wrong for a damaged file, unsafe else)."""
+    weights = tmp_path / "model.pt"
+    checkpoint.export_model(
+        str(weights), model=create_model("resnet18", num_classes=3), arch="resnet18",
+        class_names=["a", "b", "c"], image_size=32,
+    )  # fmt: skip
+    state_dict = tmp_path / "resnet18.pth"
+    torch.save(create_model("resnet18", num_classes=3).state_dict(), state_dict)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(state_dict.read_bytes()[:5000])
+    pickled = tmp_path / "namespace.pt"
+    torch.save({"args": argparse.Namespace(lr=0.1)}, pickled)
+    expected = {
+        weights: "weights without a training state .* --pretrained PATH",
+        state_dict: "weights without a training state .* --pretrained PATH",
+        garbage: "not a PyTorch weights file, or a damaged one$",
+        cut: "not a PyTorch weights file, or a damaged one$",
+        pickled: r"holds pickled Python objects \(argparse.Namespace\)",
+    }
+    for path, message in expected.items():
+        with pytest.raises(TrainerError, match=message) as caught:
+            checkpoint.load_checkpoint(str(path))
+        text = str(caught.value)
+        assert "\n" not in text and "\x1b" not in text and "weights_only" not in text, text
 
 
 def test_export_preprocessing_matches_the_loaders(tmp_path):

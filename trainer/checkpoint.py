@@ -42,7 +42,9 @@ from pipelines.fileio import atomic_write
 from trainer import metrics
 from trainer.config import TrainerError
 from trainer.model import (
+    UnreadableWeights,
     first_difference,
+    load_tensors,
     recorded_class_names,
     strip_wrapper_prefixes,
     unwrap_model,
@@ -181,12 +183,21 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
 
 def load_checkpoint(path: str) -> dict[str, Any]:
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TrainerError(f"{path}: not a readable checkpoint ({first_line})") from None
+        ckpt = load_tensors(path)
+    except UnreadableWeights as exc:
+        raise TrainerError(f"{path}: not a readable checkpoint: {exc}") from None
     needed = ("model", "optimizer", "scheduler", "epoch", "config")
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
+        weights_only = isinstance(ckpt, dict) and (
+            "model" in ckpt  # model.pt
+            or all(isinstance(v, torch.Tensor) for v in ckpt.values())  # a state dict
+        )
+        if ckpt and weights_only:
+            # Weights without what a resume continues: it would restart the schedule at 0.
+            raise TrainerError(
+                f"{path}: weights without a training state (optimizer, schedule, epoch), so "
+                "there is no run to resume; to start a new run from them: --pretrained PATH"
+            )
         raise TrainerError(f"{path}: not a checkpoint of this trainer (needs {', '.join(needed)})")
     return ckpt
 

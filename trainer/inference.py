@@ -64,6 +64,7 @@ from pipelines.scan import is_image_file
 from trainer import config
 from trainer.dist import usable_cpus
 from trainer.engine import resolve_amp
+from trainer.model import UnreadableWeights, load_tensors
 
 DEFAULT_TOP_K = 5
 DEFAULT_BATCH_SIZE = 64
@@ -115,14 +116,10 @@ def load_model(path: str, *, device: torch.device | str = "cpu") -> LoadedModel:
     mode on ``device``; InferenceError, one line, for anything that is not one."""
     path = resolve_model_path(path)
     try:
-        # weights_only: loading a model file must never be able to run code.
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # torch raises many types for a file that is not a torch save
-        # torch's own message may advise weights_only=False, i.e. running the file's code:
-        # not advice to pass on for a file that is not ours to begin with.
+        saved = load_tensors(path)  # never runs code from the file
+    except UnreadableWeights as exc:
         raise InferenceError(
-            f"{path}: not a model.pt of this trainer (not a PyTorch weights file); pass a "
-            f"run's {MODEL_FILE}"
+            f"{path}: not a model.pt of this trainer ({exc}); pass a run's {MODEL_FILE}"
         ) from None
     needed = ("arch", "model", "class_names", "preprocessing")
     if not isinstance(saved, dict) or any(key not in saved for key in needed):

@@ -100,6 +100,43 @@ def first_difference(theirs: Sequence[str], ours: Sequence[str]) -> str:
     return f"label {k} is {there} there, {here} here"
 
 
+NOT_TORCH = "not a PyTorch weights file, or a damaged one"
+
+
+class UnreadableWeights(Exception):
+    """torch.load refused a file; the message says why in words a user can act on.
+    ``pickled``: the file holds Python objects besides tensors (torch.save(model))."""
+
+    def __init__(self, message: str, *, pickled: bool = False):
+        super().__init__(message)
+        self.pickled = pickled
+
+
+def load_tensors(path: str):
+    """``torch.load`` with ``weights_only=True`` (a weights file must never be able to run
+    code on load), its refusals turned into UnreadableWeights with a one-line reason.
+
+    torch's own messages are paragraphs with terminal escapes that advise loading with
+    ``weights_only=False``: wrong for a damaged file and unsafe for any other.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a file that is not a torch save
+        text = str(exc).strip()
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if found:  # torch.save(model), or a checkpoint holding argparse.Namespace
+            raise UnreadableWeights(
+                f"holds pickled Python objects ({found.group(1)}), not only tensors, and they "
+                "are not loaded since unpickling can run code",
+                pickled=True,
+            ) from None
+        if isinstance(exc, OSError) and exc.filename:  # permission denied, a folder
+            raise UnreadableWeights(exc.strerror or text) from None
+        # Random bytes, a text file, a file cut short: torch's text names an opcode, a byte
+        # or "[Errno 22] Invalid argument", nothing a user can act on.
+        raise UnreadableWeights(NOT_TORCH) from None
+
+
 def read_state_dict(
     path: str, *, arch: str | None = None
 ) -> tuple[dict[str, torch.Tensor], list[str] | None]:
@@ -111,23 +148,10 @@ def read_state_dict(
     if not os.path.isfile(path):
         raise TrainerError(f"{path}: pretrained weights file not found")
     try:
-        # weights_only: a weights file must never be able to run code on load.
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a file that is not a torch save
-        text = str(exc).strip()
-        if text.startswith("Weights only load failed"):
-            # A torch save of Python objects (torch.save(model), a checkpoint holding
-            # argparse.Namespace): torch's paragraph (terminal escapes included) would say
-            # "not a PyTorch weights file" followed by advice to run its code.
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-            what = f" ({found.group(1)})" if found else ""
-            raise TrainerError(
-                f"{path}: holds pickled Python objects{what}, not only tensors, and they are "
-                "not loaded since unpickling can run code; save the weights alone: "
-                "torch.save(model.state_dict(), PATH)"
-            ) from None
-        first_line = text.splitlines()[0] if text else type(exc).__name__
-        raise TrainerError(f"{path}: not a PyTorch weights file ({first_line})") from None
+        obj = load_tensors(path)
+    except UnreadableWeights as exc:
+        advice = "; save the weights alone: torch.save(model.state_dict(), PATH)"
+        raise TrainerError(f"{path}: {exc}{advice if exc.pickled else ''}") from None
     class_names = None
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
         class_names = recorded_class_names(obj.get("class_names"))

@@ -282,3 +282,24 @@ def test_suite_summary_says_how_each_stage_ended(tmp_path):
     assert "- table: done, 41 s" in summary
     assert "- sweep: cut by its time limit (figures above are partial), 55 s" in summary
     assert "- compile: failed, exit 1 (see compile.log), 3 s" in summary
+
+
+def test_gpu_suite_collects_the_gpu_tests_without_the_test_extra(tmp_path):
+    # gpu_suite.sh runs `pytest -m gpu tests` on the GPU machine, whose image has torch,
+    # numpy and pillow but not the test extra (onnx, onnxruntime, onnxscript, matplotlib): a
+    # test module importing one of them at the top stops the collection, and no GPU test runs.
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shim = tmp_path / "shim"
+    for name in ("onnx", "onnxruntime", "onnxscript", "matplotlib"):
+        (shim / name).mkdir(parents=True)
+        (shim / name / "__init__.py").write_text(
+            f"raise ModuleNotFoundError(\"No module named '{name}'\", name={name!r})\n"
+        )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim), repo])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-m", "gpu", "--collect-only", "-q",
+         "-p", "no:cacheprovider", "tests"],
+        capture_output=True, text=True, cwd=repo, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "tests/test_pipelines_gpu.py::" in proc.stdout

@@ -80,6 +80,13 @@ DECODES = ("auto", "mixed", "cpu")
 # Flags that mean something only with --sweep, and the ones the sweep decides itself.
 SWEEP_ONLY = ("sweep_decode", "sweep_hw_decoder_load", "sweep_threads", "sweep_prefetch", "toml")
 NOT_WITH_SWEEP = ("backends", "modes", "plot")
+# One loader's settings: the sweep sets them per configuration, so it would ignore these flags.
+SWEPT_INSTEAD = {
+    "workers": "--sweep-threads",
+    "prefetch": "--sweep-prefetch",
+    "dali_decode": "--sweep-decode",
+    "hw_decoder_load": "--sweep-hw-decoder-load",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,9 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--boundaries",
         type=non_negative_int,
-        default=3,
+        default=None,
         help="epoch ends to time per loader (train mode, else loader mode); 0 skips "
-        "[default: 3; 0 with --sweep]",
+        "[default: 3; the sweep times none]",
     )
     p.add_argument(
         "--boundary-steps",
@@ -622,12 +629,10 @@ def _resolve_list(args) -> list[Sample]:
 
 def fill_defaults(args) -> None:
     """Window defaults: long for the comparison, short for the sweep's many configurations."""
-    defaults = (3, 8, 2) if args.sweep else (10, 20, 3)
-    for name, value in zip(("warmup", "iters", "repeats"), defaults, strict=True):
+    defaults = (3, 8, 2, 0) if args.sweep else (10, 20, 3, 3)
+    for name, value in zip(("warmup", "iters", "repeats", "boundaries"), defaults, strict=True):
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.sweep:
-        args.boundaries = 0
 
 
 def _run(args, info: dist.DistInfo, variants: list[Variant], modes: list[str], workdir) -> dict:
@@ -855,6 +860,17 @@ def check_flags(args) -> None:
                     f"--{name} does not apply to --sweep (the sweep chooses its own DALI "
                     "configurations and prints a ranked table): leave it out"
                 )
+        for name, instead in SWEPT_INSTEAD.items():
+            if getattr(args, name) not in (None, "auto"):
+                flag = f"--{name.replace('_', '-')}"
+                raise BenchmarkInputError(
+                    f"{flag} does not apply to --sweep (each configuration sets its own): "
+                    f"use {instead} to choose the values swept"
+                )
+        if args.boundaries:
+            raise BenchmarkInputError(
+                "--boundaries does not apply to --sweep (it times no epoch ends): leave it out"
+            )
     else:
         for name in SWEEP_ONLY:
             if getattr(args, name) is not None:

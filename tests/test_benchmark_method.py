@@ -121,8 +121,9 @@ def test_epoch_boundaries_time_natural_epoch_ends(tiny_data, backend):
 
 # --- bad input: one error line, exit status 2, before anything is measured -------------------
 
-TINY = ["--arch", "resnet18", "--batch-size", "4", "--image-size", "32", "--workers", "1"]
-TINY += ["--warmup", "1", "--iters", "2", "--repeats", "2", "--boundaries", "0"]
+TINY_SWEEP = ["--arch", "resnet18", "--batch-size", "4", "--image-size", "32"]
+TINY_SWEEP += ["--warmup", "1", "--iters", "2", "--repeats", "2"]
+TINY = TINY_SWEEP + ["--workers", "1", "--boundaries", "0"]
 
 
 @pytest.mark.parametrize(
@@ -148,12 +149,19 @@ TINY += ["--warmup", "1", "--iters", "2", "--repeats", "2", "--boundaries", "0"]
         (["--sweep-prefetch", "2"], "--sweep-prefetch applies to --sweep only"),
         (["--sweep", "--sweep-threads", "0"], "--sweep-threads: every value must be at least 1"),
         (["--sweep", "--sweep-hw-decoder-load", "2"], "must be within [0.0, 1.0]"),
+        # One loader's settings: the sweep would measure its own values instead.
+        (["--sweep", "--workers", "1"], "--workers does not apply to --sweep (each"),
+        (["--sweep", "--prefetch", "3"], "use --sweep-prefetch to choose the values swept"),
+        (["--sweep", "--dali-decode", "cpu"], "use --sweep-decode to choose"),
+        (["--sweep", "--hw-decoder-load", "0.5"], "use --sweep-hw-decoder-load to choose"),
+        (["--sweep", "--boundaries", "2"], "--boundaries does not apply to --sweep"),
         (["--arch", "resnet9000"], "--arch resnet9000: not a torchvision model"),
         (["--plot", "chart.doc"], "matplotlib cannot write .doc"),
     ],
 )
 def test_bad_values_are_one_line_before_measuring(tiny_data, tmp_path, capsys, flags, message):
-    status = _main(["--list", tiny_data.train_list, *TINY, *flags], tmp_path)
+    tiny = TINY_SWEEP if "--sweep" in flags else TINY
+    status = _main(["--list", tiny_data.train_list, *tiny, *flags], tmp_path)
     out, err = capsys.readouterr()
     assert status == 2 and err.count("\n") == 1 and err.startswith("error: "), err
     assert message in err, err
@@ -176,8 +184,8 @@ def test_outputs_that_exist_are_refused_before_measuring(tiny_data, tmp_path, ca
     for flag in ("--json", "--plot", "--toml"):
         earlier = tmp_path / f"earlier{flag[2:]}.png"
         earlier.write_text("an earlier result")
-        extra = ["--sweep"] if flag == "--toml" else []
-        argv = ["--list", tiny_data.train_list, *TINY, *extra, flag, str(earlier)]
+        tiny, extra = (TINY_SWEEP, ["--sweep"]) if flag == "--toml" else (TINY, [])
+        argv = ["--list", tiny_data.train_list, *tiny, *extra, flag, str(earlier)]
         assert throughput.main(argv) == 2
         err = capsys.readouterr().err
         assert err == f"error: {flag} {earlier} exists: choose another name or pass --overwrite\n"

@@ -128,6 +128,11 @@ def header_line(payload: dict) -> str:
     )
 
 
+def ceiling_last(rows: list[dict]) -> list[dict]:
+    """Rows in measuring order, but the synthetic ceiling (measured first) shown last."""
+    return sorted(rows, key=lambda row: row["mode"] == "synthetic")
+
+
 def markdown_table(rows: list[dict]) -> str:
     """The figures. Headline: gap to ceiling, what the loader costs the training. GPU idle:
     the share of window time the GPU had no training work queued (CUDA only). Host data wait:
@@ -139,7 +144,7 @@ def markdown_table(rows: list[dict]) -> str:
         "|---|---|---:|---|---:|---:|---:|---:|\n"
     )
     lines = []
-    for row in rows:
+    for row in ceiling_last(rows):
         gap = row.get("gap_to_ceiling_percent")
         loader_row = row["mode"] == "loader"
         no_loader = row["mode"] != "train"  # loader mode waits on nothing else; synthetic has none
@@ -262,6 +267,8 @@ def plot(path: str, rows: list[dict], *, title: str) -> None:
 
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt
+
+    rows = ceiling_last(rows)
 
     labels = [f"{r['variant']}\n{r['mode']}" for r in rows]
     medians = [r["images_per_sec_per_gpu"] for r in rows]

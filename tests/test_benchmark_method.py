@@ -1,6 +1,7 @@
 """The benchmark's method in-process: queue-sized warm-up, windows inside one epoch, the
 first-window flag, epoch-boundary timing; real loaders (DALI in CPU mode, PIL) and real torch."""
 
+import json
 import os
 import signal
 import subprocess
@@ -205,6 +206,29 @@ def test_a_bad_list_is_named_at_its_own_line_not_the_repeated_one(tiny_data, tmp
     listed.write_text(lines[0] + "not a line\n")
     assert throughput.main(argv) == 2
     assert f"{listed}:2" in capsys.readouterr().err
+
+
+def test_a_run_cut_after_any_row_keeps_the_ceiling_and_the_gaps(
+    tiny_data, tmp_path, monkeypatch, capsys
+):
+    """gpu_suite's stages run under `timeout`: the JSON as written after each row is what a
+    cut run leaves. The synthetic ceiling is measured first, so every train row written
+    carries its gap to the ceiling; the tables still show the ceiling last."""
+    written = []
+    monkeypatch.setattr(
+        report, "write_json", lambda path, payload: written.append(json.loads(json.dumps(payload)))
+    )
+    argv = ["--list", tiny_data.train_list, *TINY, "--backends", "dali", "--json", "x.json"]
+    assert _main(argv, tmp_path) == 0
+    first = written[0]["results"]
+    assert [(r["variant"], r["mode"]) for r in first] == [("synthetic", "synthetic")]
+    for payload in written:
+        for row in payload["results"]:
+            if row["mode"] == "train":
+                assert row["gap_to_ceiling_percent"] is not None
+    assert any(r["mode"] == "train" for r in written[-1]["results"])
+    table = capsys.readouterr().out.split("| loader | mode |")[1].split("\n\n")[0]
+    assert table.strip().splitlines()[-1].startswith("| synthetic | synthetic |")
 
 
 def test_sigterm_still_removes_the_temporary_lists(tiny_data, tmp_path):

@@ -118,13 +118,17 @@ def header_line(payload: dict) -> str:
         if settings["list_repeated"]
         else ""
     )
+    same = "".join(
+        f"; {label}: the same settings as {earlier}, measured once"
+        for label, earlier in settings.get("same_settings", {}).items()
+    )
     return (
         f"{settings['arch']}, batch {settings['batch_size_per_gpu']}/GPU, crop "
         f"{settings['image_size']}, amp {settings['amp']}, compile {settings['compile']}, "
         f"{settings['world_size']} x {env['gpu_name'] or 'CPU'} ({env['cpu_count']} CPUs: "
         f"{env['cpu_model']}), {settings['num_images']:,} images{repeated}; median of "
         f"{settings['repeats']} windows x {settings['iters']} steps after a warm-up of each "
-        f"loader's queue depth + {settings['warmup_beyond_queue']} steps"
+        f"loader's queue depth + {settings['warmup_beyond_queue']} steps{same}"
     )
 
 

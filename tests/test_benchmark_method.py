@@ -231,6 +231,22 @@ def test_a_run_cut_after_any_row_keeps_the_ceiling_and_the_gaps(
     assert table.strip().splitlines()[-1].startswith("| synthetic | synthetic |")
 
 
+def test_items_that_resolve_to_the_same_loader_are_measured_once(tiny_data, tmp_path, capsys):
+    # gpu_suite's table names "dali" (the trainer's choice) beside explicit DALI rows; on a
+    # 16-core GPU machine the choice is one of them (cpu decode, 16 threads): device time
+    # spent twice on one loader. Here, without a GPU: dali = dali:decode=cpu.
+    argv = ["--list", tiny_data.train_list, *TINY, "--backends", "pil,dali,dali:decode=cpu"]
+    assert _main([*argv, "--modes", "loader", "--json", "x.json"], tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "  dali:decode=cpu: the same settings as dali: measured once, as that\n" in out
+    payload = json.loads((tmp_path / "x.json").read_text())
+    assert [r["variant"] for r in payload["results"]] == ["pil", "dali"]
+    assert payload["settings"]["same_settings"] == {"dali:decode=cpu": "dali"}
+    assert "; dali:decode=cpu: the same settings as dali, measured once" in report.header_line(
+        payload
+    )
+
+
 def test_sigterm_still_removes_the_temporary_lists(tiny_data, tmp_path):
     """gpu_suite's `timeout` sends SIGTERM: the repeated lists must not stay in /tmp."""
     scratch = tmp_path / "tmp"

@@ -5,7 +5,9 @@
 #   1. table    resnet50, bf16, channels_last, batch 256/GPU, one process: pil and pil-gpu with
 #               every core as workers, DALI with the trainer's defaults (no flags), DALI tuned
 #               (mixed, hw_decoder_load 0.99, 8 threads), DALI cpu decode with every core; loader,
-#               train, synthetic ceiling; epoch-boundary cost of each loader.
+#               train, synthetic ceiling; epoch-boundary cost of each loader. A row whose
+#               settings equal the defaults' (cpu decode with 16 cores, mixed/8 threads with
+#               8-15) is measured once, as `dali`.
 #   2. sweep    throughput.py --sweep, small grid (mixed,cpu x 0.8,0.99 x 8,cores x prefetch 2)
 #   3. compile  DALI defaults with --compile (compare with the table's dali train row: no compile)
 #   4. tests    the gpu-marked tests

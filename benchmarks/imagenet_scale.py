@@ -14,7 +14,8 @@ the demo list itself, each case in a fresh process so that its max RSS is its ow
 - ``start_to_first_batch_s``: both builds plus the first training batch, what the trainer
   pays before its first step (the parse and check again, with the lists' pages cached);
 - per epoch: ``boundary_s`` from ``set_epoch`` to the first batch of the epoch (a new
-  pipeline each epoch) and ``step_s``, the median time of the next ``--steps`` batches;
+  pipeline each epoch) and ``step_s``, the median time of the next ``--steps`` batches
+  (``steps_timed``: fewer when the epoch holds fewer, as the demo list's 6 steps at 8 x 32);
 - ``max_rss_mb``: ``ru_maxrss`` with the train and val loaders alive, each having made
   batches; ``table_mb``: the train loader's compact list (paths and labels).
 
@@ -204,6 +205,8 @@ def measure_case(args, train_list: str, val_list: str) -> dict:
         out["build_train_s"] + out["build_val_s"] + out["digest_s"] + out["first_batch_s"]
     )
     out["steps_per_epoch"] = len(train)
+    # A list shorter than --steps + 1 steps per epoch times what its epochs hold: say so.
+    out["steps_timed"] = min(args.steps, len(train) - 1)
     out["table_mb"] = train.table.nbytes / 1e6
 
     epochs = []
@@ -217,7 +220,7 @@ def measure_case(args, train_list: str, val_list: str) -> dict:
         else:
             boundary = out["first_batch_s"]
         times = []
-        for _ in range(min(args.steps, len(train) - 1)):
+        for _ in range(out["steps_timed"]):
             start = time.perf_counter()
             next(batches)
             times.append(time.perf_counter() - start)
@@ -257,6 +260,7 @@ def markdown(results: dict, args) -> str:
         ("max RSS, train + val alive (MB)", "max_rss_mb", "{:,}"),
         ("RSS after imports (MB)", "rss_after_imports_mb", "{:,}"),
         ("compact train list (MB)", "table_mb", "{:.1f}"),
+        ("steps timed per epoch (median below)", "steps_timed", "{:,}"),
     ]
     lines = [
         f"rank {args.rank} of {args.world_size}, batch {args.batch_size}, {args.image_size} px, "

@@ -118,14 +118,23 @@ def header_line(payload: dict) -> str:
         if settings["list_repeated"]
         else ""
     )
+    same = "".join(
+        f"; {label}: the same settings as {earlier}, measured once"
+        for label, earlier in settings.get("same_settings", {}).items()
+    )
     return (
         f"{settings['arch']}, batch {settings['batch_size_per_gpu']}/GPU, crop "
         f"{settings['image_size']}, amp {settings['amp']}, compile {settings['compile']}, "
         f"{settings['world_size']} x {env['gpu_name'] or 'CPU'} ({env['cpu_count']} CPUs: "
         f"{env['cpu_model']}), {settings['num_images']:,} images{repeated}; median of "
         f"{settings['repeats']} windows x {settings['iters']} steps after a warm-up of each "
-        f"loader's queue depth + {settings['warmup_beyond_queue']} steps"
+        f"loader's queue depth + {settings['warmup_beyond_queue']} steps{same}"
     )
+
+
+def ceiling_last(rows: list[dict]) -> list[dict]:
+    """Rows in measuring order, but the synthetic ceiling (measured first) shown last."""
+    return sorted(rows, key=lambda row: row["mode"] == "synthetic")
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -139,7 +148,7 @@ def markdown_table(rows: list[dict]) -> str:
         "|---|---|---:|---|---:|---:|---:|---:|\n"
     )
     lines = []
-    for row in rows:
+    for row in ceiling_last(rows):
         gap = row.get("gap_to_ceiling_percent")
         loader_row = row["mode"] == "loader"
         no_loader = row["mode"] != "train"  # loader mode waits on nothing else; synthetic has none
@@ -262,6 +271,8 @@ def plot(path: str, rows: list[dict], *, title: str) -> None:
 
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt
+
+    rows = ceiling_last(rows)
 
     labels = [f"{r['variant']}\n{r['mode']}" for r in rows]
     medians = [r["images_per_sec_per_gpu"] for r in rows]

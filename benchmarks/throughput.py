@@ -80,6 +80,13 @@ DECODES = ("auto", "mixed", "cpu")
 # Flags that mean something only with --sweep, and the ones the sweep decides itself.
 SWEEP_ONLY = ("sweep_decode", "sweep_hw_decoder_load", "sweep_threads", "sweep_prefetch", "toml")
 NOT_WITH_SWEEP = ("backends", "modes", "plot")
+# One loader's settings: the sweep sets them per configuration, so it would ignore these flags.
+SWEPT_INSTEAD = {
+    "workers": "--sweep-threads",
+    "prefetch": "--sweep-prefetch",
+    "dali_decode": "--sweep-decode",
+    "hw_decoder_load": "--sweep-hw-decoder-load",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,9 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--boundaries",
         type=non_negative_int,
-        default=3,
+        default=None,
         help="epoch ends to time per loader (train mode, else loader mode); 0 skips "
-        "[default: 3; 0 with --sweep]",
+        "[default: 3; the sweep times none]",
     )
     p.add_argument(
         "--boundary-steps",
@@ -362,6 +369,21 @@ def _plan(variant: Variant, args, info: dist.DistInfo) -> LoaderPlan:
         ),
         prefetch=variant.prefetch if variant.prefetch is not None else args.prefetch,
     )
+
+
+def same_settings(plans: dict[str, LoaderPlan]) -> dict[str, str]:
+    """Label -> the earlier label whose loader runs with exactly the same settings, measured
+    once rather than twice: e.g. on a 16-core GPU machine ``dali`` (the trainer's choice) is
+    ``dali:decode=cpu:threads=16``, and with 8-15 cores ``dali:decode=mixed:hw=0.99:threads=8``."""
+    first: dict[tuple, str] = {}
+    same = {}
+    for label, plan in plans.items():
+        key = (plan.backend, plan.decode, plan.threads, plan.hw_decoder_load, plan.prefetch)
+        if key in first:
+            same[label] = first[key]
+        else:
+            first[key] = label
+    return same
 
 
 def queue_depth(plan: LoaderPlan) -> int:
@@ -622,18 +644,17 @@ def _resolve_list(args) -> list[Sample]:
 
 def fill_defaults(args) -> None:
     """Window defaults: long for the comparison, short for the sweep's many configurations."""
-    defaults = (3, 8, 2) if args.sweep else (10, 20, 3)
-    for name, value in zip(("warmup", "iters", "repeats"), defaults, strict=True):
+    defaults = (3, 8, 2, 0) if args.sweep else (10, 20, 3, 3)
+    for name, value in zip(("warmup", "iters", "repeats", "boundaries"), defaults, strict=True):
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.sweep:
-        args.boundaries = 0
 
 
 def _run(args, info: dist.DistInfo, variants: list[Variant], modes: list[str], workdir) -> dict:
     fill_defaults(args)
     device = info.device
     plans = {v.label: resolve_plan(v, args, info) for v in variants}  # refusals first
+    same = same_settings(plans)
     samples = _resolve_list(args)
     dtype = AMP_DTYPES[args.amp]
     env = report.environment()
@@ -673,6 +694,9 @@ def _run(args, info: dist.DistInfo, variants: list[Variant], modes: list[str], w
         f"{'warmed by one untimed read of every file' if args.warm_cache else 'not warmed (--no-warm-cache)'}"
     )
     for label, plan in plans.items():
+        if label in same:
+            dist.print0(f"  {label}: the same settings as {same[label]}: measured once, as that")
+            continue
         dist.print0(
             f"  {label}: {plan.describe()}; warm-up {warmups[label]} steps = queue "
             f"{queue_depth(plan)} batches + --warmup {args.warmup}"
@@ -721,6 +745,7 @@ def _run(args, info: dist.DistInfo, variants: list[Variant], modes: list[str], w
         "world_size": info.world_size,
         "device": str(device) if info.world_size == 1 else device.type,
         "page_cache_warmed": bool(args.warm_cache),
+        "same_settings": same,  # items not measured: their loader is that of another item
     }
     rows: list[dict] = []
     payload = {
@@ -737,6 +762,34 @@ def _run(args, info: dist.DistInfo, variants: list[Variant], modes: list[str], w
         if args.json and info.is_main:
             report.write_json(args.json, payload)  # after every row: a cut run keeps its rows
 
+    # The ceiling first, right after the step's warm-up: every train row's gap (the headline)
+    # needs it, and a run cut short (gpu_suite.sh's time limits) keeps it with its rows.
+    ceiling = None
+    if "synthetic" in modes:
+        batches = synthetic_batches(
+            args=args, num_classes=args.num_classes, device=device, dtype=dtype
+        )
+        windows = timed_windows(
+            batches,
+            train_step=train_step,
+            device=device,
+            batch_size=args.batch_size,
+            warmup=args.warmup,
+            iters=args.iters,
+            repeats=args.repeats,
+        )
+        no_loader = dict.fromkeys(
+            ("workers", "prefetch", "dali_decode", "hw_decoder_load", "queue_depth_batches")
+        )
+        ceiling_row = summarize(
+            "synthetic",
+            "synthetic",
+            gather(windows, info),
+            {"backend": "synthetic", **no_loader, "warmup_steps": args.warmup},
+        )
+        ceiling = ceiling_row["images_per_sec_per_gpu"]
+        add_row(ceiling_row)
+
     loader_kwargs = dict(
         batch_size=args.batch_size,
         image_size=args.image_size,
@@ -748,6 +801,8 @@ def _run(args, info: dist.DistInfo, variants: list[Variant], modes: list[str], w
         num_classes=args.num_classes,
     )
     for variant in variants:
+        if variant.label in same:
+            continue
         plan = plans[variant.label]
         options = dict(
             backend=plan.backend,
@@ -796,36 +851,11 @@ def _run(args, info: dist.DistInfo, variants: list[Variant], modes: list[str], w
                 each = [statistics.fmean(c[i] for c in per_rank) for i in range(len(costs))]
                 row["epoch_boundary_seconds"] = statistics.median(each)
                 row["epoch_boundary_seconds_each"] = each
-            add_row(row)
-    if "synthetic" in modes:
-        batches = synthetic_batches(
-            args=args, num_classes=args.num_classes, device=device, dtype=dtype
-        )
-        windows = timed_windows(
-            batches,
-            train_step=train_step,
-            device=device,
-            batch_size=args.batch_size,
-            warmup=args.warmup,
-            iters=args.iters,
-            repeats=args.repeats,
-        )
-        no_loader = dict.fromkeys(
-            ("workers", "prefetch", "dali_decode", "hw_decoder_load", "queue_depth_batches")
-        )
-        ceiling_row = summarize(
-            "synthetic",
-            "synthetic",
-            gather(windows, info),
-            {"backend": "synthetic", **no_loader, "warmup_steps": args.warmup},
-        )
-        ceiling = ceiling_row["images_per_sec_per_gpu"]
-        for row in rows:
-            if row["mode"] == "train":
+            if mode == "train" and ceiling is not None:
                 row["gap_to_ceiling_percent"] = 100.0 * (
                     1.0 - row["images_per_sec_per_gpu"] / ceiling
                 )
-        add_row(ceiling_row)
+            add_row(row)
     payload["notes"] = report.notes(rows)
     payload["complete"] = True
     return payload
@@ -855,6 +885,17 @@ def check_flags(args) -> None:
                     f"--{name} does not apply to --sweep (the sweep chooses its own DALI "
                     "configurations and prints a ranked table): leave it out"
                 )
+        for name, instead in SWEPT_INSTEAD.items():
+            if getattr(args, name) not in (None, "auto"):
+                flag = f"--{name.replace('_', '-')}"
+                raise BenchmarkInputError(
+                    f"{flag} does not apply to --sweep (each configuration sets its own): "
+                    f"use {instead} to choose the values swept"
+                )
+        if args.boundaries:
+            raise BenchmarkInputError(
+                "--boundaries does not apply to --sweep (it times no epoch ends): leave it out"
+            )
     else:
         for name in SWEEP_ONLY:
             if getattr(args, name) is not None:

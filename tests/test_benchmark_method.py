@@ -1,6 +1,7 @@
 """The benchmark's method in-process: queue-sized warm-up, windows inside one epoch, the
 first-window flag, epoch-boundary timing; real loaders (DALI in CPU mode, PIL) and real torch."""
 
+import json
 import os
 import signal
 import subprocess
@@ -121,8 +122,9 @@ def test_epoch_boundaries_time_natural_epoch_ends(tiny_data, backend):
 
 # --- bad input: one error line, exit status 2, before anything is measured -------------------
 
-TINY = ["--arch", "resnet18", "--batch-size", "4", "--image-size", "32", "--workers", "1"]
-TINY += ["--warmup", "1", "--iters", "2", "--repeats", "2", "--boundaries", "0"]
+TINY_SWEEP = ["--arch", "resnet18", "--batch-size", "4", "--image-size", "32"]
+TINY_SWEEP += ["--warmup", "1", "--iters", "2", "--repeats", "2"]
+TINY = TINY_SWEEP + ["--workers", "1", "--boundaries", "0"]
 
 
 @pytest.mark.parametrize(
@@ -148,12 +150,19 @@ TINY += ["--warmup", "1", "--iters", "2", "--repeats", "2", "--boundaries", "0"]
         (["--sweep-prefetch", "2"], "--sweep-prefetch applies to --sweep only"),
         (["--sweep", "--sweep-threads", "0"], "--sweep-threads: every value must be at least 1"),
         (["--sweep", "--sweep-hw-decoder-load", "2"], "must be within [0.0, 1.0]"),
+        # One loader's settings: the sweep would measure its own values instead.
+        (["--sweep", "--workers", "1"], "--workers does not apply to --sweep (each"),
+        (["--sweep", "--prefetch", "3"], "use --sweep-prefetch to choose the values swept"),
+        (["--sweep", "--dali-decode", "cpu"], "use --sweep-decode to choose"),
+        (["--sweep", "--hw-decoder-load", "0.5"], "use --sweep-hw-decoder-load to choose"),
+        (["--sweep", "--boundaries", "2"], "--boundaries does not apply to --sweep"),
         (["--arch", "resnet9000"], "--arch resnet9000: not a torchvision model"),
         (["--plot", "chart.doc"], "matplotlib cannot write .doc"),
     ],
 )
 def test_bad_values_are_one_line_before_measuring(tiny_data, tmp_path, capsys, flags, message):
-    status = _main(["--list", tiny_data.train_list, *TINY, *flags], tmp_path)
+    tiny = TINY_SWEEP if "--sweep" in flags else TINY
+    status = _main(["--list", tiny_data.train_list, *tiny, *flags], tmp_path)
     out, err = capsys.readouterr()
     assert status == 2 and err.count("\n") == 1 and err.startswith("error: "), err
     assert message in err, err
@@ -176,8 +185,8 @@ def test_outputs_that_exist_are_refused_before_measuring(tiny_data, tmp_path, ca
     for flag in ("--json", "--plot", "--toml"):
         earlier = tmp_path / f"earlier{flag[2:]}.png"
         earlier.write_text("an earlier result")
-        extra = ["--sweep"] if flag == "--toml" else []
-        argv = ["--list", tiny_data.train_list, *TINY, *extra, flag, str(earlier)]
+        tiny, extra = (TINY_SWEEP, ["--sweep"]) if flag == "--toml" else (TINY, [])
+        argv = ["--list", tiny_data.train_list, *tiny, *extra, flag, str(earlier)]
         assert throughput.main(argv) == 2
         err = capsys.readouterr().err
         assert err == f"error: {flag} {earlier} exists: choose another name or pass --overwrite\n"
@@ -197,6 +206,45 @@ def test_a_bad_list_is_named_at_its_own_line_not_the_repeated_one(tiny_data, tmp
     listed.write_text(lines[0] + "not a line\n")
     assert throughput.main(argv) == 2
     assert f"{listed}:2" in capsys.readouterr().err
+
+
+def test_a_run_cut_after_any_row_keeps_the_ceiling_and_the_gaps(
+    tiny_data, tmp_path, monkeypatch, capsys
+):
+    """gpu_suite's stages run under `timeout`: the JSON as written after each row is what a
+    cut run leaves. The synthetic ceiling is measured first, so every train row written
+    carries its gap to the ceiling; the tables still show the ceiling last."""
+    written = []
+    monkeypatch.setattr(
+        report, "write_json", lambda path, payload: written.append(json.loads(json.dumps(payload)))
+    )
+    argv = ["--list", tiny_data.train_list, *TINY, "--backends", "dali", "--json", "x.json"]
+    assert _main(argv, tmp_path) == 0
+    first = written[0]["results"]
+    assert [(r["variant"], r["mode"]) for r in first] == [("synthetic", "synthetic")]
+    for payload in written:
+        for row in payload["results"]:
+            if row["mode"] == "train":
+                assert row["gap_to_ceiling_percent"] is not None
+    assert any(r["mode"] == "train" for r in written[-1]["results"])
+    table = capsys.readouterr().out.split("| loader | mode |")[1].split("\n\n")[0]
+    assert table.strip().splitlines()[-1].startswith("| synthetic | synthetic |")
+
+
+def test_items_that_resolve_to_the_same_loader_are_measured_once(tiny_data, tmp_path, capsys):
+    # gpu_suite's table names "dali" (the trainer's choice) beside explicit DALI rows; on a
+    # 16-core GPU machine the choice is one of them (cpu decode, 16 threads): device time
+    # spent twice on one loader. Here, without a GPU: dali = dali:decode=cpu.
+    argv = ["--list", tiny_data.train_list, *TINY, "--backends", "pil,dali,dali:decode=cpu"]
+    assert _main([*argv, "--modes", "loader", "--json", "x.json"], tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "  dali:decode=cpu: the same settings as dali: measured once, as that\n" in out
+    payload = json.loads((tmp_path / "x.json").read_text())
+    assert [r["variant"] for r in payload["results"]] == ["pil", "dali"]
+    assert payload["settings"]["same_settings"] == {"dali:decode=cpu": "dali"}
+    assert "; dali:decode=cpu: the same settings as dali, measured once" in report.header_line(
+        payload
+    )
 
 
 def test_sigterm_still_removes_the_temporary_lists(tiny_data, tmp_path):
@@ -282,3 +330,24 @@ def test_suite_summary_says_how_each_stage_ended(tmp_path):
     assert "- table: done, 41 s" in summary
     assert "- sweep: cut by its time limit (figures above are partial), 55 s" in summary
     assert "- compile: failed, exit 1 (see compile.log), 3 s" in summary
+
+
+def test_gpu_suite_collects_the_gpu_tests_without_the_test_extra(tmp_path):
+    # gpu_suite.sh runs `pytest -m gpu tests` on the GPU machine, whose image has torch,
+    # numpy and pillow but not the test extra (onnx, onnxruntime, onnxscript, matplotlib): a
+    # test module importing one of them at the top stops the collection, and no GPU test runs.
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shim = tmp_path / "shim"
+    for name in ("onnx", "onnxruntime", "onnxscript", "matplotlib"):
+        (shim / name).mkdir(parents=True)
+        (shim / name / "__init__.py").write_text(
+            f"raise ModuleNotFoundError(\"No module named '{name}'\", name={name!r})\n"
+        )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim), repo])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-m", "gpu", "--collect-only", "-q",
+         "-p", "no:cacheprovider", "tests"],
+        capture_output=True, text=True, cwd=repo, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "tests/test_pipelines_gpu.py::" in proc.stdout

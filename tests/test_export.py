@@ -2,6 +2,8 @@
 
 onnx, onnxruntime and onnxscript are in the ``test`` extra, so these run wherever the tests
 do; the no-onnx branch runs with an onnx package that cannot be imported, first on the path.
+onnxruntime is imported inside the test that uses it, not here: ``pytest -m gpu`` collects
+this module too, on GPU machines that have no test extra (benchmarks/gpu_suite.sh).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import sys
 import tomllib
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 import torchvision
@@ -84,6 +85,8 @@ def test_command_line_exports_a_checked_model_with_metadata(tmp_path, tiny_data,
     assert float(checked.group(3)) < 1e-3 and float(checked.group(4)) == 1e-3
 
     # The file stands on its own: onnxruntime, its metadata and the val preprocessing.
+    import onnxruntime as ort
+
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
     assert json.loads(meta["class_names"]) == read_classes(tiny_data.classes_file)

@@ -241,14 +241,17 @@ def test_scale_run_names_the_list_lengths_and_keeps_its_json(tiny_data, tmp_path
 
     work, out = tmp_path / "work", tmp_path / "scale.json"
     argv = ["--data", tiny_data.root, "--work-dir", str(work), "--json", str(out), *SMALL_RUN]
+    argv += ["--steps", "20"]  # more than the 120-line list's 15 steps per epoch hold
     assert imagenet_scale.main(argv) == 0
     table = capsys.readouterr().out
     assert "| --data list (120 lines) | 400-line list |" in table
+    assert "| steps timed per epoch (median below) | 14 | 20 |" in table
     assert (work / imagenet_scale.WORK_MARKER).exists() and len(
         read_table(str(work / "Train.txt"))
     ) == 400
     result = json.loads(out.read_text())
     assert result["results"]["400-line list"]["train_samples"] == 400
+    assert result["results"]["--data list (120 lines)"]["steps_timed"] == 14
     # A second run may reuse its own work dir, but not write over the JSON it wrote.
     assert imagenet_scale.main(argv) == 2
     assert "scale.json exists: choose another name or pass --overwrite" in capsys.readouterr().err

@@ -290,23 +290,29 @@ def test_failed_checkpoint_write_says_what_and_how_much(tmp_path):
     assert "then start over" in message and "--resume auto" not in message
 
 
+def start_training(flags, *, until: str, stderr=subprocess.PIPE) -> subprocess.Popen:
+    """trainer/main.py in a process of its own, returned once it has printed ``until``."""
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "trainer", "main.py"), *flags],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO},
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
+    for line in proc.stdout:
+        if until in line:
+            return proc
+    proc.wait()
+    raise AssertionError(f"the run ended (status {proc.returncode}) before printing {until!r}")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
 def test_sigterm_and_ctrl_c_end_with_one_line(tmp_path, tiny_data, signame):
     import signal
 
     flags = [*base_flags(tiny_data, tmp_path / "out"), "--epochs", "3", "--log-interval", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "trainer", "main.py"), *flags],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    for line in proc.stdout:  # wait until training is under way, then stop it
-        if "step 2/" in line:
-            break
+    proc = start_training(flags, until="step 2/")  # under way, then stopped
     proc.send_signal(getattr(signal, signame))
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + getattr(signal, signame)
@@ -596,17 +602,8 @@ def test_a_second_run_into_a_folder_in_use_is_refused(capsys, tmp_path, tiny_dat
     # deleted the running one's files.
     out = tmp_path / "out"
     flags = [*base_flags(tiny_data, out), "--epochs", "2", "--log-interval", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    first = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "trainer", "main.py"), *flags],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    for line in first.stdout:  # the first run is training, before its first checkpoint
-        if "step 1/" in line:
-            break
+    # The first run is training, before its first checkpoint.
+    first = start_training(flags, until="step 1/", stderr=subprocess.STDOUT)
     for extra in ([], ["--overwrite"]):
         fails(capsys, [*flags, "--seed", "1", *extra], str(out), "another run is writing")
     first.communicate(timeout=120)

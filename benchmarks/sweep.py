@@ -182,13 +182,25 @@ def main(args) -> int:
         "best_toml": toml,
     }
     if args.toml:
-        header = "# Loader settings measured best by benchmarks/throughput.py --sweep\n"
-        atomic_write_text(args.toml, f"{header}# {report.header_line(payload)}\n{toml}")
+        text = toml_file_text(report.header_line(payload), payload["notes"], toml)
+        atomic_write_text(args.toml, text)
         print(f"wrote {args.toml}")
     if args.json:
         report.write_json(args.json, payload)
         print(f"wrote {args.json}")
     return 0
+
+
+def toml_file_text(header_line: str, notes: list[str], toml: str) -> str:
+    """The --toml file: how it was measured, and the notes of the run (a busy machine's
+    figures, a first window not in steady state) as comments, so a file read weeks later
+    still says when its choice rests on figures that cannot be trusted."""
+    lines = [
+        "# Loader settings measured best by benchmarks/throughput.py --sweep",
+        f"# {header_line}",
+    ]
+    lines += [f"# {note}" for note in notes]
+    return "\n".join(lines) + "\n" + toml
 
 
 if __name__ == "__main__":

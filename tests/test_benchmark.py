@@ -200,6 +200,8 @@ def test_sweep_ranks_configurations_and_prints_settings_the_trainer_reads(tiny_d
     best_row = trained[payload["sweep"]["ranked"][0]]
     assert "| rank | decode | threads | hw_decoder_load | prefetch |" in proc.stdout
     assert "best: trainer flags" in proc.stdout
+    assert toml.read_text().startswith("# Loader settings measured best")
+    assert all(f"# {note}" in toml.read_text() for note in payload["notes"])  # busy machine
 
     expected = {"loader": "dali", "workers": best_row["workers"], "dali_decode": "cpu",
                 "prefetch": best_row["prefetch"], "dali_hw_decoder_load": None}  # fmt: skip

@@ -351,3 +351,15 @@ def test_gpu_suite_collects_the_gpu_tests_without_the_test_extra(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "tests/test_pipelines_gpu.py::" in proc.stdout
+
+
+def test_sweep_toml_keeps_the_runs_notes_as_comments(tmp_path):
+    from benchmarks.sweep import toml_file_text
+    from trainer.config import load_config_file
+
+    note = "note: dali train: its windows differ 2.0x (10 to 20 img/s), more than the 1.5x"
+    text = toml_file_text("resnet50, batch 256/GPU", [note], 'loader = "dali"\nworkers = 8\n')
+    assert f"# {note}\n" in text and text.startswith("# Loader settings measured best")
+    path = tmp_path / "best.toml"
+    path.write_text(text)
+    assert load_config_file(str(path)) == {"loader": "dali", "workers": 8}  # comments only

@@ -905,7 +905,19 @@ def check_flags(args) -> None:
                 )
         args.backends = args.backends or "pil,dali"
         args.modes = args.modes or ",".join(MODES)
-        parse_variants(args.backends), _split(args.modes, MODES, "--modes")
+        variants = parse_variants(args.backends)
+        _split(args.modes, MODES, "--modes")
+        # DALI's settings with no DALI row to apply to would be dropped without a word.
+        dali_rows = [v for v in variants if v.backend == "dali"]
+        for flag, given in (
+            ("--dali-decode", args.dali_decode != "auto"),
+            ("--hw-decoder-load", args.hw_decoder_load is not None),
+        ):
+            if given and not dali_rows:
+                raise BenchmarkInputError(
+                    f"{flag} sets the DALI loader, and --backends {args.backends} has no dali "
+                    "item: add one, or leave the flag out"
+                )
     for flag in ("json", "plot", "toml"):
         if getattr(args, flag):
             check_output_file(getattr(args, flag), overwrite=args.overwrite, flag=f"--{flag}")

@@ -156,6 +156,9 @@ TINY = TINY_SWEEP + ["--workers", "1", "--boundaries", "0"]
         (["--sweep", "--dali-decode", "cpu"], "use --sweep-decode to choose"),
         (["--sweep", "--hw-decoder-load", "0.5"], "use --sweep-hw-decoder-load to choose"),
         (["--sweep", "--boundaries", "2"], "--boundaries does not apply to --sweep"),
+        # DALI's settings without a DALI row would be dropped without a word.
+        (["--backends", "pil", "--dali-decode", "cpu"], "--dali-decode sets the DALI loader"),
+        (["--backends", "pil-gpu", "--hw-decoder-load", "0.5"], "has no dali item"),
         (["--arch", "resnet9000"], "--arch resnet9000: not a torchvision model"),
         (["--plot", "chart.doc"], "matplotlib cannot write .doc"),
     ],

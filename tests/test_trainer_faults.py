@@ -663,6 +663,7 @@ def test_a_step_checkpoint_resumes_mid_epoch_only_on_its_own_list_and_epochs(
     assert saved["epoch"] == 1 and 3 <= step < 15
     before = (run / "last.pt").read_bytes()
     fails(capsys, [*flags, "--epochs", "1", "--resume", "auto"], f"in epoch 2 (step {step})")
+    fails(capsys, [*flags, "--arch", "resnet34", "--resume", "auto"], "resume with --arch resnet18")
     assert (run / "last.pt").read_bytes() == before and not (run / "model.pt").exists()
 
     samples = read_list(tiny_data.train_list)

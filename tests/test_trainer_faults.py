@@ -621,3 +621,61 @@ def test_a_failed_write_into_the_output_folder_is_one_line(capsys, tmp_path, tin
     out = tmp_path / "out"
     (out / "config.toml").mkdir(parents=True)
     fails(capsys, base_flags(tiny_data, out), f"could not write {out / 'config.toml'}")
+
+
+@pytest.mark.slow
+def test_a_step_checkpoint_resumes_mid_epoch_only_on_its_own_list_and_epochs(
+    capsys, tmp_path, tiny_data
+):
+    # A step checkpoint's position is a step into the epoch's permutation of the list's
+    # lines. On a list of the same length but other lines (reordered here) it resumed "at
+    # step N" all the same, skipping some images of the epoch and repeating others; and
+    # --epochs cut below the epoch it was saved in exported its mid-epoch weights as model.pt
+    # of the shorter run.
+    import shutil
+    import signal
+
+    from pipelines.lists import read_list, write_list
+
+    run = tmp_path / "run"
+    flags = [*base_flags(tiny_data, run), "--classes", tiny_data.classes_file]
+    flags += ["--val-list", tiny_data.val_list, "--epochs", "2", "--checkpoint-every", "2"]
+    flags += ["--log-interval", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "trainer", "main.py"), *flags],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in proc.stdout:
+        if "epoch 2/2 step 3/" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    saved = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    step = saved["position"]["step"]
+    assert saved["epoch"] == 1 and 3 <= step < 15
+    before = (run / "last.pt").read_bytes()
+    fails(capsys, [*flags, "--epochs", "1", "--resume", "auto"], f"in epoch 2 (step {step})")
+    fails(capsys, [*flags, "--arch", "resnet34", "--resume", "auto"], "resume with --arch resnet18")
+    assert (run / "last.pt").read_bytes() == before and not (run / "model.pt").exists()
+
+    samples = read_list(tiny_data.train_list)
+    moved, reordered = tmp_path / "moved.txt", tmp_path / "reordered.txt"
+    write_list(moved, samples, absolute=True)  # the same lines, from another folder
+    write_list(reordered, samples[::-1], absolute=True)
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    resumed = [*flags, "--output-dir", str(copy), "--resume", "auto", "--train-list", str(moved)]
+    assert main(resumed) == 0
+    assert f"resuming epoch 2 at step {step + 1}" in capsys.readouterr().out
+    assert main([*flags, "--resume", "auto", "--train-list", str(reordered)]) == 0
+    printed = capsys.readouterr().out
+    assert "resuming epoch 2 at step" not in printed
+    assert "on a train list of other images, labels or order: epoch 2 restarts" in printed
+    assert "lr schedule set to the start of epoch 2" in printed
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]

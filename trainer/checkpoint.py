@@ -217,7 +217,11 @@ def check_compatible(
     saved_classes = len(ckpt.get("class_names") or []) or ckpt["config"].get("num_classes")
     saved_names = recorded_class_names(ckpt.get("class_names"))
     if saved_arch != arch:
-        raise TrainerError(f"{path}: checkpoint of {saved_arch}, but --arch is {arch}")
+        # Its weights fit no other architecture, not even as --pretrained: say what does.
+        raise TrainerError(
+            f"{path}: checkpoint of {saved_arch}, but --arch is {arch}; resume with --arch "
+            f"{saved_arch}, or train {arch} from scratch in a new --output-dir"
+        )
     if saved_classes and saved_classes != num_classes:
         raise TrainerError(
             f"{path}: checkpoint has {saved_classes} classes, the data {num_classes}"

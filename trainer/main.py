@@ -16,6 +16,7 @@ fails before training with one ``error: ...`` line on rank 0 and exit status 2.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import math
 import os
@@ -74,7 +75,12 @@ from trainer.engine import (  # noqa: E402
     train_one_epoch,
 )
 from trainer.model import build_model, compile_model, wrap_ddp  # noqa: E402
-from trainer.nodes import check_same_command, check_same_data, check_same_resume  # noqa: E402
+from trainer.nodes import (  # noqa: E402
+    check_same_command,
+    check_same_data,
+    check_same_resume,
+    list_digest,
+)
 from trainer.preemption import StepControl, Stopped  # noqa: E402
 
 CONFIG_FILE = "config.toml"
@@ -394,7 +400,14 @@ def build_training(
 
 
 def resume_training(
-    training: Training, checkpoint: dict, path: str, run_dir: str, *, batch_size: int, loader: str
+    training: Training,
+    checkpoint: dict,
+    path: str,
+    run_dir: str,
+    *,
+    batch_size: int,
+    loader: str,
+    train_digest: Callable[[], tuple],
 ) -> None:
     """Load a checkpoint into the bare model and the optimizer, scheduler and scaler."""
     training.start_epoch, training.best_top1, notes = ckpt_io.restore_training_state(
@@ -418,7 +431,12 @@ def resume_training(
         same = same and saved_steps in (None, training.optimizer_steps_per_epoch)
         # A loader's saved mid-epoch state (DALI's generators, PIL's seeds) fits itself only.
         same_loader = checkpoint["config"].get("loader", loader) == loader
-        if same and same_loader:
+        # The position is a step into the epoch's permutation of the list's lines: on a list
+        # of other lines of the same length (reordered, images swapped) it would skip images
+        # of this list and repeat others. A moved copy of the same list continues exactly.
+        saved_list = position.get("train_list")
+        same_list = saved_list is None or tuple(saved_list) == tuple(train_digest())
+        if same and same_loader and same_list:
             training.start_step = int(position["step"])
             training.rank_state = checkpoint["ranks"][info.rank]
             training.progress = training.rank_state["progress"]
@@ -437,6 +455,8 @@ def resume_training(
             if saved_steps not in (None, training.optimizer_steps_per_epoch):
                 saved_as += f" ({saved_steps} optimizer steps an epoch)"
                 now += f" ({training.optimizer_steps_per_epoch})"
+            if not same_list:
+                now += " on a train list of other images, labels or order"
             where = (
                 f"; saved mid-epoch on {saved_as}, now {now}: epoch "
                 f"{training.start_epoch + 1} restarts from its first step"
@@ -476,6 +496,22 @@ def check_same_run(
     (--epochs may change: a longer or shorter run, said in a line; so may the lists, moved
     or not, with a note)."""
     saved = checkpoint["config"]
+    # Epochs begun: a step checkpoint is inside epoch "epoch" + 1. A run cut to fewer epochs
+    # than that has nothing to train, and exported the checkpoint's weights (mid-epoch ones,
+    # or later epochs') as a run of --epochs N: model.pt and per_class.csv were not those of
+    # the epochs its metrics.jsonl and config.toml describe. The end of epoch N is not kept.
+    reached = int(checkpoint["epoch"]) + (checkpoint.get("position") is not None)
+    if cfg.epochs < reached:
+        where = (
+            f"in epoch {reached} (step {checkpoint['position']['step']})"
+            if checkpoint.get("position") is not None
+            else f"at the end of epoch {reached}"
+        )
+        raise TrainerError(
+            f"{path}: saved {where}, past the end of --epochs {cfg.epochs}, whose weights are "
+            f"not kept; resume with --epochs {reached} or more (best.pt holds the best epoch's "
+            "weights)"
+        )
     epochs_changed = saved.get("epochs") not in (None, cfg.epochs)
     # The warmup is capped at a quarter of --epochs, so it may change with them, not alone.
     fields = SAME_RUN_FIELDS if epochs_changed else (*SAME_RUN_FIELDS, "warmup_epochs")
@@ -851,6 +887,7 @@ def save_position(
     epoch: int,
     next_step: int,
     progress,
+    train_digest: Callable[[], tuple],
 ) -> str:
     """A step checkpoint (every rank takes part): last.pt at ``next_step`` of ``epoch``.
 
@@ -878,6 +915,7 @@ def save_position(
             "step": next_step,
             "world_size": info.world_size,
             "batch_size": cfg.batch_size,
+            "train_list": train_digest(),  # its lines, wherever the list and images are
         }
         state["ranks"] = ranks
         state["elapsed"] = training.elapsed_before + time.perf_counter() - training.fit_start
@@ -915,6 +953,8 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
     # here, before any checkpoint or model work.
     train_loader, val_loader = build_loaders(cfg, data, info, plan, amp_dtype or torch.float32)
     check_same_data(data, info, train_loader, val_loader)
+    # Computed once, when a step checkpoint is saved or resumed (1.28M paths take a moment).
+    train_digest = functools.cache(lambda: list_digest(train_loader))
     # Rank 0 decides what every rank resumes from: a node that saw another last.pt (or none)
     # must not start from something else, or from scratch, in silence.
     resume_path = decided_by_main(info, lambda: ckpt_io.resolve_resume(cfg.resume, cfg.output_dir))
@@ -984,6 +1024,7 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
             cfg.output_dir,
             batch_size=cfg.batch_size,
             loader=cfg.loader,
+            train_digest=train_digest,
         )
     del checkpoint  # its tensors are in the model now; free the CPU copy
     # compile and DDP after loading, so the checkpoint's bare names match the bare model.
@@ -1007,7 +1048,7 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
         def save(*, epoch: int, next_step: int, progress) -> str:
             return save_position(
                 cfg, info, data, training, train_loader,
-                epoch=epoch, next_step=next_step, progress=progress,
+                epoch=epoch, next_step=next_step, progress=progress, train_digest=train_digest,
             )  # fmt: skip
 
         control.save = save

@@ -447,7 +447,8 @@ def resume_training(
                     if name in training.rank_state["ema_buffers"]:
                         buffer.copy_(training.rank_state["ema_buffers"][name])
         else:
-            saved_as = f"{position['world_size']} ranks x batch {position['batch_size']}"
+            ranks = "rank" if position["world_size"] == 1 else "ranks"
+            saved_as = f"{position['world_size']} {ranks} x batch {position['batch_size']}"
             now = f"{info.world_size} x {batch_size}"
             if not same_loader:
                 saved_as += f" with --loader {checkpoint['config']['loader']}"

@@ -58,6 +58,7 @@ from pipelines.lists import (  # noqa: E402
     ListError,
     Sample,
     classes_beside,
+    missing_file,
     read_classes,
     read_list,
     read_table,
@@ -628,7 +629,8 @@ def _resolve_list(args) -> list[Sample]:
         args.list = demo.train_list
         dist.print0(f"no --list: using the demo data's {args.list} (photo-sized JPEGs)")
     if not os.path.isfile(args.list):
-        raise BenchmarkInputError(f"--list {args.list}: no such file")
+        why = missing_file(args.list, "list", "no such file")
+        raise BenchmarkInputError(f"--list {args.list}: {why}")
     if args.num_classes is None:
         classes_file = classes_beside(args.list)
         if classes_file:

@@ -35,6 +35,18 @@ class EmptyListError(ListError):
     ``make_lists --val-fraction 0`` writes: a trainer may take it as "no validation"."""
 
 
+def missing_file(path: str, kind: str, missing: str) -> str:
+    """What to say after ``path:`` when a ``kind`` file ("list", "classes") is not a file:
+    ``missing`` when nothing is there; for a folder (often the image tree itself, passed where
+    its lists belong) that it is one, and what makes the lists from it."""
+    if os.path.isdir(path):
+        return (
+            f"a folder, not a {kind} file (tools/make_lists.py FOLDER --out-dir DIR writes "
+            "DIR/Train.txt, DIR/Test.txt and DIR/classes.txt for a folder of class folders)"
+        )
+    return missing
+
+
 class ImageError(RuntimeError):
     """An image that a loader cannot read or decode mid-run; the message names the file."""
 
@@ -196,7 +208,7 @@ def read_table(list_file: str | os.PathLike, *, num_classes: int | None = None) 
     """
     list_file = os.fspath(list_file)
     if not os.path.isfile(list_file):
-        raise ListError(f"{list_file}: list file not found")
+        raise ListError(f"{list_file}: {missing_file(list_file, 'list', 'list file not found')}")
     with open(list_file, "rb") as f:
         data = f.read()
     try:
@@ -304,7 +316,8 @@ def read_classes(classes_file: str | os.PathLike) -> list[str]:
     repeated name are errors naming ``file:line``."""
     classes_file = os.fspath(classes_file)
     if not os.path.isfile(classes_file):
-        raise ListError(f"{classes_file}: classes file not found")
+        why = missing_file(classes_file, "classes", "classes file not found")
+        raise ListError(f"{classes_file}: {why}")
     numbered = _numbered_lines(classes_file)
     while numbered and not numbered[-1][1].strip():
         numbered.pop()

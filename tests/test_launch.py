@@ -9,6 +9,7 @@ import re
 import socket
 
 import pytest
+from PIL import Image
 from test_trainer import MAIN, finish, run, start_two_nodes, tiny_flags, torchrun
 
 from pipelines import tuning
@@ -503,6 +504,39 @@ def test_a_missing_train_list_is_named_as_missing(tmp_path, capsys):
     missing = str(tmp_path / "nowhere" / "Train.txt")
     assert trainer_main.main(["--train-list", missing, "--output-dir", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.splitlines() == [f"error: --train-list {missing}: no such file"]
+
+
+def test_a_folder_given_as_a_list_is_named_as_a_folder(tmp_path, capsys):
+    # The image tree itself passed as --train-list (or --val-list) read "no such file" (or
+    # "list file not found") for a folder that is there.
+    from trainer import main as trainer_main
+
+    tree = tmp_path / "flowers"
+    (tree / "roses").mkdir(parents=True)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "classes.txt").write_text("a\nb\n")
+    (lists / "Train.txt").write_text("x.jpg 0\ny.jpg 1\n")
+    for name in ("x.jpg", "y.jpg"):
+        Image.new("RGB", (8, 8)).save(lists / name)
+    hint = "tools/make_lists.py FOLDER --out-dir DIR writes"
+    for flags, start in [
+        (["--train-list", str(tree)], f"error: --train-list {tree}: a folder, not a list file ("),
+        (
+            [
+                "--train-list",
+                str(lists / "Train.txt"),
+                "--val-list",
+                str(tree),
+                "--batch-size",
+                "1",
+            ],
+            f"error: {tree}: a folder, not a list file (",
+        ),
+    ]:
+        assert trainer_main.main([*flags, "--output-dir", str(tmp_path / "o")]) == 2
+        errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
+        assert len(errors) == 1 and errors[0].startswith(start) and hint in errors[0], errors
 
 
 @pytest.mark.slow

@@ -88,6 +88,13 @@ def test_missing_list_is_an_error(tmp_path):
         read_list(tmp_path / "nope.txt")
 
 
+def test_a_folder_is_no_list_or_classes_file(tmp_path):
+    with pytest.raises(ListError, match="a folder, not a list file .tools/make_lists.py"):
+        read_list(tmp_path)
+    with pytest.raises(ListError, match="a folder, not a classes file .tools/make_lists.py"):
+        read_classes(tmp_path)
+
+
 @pytest.mark.parametrize("text", ["", "# only a comment\n\n   \n"])
 def test_list_without_samples_is_an_error(tmp_path, text):
     lst = write_text(tmp_path / "L.txt", text)

@@ -45,6 +45,7 @@ from pipelines.lists import (  # noqa: E402
     ImageError,
     ListError,
     classes_beside,
+    missing_file,
     read_classes,
 )
 from pipelines.tuning import LoaderPlan  # noqa: E402
@@ -121,7 +122,9 @@ def resolve_data(cfg: Config, info: dist.DistInfo) -> DataSpec:
     demo = cfg.train_list is None
     train_list = prepare_demo_data(info) if demo else cfg.train_list
     if not os.path.isfile(train_list):  # before "no classes.txt beside it", which misleads
-        raise TrainerError(f"--train-list {train_list}: no such file")
+        raise TrainerError(
+            f"--train-list {train_list}: {missing_file(train_list, 'list', 'no such file')}"
+        )
     val_list = cfg.val_list
     if val_list is None:
         beside = os.path.join(os.path.dirname(os.path.abspath(train_list)), VAL_LIST)
@@ -131,7 +134,8 @@ def resolve_data(cfg: Config, info: dist.DistInfo) -> DataSpec:
     classes_file = cfg.classes or classes_beside(train_list)
     if classes_file is not None:
         if not os.path.isfile(classes_file):
-            raise TrainerError(f"{classes_file}: classes file not found")
+            why = missing_file(classes_file, "classes", "classes file not found")
+            raise TrainerError(f"{classes_file}: {why}")
         class_names = read_classes(classes_file)
         if cfg.num_classes is not None and cfg.num_classes != len(class_names):
             raise TrainerError(

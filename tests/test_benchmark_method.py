@@ -300,7 +300,9 @@ def test_implausible_figures_get_a_busy_machine_note():
         _row("synthetic", "synthetic", [105.0, 106.0]),
     ]
     notes = report.notes(noisy)
-    assert any("pil loader: its windows differ 7.5x (35 to 261 img/s)" in n for n in notes)
+    assert any("pil loader: its windows differ 7.46x (35 to 261 img/s)" in n for n in notes)
+    just_over = report.notes([_row("pil", "loader", [100.0, 151.8])])
+    assert "differ 1.52x" in just_over[0] and "more than the 1.5x" in just_over[0]
     assert any("dali train: " in n and "757% above the synthetic ceiling" in n for n in notes)
     assert notes[-1] == report.BUSY_MACHINE_NOTE
     table = report.markdown_table(

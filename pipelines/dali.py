@@ -89,7 +89,8 @@ MIXED_DECODER_DEFAULTS = {
     # larger one regrows a buffer once: 8 MiB x 2 x 8 threads = 128 MiB per rank.
     "host_memory_padding": DALI_HOST_MEMORY_PADDING,
     # Largest ImageNet image (width, height): preallocates the hardware decoder's buffers
-    # once (A100 and newer; ignored elsewhere).
+    # once (A100 and newer; ignored elsewhere), for batch_size such images at a time (DALI
+    # passes its batch size to nvJPEG's nvjpegDecodeBatchedPreAllocate with these hints).
     "preallocate_width_hint": 5980,
     "preallocate_height_hint": 6430,
 }
@@ -113,8 +114,10 @@ def decoder_memory_estimate(
     nvJPEG's paddings only: two pinned host buffers and one device buffer per thread. With
     the defaults and 8 threads: train 128 MiB pinned + 1.57 GiB device, val 128 MiB pinned +
     128 MiB device, so 256 MiB pinned per rank with both loaders alive (2.3 GiB with the old
-    134 MiB host padding). Not counted: the hardware decoder's buffers for one image of the
-    preallocation hint's size, and what nvJPEG allocates beyond the paddings on demand.
+    134 MiB host padding). Not counted: the hardware decoder's buffers, preallocated for a
+    whole batch of images of the hint's size (DALI 2.x hands nvImageCodec the pipeline's
+    batch size as ``preallocate_batch_size`` next to the two hints), and what nvJPEG
+    allocates beyond the paddings on demand.
     CPU decode preallocates none of these.
     """
     if decode != "mixed":

@@ -6,6 +6,7 @@ same GPU graphs are well formed (tests/test_pipelines.py), these check that they
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import numpy as np
@@ -165,3 +166,73 @@ def test_pil_gpu_backend_matches_pil(image_list, train):
         assert x1.device.type == "cuda" and x1.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(y1, y2)
         torch.testing.assert_close(x1, x2, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("decode", ["mixed", "cpu"])
+def test_dali_gpu_pass_resumed_mid_epoch_gives_the_same_batches(image_list, decode):
+    """The training pipeline is built with enable_checkpointing: with mixed decode that is
+    the GPU image_random_crop's state too, which only a GPU build can check (the CPU suite's
+    resume test covers the CPU decoder only)."""
+    kwargs = dict(
+        backend="dali", train=True, dali_decode=decode, batch_size=2, seed=5, rank=1, world_size=2
+    )
+    whole = run(image_list, **kwargs)[1]
+    first = build_loader(image_list, image_size=IMAGE_SIZE, num_threads=2, device="cuda", **kwargs)
+    batches = iter(first)
+    head = [(x.clone(), y.clone()) for x, y in itertools.islice(batches, 2)]
+    state = first.state()
+    assert state is not None
+    del batches, first
+    resumed = build_loader(
+        image_list, image_size=IMAGE_SIZE, num_threads=2, device="cuda", **kwargs
+    )
+    resumed.set_epoch(0, start_step=2, state=state)
+    tail = [(x.clone(), y.clone()) for x, y in resumed]
+    assert len(head) + len(tail) == len(whole)
+    for (x, y), (x_ref, y_ref) in zip(head + tail, whole, strict=True):
+        assert torch.equal(y, y_ref) and torch.equal(x, x_ref)
+
+
+@pytest.mark.parametrize("decode", ["mixed", "cpu"])
+def test_dali_gpu_batches_survive_a_busy_consumer_stream(image_list, decode):
+    """The hand-off is zero-copy (DLPack): for bf16 the fp16 batch DALI made is cast on torch's
+    current stream and DALI's buffer is dropped right after, while that cast may still be
+    queued. With torch's stream held busy DALI runs ahead meanwhile; if it reused a dropped
+    buffer before the queued cast read it, batches would differ from a run that waits every
+    step. The same seed gives the same batches (test_dali_gpu_seeded_repeatable)."""
+    kwargs = dict(backend="dali", train=True, dali_decode=decode, dtype=torch.bfloat16, seed=3)
+    kwargs.update(batch_size=2, prefetch=2)
+    waited = []
+    for x, y in build_loader(
+        image_list, image_size=IMAGE_SIZE, num_threads=2, device="cuda", **kwargs
+    ):
+        torch.cuda.synchronize()
+        waited.append((x.clone(), y.clone()))
+    busy = []
+    for x, y in build_loader(
+        image_list, image_size=IMAGE_SIZE, num_threads=2, device="cuda", **kwargs
+    ):
+        busy.append((x.clone(), y.clone()))
+        torch.cuda._sleep(50_000_000)  # tens of ms: the next batch's cast queues behind it
+    torch.cuda.synchronize()
+    assert len(busy) == len(waited) == 8
+    for (x, y), (x_ref, y_ref) in zip(busy, waited, strict=True):
+        assert torch.equal(y, y_ref) and torch.equal(x, x_ref)
+
+
+def test_pil_gpu_batches_survive_a_busy_consumer_stream(image_list):
+    """pil-gpu prepares batch k+1 on a side stream while the caller's stream (held busy here)
+    still works on batch k; wait_stream and record_stream must keep every batch intact."""
+    kwargs = dict(train=True, num_threads=2, seed=3, batch_size=2)
+    _, on_cpu = run(image_list, backend="pil", device="cpu", **kwargs)
+    ld = build_loader(image_list, backend="pil-gpu", image_size=IMAGE_SIZE, device="cuda", **kwargs)
+    busy = []
+    for x, y in ld:
+        torch.cuda._sleep(50_000_000)
+        busy.append((x.clone(), y.clone()))
+        del x, y  # freed while the stream is still busy: record_stream must hold the memory
+    torch.cuda.synchronize()
+    assert len(busy) == len(on_cpu) == 8
+    for (x, y), (x_ref, y_ref) in zip(busy, on_cpu, strict=True):
+        assert torch.equal(y.cpu(), y_ref)
+        torch.testing.assert_close(x.cpu(), x_ref, atol=1e-5, rtol=1e-5)

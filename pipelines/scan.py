@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -316,10 +317,24 @@ def verify_images(
     chunks = [paths[i : i + chunk_size] for i in range(0, len(paths), chunk_size)]
     failed: list[tuple[str, str]] = []
     # spawn, not fork: the caller may hold threads (torch, DALI) that fork would copy mid-lock
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        for result in pool.map(_check_chunk, chunks):
-            failed.extend(result)
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=get_context("spawn"), initializer=_ignore_interrupt
+    ) as pool:
+        try:
+            for result in pool.map(_check_chunk, chunks):
+                failed.extend(result)
+        except KeyboardInterrupt:
+            # Ctrl-C: the chunks not started are dropped, so leaving the pool waits only for
+            # the ones in hand, not for the rest of the tree.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     return sorted(failed)
+
+
+def _ignore_interrupt() -> None:
+    # Ctrl-C reaches every process of the terminal's group: a worker's KeyboardInterrupt
+    # would print a traceback per worker. The parent alone stops the work.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _subfolder(root: str, names: Sequence[str]) -> list[str]:

@@ -301,6 +301,49 @@ def test_verify_images_serial_and_chunked_agree(tmp_path, make_image):
     assert verify_images(paths, workers=2, chunk_size=1) == serial
 
 
+def test_ctrl_c_during_verify_is_one_line_and_drops_the_chunks_not_started(
+    tmp_path, make_image, monkeypatch, capsys
+):
+    import signal
+
+    import pipelines.scan as scan
+
+    class InterruptedPool:  # a pool whose map is cut short by Ctrl-C after one chunk
+        def __init__(self, **kwargs):
+            self.kwargs, self.shutdowns = kwargs, []
+            pools.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.shutdown()
+
+        def map(self, fn, chunks):
+            yield fn(next(iter(chunks)))
+            raise KeyboardInterrupt
+
+        def shutdown(self, wait=True, *, cancel_futures=False):
+            self.shutdowns.append(cancel_futures)
+
+    pools: list[InterruptedPool] = []
+    monkeypatch.setattr(scan, "ProcessPoolExecutor", InterruptedPool)
+    root = tmp_path / "root"
+    make_tree(root, make_image, {"a": 4, "b": 4})
+    assert cli_main([str(root), "--out-dir", str(tmp_path / "out"), "--verify"]) == 130
+    assert capsys.readouterr().err == "interrupted: no lists written\n"
+    assert not os.path.exists(tmp_path / "out")
+    (pool,) = pools
+    assert pool.shutdowns[0] is True  # pending chunks cancelled before the pool is left
+    # The workers leave Ctrl-C to the parent: no traceback from each of them.
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        pool.kwargs["initializer"]()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_cli_verify_names_each_excluded_file(tmp_path, make_image):
     root = tmp_path / "root"
     make_tree(root, make_image, {"a": 4, "b": 4})

@@ -6,7 +6,8 @@
 ROOT is either ROOT/<class>/... (split into train and val by --val-fraction, stratified and
 deterministic per --seed) or ROOT/train/<class>/... with ROOT/val/ (or ROOT/test/), each its own
 list with the class map from train/. Label = position of the class in the sorted folder names.
-Exit status: 0 when the lists were written, 2 for bad input (the error on one line).
+Exit status: 0 when the lists were written, 2 for bad input (the error on one line), 130 for
+Ctrl-C (nothing written).
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ScanError, ListError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C, most likely mid --verify: one line, not a traceback
+        print("interrupted: no lists written", file=sys.stderr)
+        return 130
     if report.layout == "split" and args.val_fraction is not None:
         print("note: --val-fraction ignored: ROOT has its own train/ and val/ folders")
     print(format_summary(report))

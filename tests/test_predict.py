@@ -104,6 +104,35 @@ def prediction_lines(stdout: list[str]) -> list[str]:
     return [line for line in stdout if "\t" in line]
 
 
+@pytest.mark.parametrize("to_csv", [False, True])
+def test_ctrl_c_is_one_line_and_writes_no_csv(
+    tiny_data, model_file, capsys, monkeypatch, tmp_path, to_csv
+):
+    real_run = inference.Predictor.run
+
+    def interrupted_run(self, items, *, on_prediction, **kwargs):
+        def count(prediction):  # Ctrl-C arrives after the third prediction
+            on_prediction(prediction)
+            if count.n == 2:
+                raise KeyboardInterrupt
+            count.n += 1
+
+        count.n = 0
+        return real_run(self, items, on_prediction=count, **kwargs)
+
+    monkeypatch.setattr(inference.Predictor, "run", interrupted_run)
+    csv_file = tmp_path / "p.csv"
+    extra = ["--csv", str(csv_file)] if to_csv else []
+    rc = predict_main(["--model", model_file, tiny_data.val_list, "--workers", "0", *extra])
+    out, err = capsys.readouterr()
+    assert rc == 130
+    assert err == (
+        f"interrupted after 3 predictions{f'; {csv_file} not written' if to_csv else ''}\n"
+    )
+    assert len(prediction_lines(out.splitlines())) == (0 if to_csv else 3)
+    assert not csv_file.exists()
+
+
 def test_command_line_predicts_files_and_folders_in_order(tiny_data, model_file):
     """The real command line (its sys.path set-up, its exit status) on an image file and a
     folder: one line per image, in order, top-k most probable first."""

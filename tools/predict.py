@@ -10,7 +10,8 @@ validation preprocessing through the project's loaders (DALI on the GPU when CUD
 available, PIL otherwise). A bad image (missing, empty, corrupt, truncated, not an image) is
 named on stderr and skipped; the others are still predicted.
 Exit status: 0 when every image was predicted, 1 when some were skipped (the rest were
-predicted), 2 for bad input or when no image could be predicted (the error on one line).
+predicted), 2 for bad input or when no image could be predicted (the error on one line), 130
+for Ctrl-C (one line: how many were predicted; no --csv file).
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     skipped: list[str] = []  # every path left out, whichever stage found it
+    predicted = [0]  # predictions made, for the line a Ctrl-C prints
 
     def report_skip(path: str, reason: str) -> None:
         skipped.append(path)
@@ -162,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         collected: list[inference.Prediction] = []
 
         def on_prediction(prediction: inference.Prediction) -> None:
+            predicted[0] += 1
             if args.csv:
                 collected.append(prediction)
             else:
@@ -178,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not torch's traceback
+        sys.stdout.flush()  # the predictions printed so far stay whole lines
+        written = f"; {args.csv} not written" if args.csv else ""
+        print(f"interrupted after {predicted[0]} predictions{written}", file=sys.stderr)
+        return 130
     for note in summary.notes:
         print(f"note: {note}")
     if summary.top1 is not None:

@@ -434,6 +434,26 @@ def make_lists(
         empty = [f"{os.path.basename(train_dir)}/{n}" for n in train_scan.empty_classes]
         empty += [f"{os.path.basename(val_dir)}/{n}" for n in val_scan.empty_classes]
         layout, why_empty = "split", f"{val_dir} holds no images"
+        # Images lying directly in val/ have no class folder, so no label: ImageNet's own
+        # val/ is flat like this (its labels are in the devkit). Listed as "skipped" only,
+        # the run trained without validation and Test.txt said val/ held no images.
+        loose = [
+            path
+            for path, reason in val_scan.skipped
+            if reason == SKIP_OUTSIDE and is_image_file(os.path.basename(path))
+        ]
+        if loose and not val:
+            raise ScanError(
+                f"{val_dir}: its {len(loose)} images lie directly in it, with no class "
+                f"folders to label them (expected {os.path.basename(val_dir)}/<class>/<image>, "
+                "as in train/); sort them into class folders (ImageNet's val/: by the "
+                "devkit's ground truth), or move the folder away to train without validation"
+            )
+        if loose:
+            notes.append(
+                f"{len(loose)} images directly in {val_dir} are not listed: no class folder "
+                f"labels them (e.g. {loose[0]})"
+            )
     else:
         for lone in _subfolder(root, TRAIN_DIR_NAMES + VAL_DIR_NAMES):
             name = os.path.basename(lone)

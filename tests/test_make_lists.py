@@ -153,6 +153,25 @@ def test_train_val_layout_keeps_each_split_and_the_train_class_map(tmp_path, mak
     assert all(f"{os.sep}val{os.sep}" in s.path for s in val)
 
 
+def test_val_images_without_class_folders_are_an_error_not_an_empty_val(tmp_path, make_image):
+    # ImageNet's val/ is flat (ILSVRC2012_val_*.JPEG, labels in the devkit): it was listed as
+    # "skipped: 3 outside the class folders", Test.txt said val/ held no images, and the
+    # trainer ran without validation.
+    root = tmp_path / "root"
+    make_tree(root / "train", make_image, {"a": 2, "b": 2})
+    os.makedirs(root / "val")
+    for i in range(3):
+        make_image(str(root / "val" / f"ILSVRC2012_val_{i:08d}.JPEG"), size=(12, 10))
+    with pytest.raises(ScanError, match=r"val: its 3 images lie directly in it.*<class>/<image>"):
+        make_lists(root, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written
+    # Some in class folders, some loose: the loose ones are named in a note.
+    make_tree(root / "val", make_image, {"a": 1})
+    report = make_lists(root, out_dir=tmp_path / "out")
+    assert len(report.val) == 1
+    assert any("3 images directly in" in note for note in report.notes), report.notes
+
+
 def test_test_folder_serves_as_val_and_val_wins_over_test(tmp_path, make_image):
     root = tmp_path / "root"
     make_tree(root / "train", make_image, {"a": 2, "b": 1})

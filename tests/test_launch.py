@@ -306,7 +306,7 @@ def test_processes_job_with_bad_input_ends_in_the_workers_line(tiny_data, tmp_pa
 def test_worker_failure_status_picks_the_rank_that_said_why(capsys):
     from types import SimpleNamespace as Failure
 
-    from trainer.main import worker_failure_status
+    from trainer.launch import worker_failure_status
 
     # rank 1 found the bad file (2); torchrun then stopped rank 0 (SIGTERM) and rank 2 (3).
     failures = {0: Failure(exitcode=-15, pid=10), 1: Failure(exitcode=2, pid=11)}

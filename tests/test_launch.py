@@ -333,6 +333,7 @@ def test_nodes_started_differently_are_one_line_naming_the_difference(monkeypatc
 
     from trainer import main as trainer_main
     from trainer import nodes
+    from trainer.data import DataSpec
 
     def on_rank(rank):
         return dist.DistInfo(rank, 2, 0, 1, torch.device("cpu"), rank == 0)
@@ -376,7 +377,7 @@ def test_nodes_started_differently_are_one_line_naming_the_difference(monkeypatc
             names = names or [f"c{k}/{i}.jpg" for i, k in enumerate(labels)]
             self.table = SampleTable.from_pairs([f"{root}/{n}" for n in names], labels)
 
-    data = trainer_main.DataSpec("/a/Train.txt", None, ["cat", "dog"], "/a/classes.txt", False)
+    data = DataSpec("/a/Train.txt", None, ["cat", "dog"], "/a/classes.txt", False)
     node1 = {"train": ("/b/Train.txt", nodes.list_digest(Loader([0, 1, 1], "/copy/b/img"))),
              "val": (None, None), "classes": ("/b/classes.txt", ["cat", "dog"])}  # fmt: skip
     node1_sends(node1)

@@ -73,10 +73,13 @@ from trainer.launch import (  # noqa: E402
 )
 from trainer.model import build_model, compile_model, wrap_ddp  # noqa: E402
 from trainer.nodes import (  # noqa: E402
+    agreed_by_all,
     check_same_command,
     check_same_data,
     check_same_resume,
+    decided_by_main,
     list_digest,
+    load_agreed_checkpoint,
 )
 from trainer.preemption import StepControl, Stopped  # noqa: E402
 from trainer.run_dir import (  # noqa: E402
@@ -600,52 +603,6 @@ def final_weights(training: Training, records: list[dict]) -> tuple[nn.Module, s
     if raw is not None and ema is not None and raw > ema:
         return training.model, "raw"
     return training.ema.module, "ema"
-
-
-def decided_by_main(info: dist.DistInfo, decide):
-    """Run ``decide()`` on rank 0 only and hand its result to every rank; a TrainerError it
-    raises is raised on every rank (rank 0 prints it), so all stop together."""
-    outcome = None
-    if info.is_main:
-        try:
-            outcome = ("ok", decide())
-        except TrainerError as exc:
-            outcome = ("error", str(exc))
-    kind, value = dist.broadcast_from_main(outcome)
-    if kind == "error":
-        raise TrainerError(value)
-    return value
-
-
-def agreed_by_all(info: dist.DistInfo, action, *, input_errors: tuple = ()):
-    """Run ``action()`` on every rank; if it raised TrainerError on any rank, raise on every
-    rank the first such error (naming the rank that met it when that is not rank 0).
-    ``input_errors``: other exception types that mean bad input here, taken alike."""
-    error = None
-    try:
-        result = action()
-    except (TrainerError, *input_errors) as exc:
-        error, result = str(exc), None
-    for rank, message in enumerate(dist.all_gather_objects(error)):
-        if message is not None:
-            raise TrainerError(message if rank == 0 else f"rank {rank}: {message}")
-    return result
-
-
-def load_agreed_checkpoint(path: str, info: dist.DistInfo) -> dict:
-    """Every rank loads the checkpoint rank 0 chose; a rank that cannot fails the job naming
-    the file (each node reads it from its own view of the output folder)."""
-    try:
-        return ckpt_io.load_checkpoint(path)
-    except TrainerError as exc:
-        if info.is_main:
-            raise
-        if not os.path.isfile(path):
-            raise RankError(
-                f"{path}: rank 0 resumes from this checkpoint, but it is not there on this "
-                "node; put --output-dir on a filesystem every node sees"
-            ) from None
-        raise RankError(str(exc)) from None
 
 
 def save_position(

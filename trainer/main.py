@@ -11,6 +11,9 @@ Phases, one function each: parse the config, set up the ranks, resolve the data,
 loaders, the model and the optimizer, resume, then per epoch train_one_epoch -> evaluate ->
 log -> checkpoint; at the end export model.pt. Bad input (lists, classes, weights, config)
 fails before training with one ``error: ...`` line on rank 0 and exit status 2.
+
+Beside it: trainer/launch.py (starting the job), data.py (which lists and classes), run_dir.py
+(the output folder), nodes.py (what the ranks agree on).
 """
 
 from __future__ import annotations

@@ -306,7 +306,7 @@ def test_processes_job_with_bad_input_ends_in_the_workers_line(tiny_data, tmp_pa
 def test_worker_failure_status_picks_the_rank_that_said_why(capsys):
     from types import SimpleNamespace as Failure
 
-    from trainer.main import worker_failure_status
+    from trainer.launch import worker_failure_status
 
     # rank 1 found the bad file (2); torchrun then stopped rank 0 (SIGTERM) and rank 2 (3).
     failures = {0: Failure(exitcode=-15, pid=10), 1: Failure(exitcode=2, pid=11)}
@@ -333,6 +333,7 @@ def test_nodes_started_differently_are_one_line_naming_the_difference(monkeypatc
 
     from trainer import main as trainer_main
     from trainer import nodes
+    from trainer.data import DataSpec
 
     def on_rank(rank):
         return dist.DistInfo(rank, 2, 0, 1, torch.device("cpu"), rank == 0)
@@ -376,7 +377,7 @@ def test_nodes_started_differently_are_one_line_naming_the_difference(monkeypatc
             names = names or [f"c{k}/{i}.jpg" for i, k in enumerate(labels)]
             self.table = SampleTable.from_pairs([f"{root}/{n}" for n in names], labels)
 
-    data = trainer_main.DataSpec("/a/Train.txt", None, ["cat", "dog"], "/a/classes.txt", False)
+    data = DataSpec("/a/Train.txt", None, ["cat", "dog"], "/a/classes.txt", False)
     node1 = {"train": ("/b/Train.txt", nodes.list_digest(Loader([0, 1, 1], "/copy/b/img"))),
              "val": (None, None), "classes": ("/b/classes.txt", ["cat", "dog"])}  # fmt: skip
     node1_sends(node1)

@@ -432,7 +432,8 @@ def epoch_record(epoch: int, top1: float) -> dict:
 
 def test_best_pt_keeps_the_best_epoch_when_the_score_falls(tmp_path):
     from trainer.config import Config
-    from trainer.main import DataSpec, Training, end_epoch
+    from trainer.data import DataSpec
+    from trainer.main import Training, end_epoch
 
     model = nn.Linear(2, 2)
     opt = make_optimizer(model, name="sgd", lr=0.1)

@@ -243,7 +243,7 @@ def test_eval_only_in_a_run_folder_writes_beside_it(trained, tiny_data, tmp_path
     assert f"eval-only: results in {out / 'eval-1'}" in proc.stdout
     assert {n: (out / n).read_bytes() for n in before} == before
     assert (out / "eval-1" / "eval.json").is_file() and (out / "eval-1" / "config.toml").is_file()
-    from trainer.main import eval_results_dir
+    from trainer.run_dir import eval_results_dir
 
     assert eval_results_dir(str(out)) == str(out / "eval-2")
     assert eval_results_dir(str(tmp_path / "fresh")) == str(tmp_path / "fresh")

@@ -502,7 +502,7 @@ def test_a_diverging_run_stops_with_one_line(capsys, tmp_path, tiny_data):
 
 def test_overwrite_removes_every_file_of_the_earlier_run(tmp_path, tiny_data):
     from trainer.config import parse_config
-    from trainer.main import check_output_dir
+    from trainer.run_dir import check_output_dir
 
     out = tmp_path / "out"
     (out / "eval-1").mkdir(parents=True)

@@ -11,16 +11,17 @@ Phases, one function each: parse the config, set up the ranks, resolve the data,
 loaders, the model and the optimizer, resume, then per epoch train_one_epoch -> evaluate ->
 log -> checkpoint; at the end export model.pt. Bad input (lists, classes, weights, config)
 fails before training with one ``error: ...`` line on rank 0 and exit status 2.
+
+Beside it: trainer/launch.py (starting the job), data.py (which lists and classes), run_dir.py
+(the output folder), nodes.py (what the ranks agree on).
 """
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -38,16 +39,7 @@ from torch import nn  # noqa: E402
 
 from pipelines import build_loader, tuning  # noqa: E402
 from pipelines.fileio import atomic_write_text  # noqa: E402
-from pipelines.lists import (  # noqa: E402
-    CLASSES_FILE,
-    VAL_LIST,
-    EmptyListError,
-    ImageError,
-    ListError,
-    classes_beside,
-    missing_file,
-    read_classes,
-)
+from pipelines.lists import EmptyListError, ImageError, ListError  # noqa: E402
 from pipelines.tuning import LoaderPlan  # noqa: E402
 from trainer import checkpoint as ckpt_io  # noqa: E402
 from trainer import dist  # noqa: E402
@@ -64,6 +56,7 @@ from trainer.config import (  # noqa: E402
     save_config,
     train_image_size,
 )
+from trainer.data import DataSpec, check_train_labels, resolve_data  # noqa: E402
 from trainer.engine import (  # noqa: E402
     average_batchnorm_buffers,
     evaluate,
@@ -75,133 +68,33 @@ from trainer.engine import (  # noqa: E402
     set_schedule_position,
     train_one_epoch,
 )
+from trainer.launch import (  # noqa: E402
+    fail,
+    launched_by_torchrun,
+    processes_to_start,
+    relaunch_under_torchrun,
+)
 from trainer.model import build_model, compile_model, wrap_ddp  # noqa: E402
 from trainer.nodes import (  # noqa: E402
+    agreed_by_all,
     check_same_command,
     check_same_data,
     check_same_resume,
+    decided_by_main,
     list_digest,
+    load_agreed_checkpoint,
 )
 from trainer.preemption import StepControl, Stopped  # noqa: E402
+from trainer.run_dir import (  # noqa: E402
+    CONFIG_FILE,
+    EVAL_FILE,
+    check_output_dir,
+    eval_results_dir,
+    lock_output_dir,
+    unlock_output_dir,
+)
 
-CONFIG_FILE = "config.toml"
-EVAL_FILE = "eval.json"
 MAX_WARMUP_FRACTION = 0.25  # of the run's epochs
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    train_list: str
-    val_list: str | None
-    class_names: list[str]
-    classes_file: str | None
-    demo: bool
-
-
-def prepare_demo_data(info: dist.DistInfo) -> str:
-    """Generate the demo data set once (reused after), return its Train.txt."""
-    from pipelines.demo import MARKER_FILE, DemoDataError, default_demo_root, ensure_demo_data
-
-    root = default_demo_root()
-    if os.path.isfile(os.path.join(root, MARKER_FILE)):
-        what = f"the demo data in {root} (generated earlier)"
-    else:
-        what = f"demo data generated now in {root} (once, about a minute; reused after)"
-    # One line, before the wait, so a first run does not look stuck while images are drawn.
-    dist.print0(f"no --train-list: training the demo recipe (see --help) on {what}")
-    # ensure_demo_data holds a file lock while it writes: one rank generates, the others wait
-    # on the lock and then find the finished tree.
-    try:
-        return ensure_demo_data(root, preset="default").train_list
-    except DemoDataError as exc:  # a folder of other data, or of another preset: never replaced
-        raise TrainerError(str(exc)) from None
-
-
-def resolve_data(cfg: Config, info: dist.DistInfo) -> DataSpec:
-    """Which lists and class names to use; the loaders then parse and check the lists."""
-    demo = cfg.train_list is None
-    train_list = prepare_demo_data(info) if demo else cfg.train_list
-    if not os.path.isfile(train_list):  # before "no classes.txt beside it", which misleads
-        raise TrainerError(
-            f"--train-list {train_list}: {missing_file(train_list, 'list', 'no such file')}"
-        )
-    val_list = cfg.val_list
-    if val_list is None:
-        beside = os.path.join(os.path.dirname(os.path.abspath(train_list)), VAL_LIST)
-        val_list = (
-            beside if os.path.isfile(beside) and beside != os.path.abspath(train_list) else None
-        )
-    classes_file = cfg.classes or classes_beside(train_list)
-    if classes_file is not None:
-        if not os.path.isfile(classes_file):
-            why = missing_file(classes_file, "classes", "classes file not found")
-            raise TrainerError(f"{classes_file}: {why}")
-        class_names = read_classes(classes_file)
-        if cfg.num_classes is not None and cfg.num_classes != len(class_names):
-            raise TrainerError(
-                f"{classes_file}: names {len(class_names)} classes, but --num-classes is "
-                f"{cfg.num_classes}; fix one (the head needs one class count)"
-            )
-    elif cfg.num_classes is not None:
-        class_names = [str(i) for i in range(cfg.num_classes)]
-    else:
-        raise TrainerError(
-            f"{train_list}: no {CLASSES_FILE} beside it; give --classes FILE or --num-classes N"
-        )
-    if len(class_names) < 2:
-        raise TrainerError(
-            f"{classes_file or '--num-classes'}: {len(class_names)} class; a classifier needs at "
-            "least 2 (top-1 over one class is always 100%)"
-        )
-    if val_list:
-        check_val_classes(val_list, classes_beside(train_list), class_names)
-    # Absolute, so the saved config.toml works from any folder.
-    return DataSpec(
-        os.path.abspath(train_list),
-        os.path.abspath(val_list) if val_list else None,
-        class_names,
-        os.path.abspath(classes_file) if classes_file else None,
-        demo,
-    )
-
-
-def check_val_classes(val_list: str, train_classes: str | None, class_names: list[str]) -> None:
-    """A val list made with its own class map (make_lists run on another tree) numbers the
-    classes its own way: label k must name the same class in both lists, or every val image
-    is scored against the wrong class without a word. ``train_classes``: the classes.txt
-    beside the train list (lists sharing it share the map); ``class_names``: the run's."""
-    val_classes = classes_beside(val_list)
-    if val_classes is None:
-        return
-    if train_classes is not None and os.path.samefile(val_classes, train_classes):
-        return
-    classes_file = train_classes or "--classes/--num-classes"
-    val_names = read_classes(val_classes)
-    if val_names == class_names:
-        return
-    differ = next(
-        (k for k, (a, b) in enumerate(zip(class_names, val_names, strict=False)) if a != b),
-        min(len(class_names), len(val_names)),
-    )
-    train_name = class_names[differ] if differ < len(class_names) else "(none)"
-    val_name = val_names[differ] if differ < len(val_names) else "(none)"
-    raise TrainerError(
-        f"{val_classes}: the val list's classes differ from the train list's ({classes_file}): "
-        f"label {differ} is {val_name!r} there, {train_name!r} for training; make both lists "
-        "with one class map (make_lists on ROOT with train/ and val/)"
-    )
-
-
-def check_train_labels(train_loader, data: DataSpec) -> None:
-    """The classes the train list really uses: one class is no classification problem (top-1
-    is 100% from the first step), whatever classes.txt names."""
-    labels = train_loader.table.labels  # never empty: an empty list fails before this
-    if labels.min() == labels.max():
-        label = int(labels[0])
-        raise TrainerError(
-            f"{data.train_list}: every sample has label {label} "
-            f"({data.class_names[label]!r}); a classifier needs images of at least 2 classes"
-        )
 
 
 def plan_loader(cfg: Config, info: dist.DistInfo) -> LoaderPlan:
@@ -279,18 +172,6 @@ def build_loaders(
     # Bad lists, files and sizes (ValueError, OSError) are the user's input: the loaders name
     # the file.
     return agreed_by_all(info, build, input_errors=(ValueError, OSError))
-
-
-def eval_results_dir(output_dir: str) -> str:
-    """Where ``--eval-only`` writes: ``output_dir`` if it holds no earlier results (of a
-    training run or an evaluation), else its first free ``eval-N`` subfolder."""
-
-    if not results_in(output_dir) and not os.path.exists(os.path.join(output_dir, CONFIG_FILE)):
-        return output_dir
-    k = 1
-    while os.path.exists(os.path.join(output_dir, f"eval-{k}")):
-        k += 1
-    return os.path.join(output_dir, f"eval-{k}")
 
 
 def run_eval_only(cfg, data, info, model, val_loader, amp_dtype, *, results_dir: str) -> dict:
@@ -727,161 +608,6 @@ def final_weights(training: Training, records: list[dict]) -> tuple[nn.Module, s
     return training.ema.module, "ema"
 
 
-# What a run or an evaluation leaves in its folder: what marks the folder as used (config.toml
-# alone does not: a run that failed at start leaves only it), and what --overwrite removes.
-RESULT_FILES = (
-    *ckpt_io.RESULT_FILES,
-    run_metrics.CSV,
-    run_metrics.PNG,
-    *run_metrics.PER_CLASS_FILES,
-    EVAL_FILE,
-)
-
-
-def results_in(folder: str) -> list[str]:
-    """The RESULT_FILES that ``folder`` holds."""
-    return [name for name in RESULT_FILES if os.path.exists(os.path.join(folder, name))]
-
-
-# The folder this process trains into, locked (flock) from its check to the process's end:
-# (its real path, the descriptor holding the lock).
-_output_lock: tuple[str, int] | None = None
-
-
-def lock_output_dir(output_dir: str) -> None:
-    """Rank 0: hold an exclusive lock on ``output_dir`` (an existing folder) for this run.
-
-    Two runs started into one folder (before the first one's first checkpoint, which alone
-    marks the folder as used, or one with --overwrite) would interleave their epoch records
-    and checkpoints, or delete the running one's files. The lock is on the folder itself, so
-    nothing is left behind; it ends with the process, however that ends (kill -9 included).
-    """
-    global _output_lock
-    folder = os.path.realpath(output_dir)
-    if _output_lock is not None:
-        if _output_lock[0] == folder:
-            return
-        unlock_output_dir()  # main() called again in one process, for another folder
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise TrainerError(
-            f"{output_dir}: another run is writing into this folder now; wait for it to end, "
-            "or use another --output-dir"
-        ) from None
-    except OSError:  # a filesystem without flock on folders (some NFS): go on unguarded
-        os.close(fd)
-        return
-    _output_lock = (folder, fd)
-
-
-def unlock_output_dir() -> None:
-    global _output_lock
-    if _output_lock is not None:
-        os.close(_output_lock[1])  # closing releases the flock
-        _output_lock = None
-
-
-def check_output_dir(cfg: Config) -> None:
-    """Before any work: never replace an earlier run's results by accident, and find a
-    folder that cannot be written now rather than at the first checkpoint."""
-    if not cfg.eval_only and os.path.isdir(cfg.output_dir):
-        # Before looking at (or, with --overwrite, removing) what the folder holds.
-        lock_output_dir(cfg.output_dir)
-    if not cfg.eval_only:  # an evaluation writes beside a run (eval_results_dir), never over
-        found = results_in(cfg.output_dir)
-        resume_path = ckpt_io.resolve_resume(cfg.resume, cfg.output_dir)
-        # Only this folder's own checkpoint continues the run in it; another run's would
-        # splice two runs' weights and metrics into one folder.
-        own = (
-            resume_path is not None
-            and os.path.isdir(cfg.output_dir)
-            and os.path.samefile(os.path.dirname(os.path.abspath(resume_path)), cfg.output_dir)
-        )
-        if own:  # its metrics are continued: a damaged line is found now, in one line
-            try:
-                run_metrics.read(cfg.output_dir, drop_torn_tail=True)
-            except run_metrics.MetricsError as exc:
-                raise TrainerError(f"{exc} (the run resumes once it is)") from None
-        if found and not own and not cfg.overwrite:
-            if cfg.resume == "auto" and resume_path is None:
-                # A run stopped before its first last.pt (killed, or that write failed) left
-                # records but nothing to continue from: saying "continue it with --resume
-                # auto" here would send the user round in a circle.
-                raise TrainerError(
-                    f"{cfg.output_dir} already holds a run ({', '.join(found)}) but no "
-                    f"{ckpt_io.LAST} to continue it from (it stopped before its first "
-                    "checkpoint): start it over with --overwrite, or use --output-dir NEW_DIR"
-                )
-            if resume_path is not None:
-                raise TrainerError(
-                    f"{cfg.output_dir} already holds a run ({', '.join(found)}), and --resume "
-                    f"{resume_path} is another run's checkpoint: resume into a new "
-                    "--output-dir, or replace this folder's run with --overwrite"
-                )
-            raise TrainerError(
-                f"{cfg.output_dir} already holds a run ({', '.join(found)}): continue it with "
-                "--resume auto, start a new one with --output-dir NEW_DIR, or replace it "
-                "with --overwrite"
-            )
-        if found and cfg.overwrite and not own:
-            for name in (*found, CONFIG_FILE):
-                if os.path.exists(os.path.join(cfg.output_dir, name)):
-                    os.remove(os.path.join(cfg.output_dir, name))
-            for name in os.listdir(cfg.output_dir):  # the old run's evaluations
-                if name.startswith("eval-") and os.path.isdir(os.path.join(cfg.output_dir, name)):
-                    shutil.rmtree(os.path.join(cfg.output_dir, name))
-    ckpt_io.check_writable(cfg.output_dir)
-
-
-def decided_by_main(info: dist.DistInfo, decide):
-    """Run ``decide()`` on rank 0 only and hand its result to every rank; a TrainerError it
-    raises is raised on every rank (rank 0 prints it), so all stop together."""
-    outcome = None
-    if info.is_main:
-        try:
-            outcome = ("ok", decide())
-        except TrainerError as exc:
-            outcome = ("error", str(exc))
-    kind, value = dist.broadcast_from_main(outcome)
-    if kind == "error":
-        raise TrainerError(value)
-    return value
-
-
-def agreed_by_all(info: dist.DistInfo, action, *, input_errors: tuple = ()):
-    """Run ``action()`` on every rank; if it raised TrainerError on any rank, raise on every
-    rank the first such error (naming the rank that met it when that is not rank 0).
-    ``input_errors``: other exception types that mean bad input here, taken alike."""
-    error = None
-    try:
-        result = action()
-    except (TrainerError, *input_errors) as exc:
-        error, result = str(exc), None
-    for rank, message in enumerate(dist.all_gather_objects(error)):
-        if message is not None:
-            raise TrainerError(message if rank == 0 else f"rank {rank}: {message}")
-    return result
-
-
-def load_agreed_checkpoint(path: str, info: dist.DistInfo) -> dict:
-    """Every rank loads the checkpoint rank 0 chose; a rank that cannot fails the job naming
-    the file (each node reads it from its own view of the output folder)."""
-    try:
-        return ckpt_io.load_checkpoint(path)
-    except TrainerError as exc:
-        if info.is_main:
-            raise
-        if not os.path.isfile(path):
-            raise RankError(
-                f"{path}: rank 0 resumes from this checkpoint, but it is not there on this "
-                "node; put --output-dir on a filesystem every node sees"
-            ) from None
-        raise RankError(str(exc)) from None
-
-
 def save_position(
     cfg: Config,
     info: dist.DistInfo,
@@ -1088,125 +814,6 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
             dist.print0(f"no {run_metrics.PNG}: {exc}")
 
 
-def launched_by_torchrun(cfg: Config) -> bool:
-    """Started as one rank of a job: by torchrun, the legacy launcher or srun (whose
-    variables ``dist.adopt_slurm_step`` has turned into torchrun's)."""
-    return "RANK" in os.environ or "LOCAL_RANK" in os.environ or cfg.local_rank is not None
-
-
-def processes_to_start(cfg: Config) -> tuple[int, str]:
-    """Without torchrun: how many processes this machine should run, and why."""
-    if cfg.processes is not None:
-        return cfg.processes, "--processes"
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if gpus:
-        return gpus, f"one per GPU ({gpus} visible)"
-    # On a CPU, one process uses every core; measured on 2 cores with the demo, one process
-    # trained at 151-175 img/s and two at about 125 in all (DDP over gloo adds its all-reduce).
-    return 1, "no GPU: one process uses all cores"
-
-
-def relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
-    """Start this script as ``nproc`` torchrun workers on this machine; their exit status.
-
-    torchrun runs in this process (``torch.distributed.run.run``, what ``python -m
-    torch.distributed.run`` calls), so that a failed worker ends the job with the worker's
-    own ``error:`` line and exit status, not torchrun's 40-line report and traceback.
-    """
-    import logging
-
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args
-    from torch.distributed.run import run as torchrun
-
-    # --processes is this launcher's flag, not the workers' (under torchrun they refuse it).
-    worker_argv, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--processes":
-            skip = True
-        elif not arg.startswith("--processes="):
-            worker_argv.append(arg)
-    args = parse_args(
-        ["--standalone", f"--nproc_per_node={nproc}", os.path.abspath(__file__), *worker_argv]
-    )
-    # torchrun would set 1 (and print a 4-line warning saying so): each rank's share of the
-    # cores is what its torch ops may use (the loader's threads are sized apart, in dist).
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, dist.usable_cpus() // nproc)))
-    # Its log lines repeat what the ranks say themselves ("failed (exitcode: 2)" after the
-    # rank's error line, "Received 15 death signal" before the ranks' "stopped by SIGTERM").
-    # torchelastic's loggers set their own levels when created (imported above), so each is
-    # set here; a parent's level would not reach them.
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("torch.distributed.elastic"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
-    try:
-        torchrun(args)
-    except ChildFailedError as exc:
-        return worker_failure_status(exc.failures)
-    except SignalException as exc:  # SIGTERM (a preemption): torchrun stopped the workers,
-        return 128 + int(exc.sigval)  # which said where to resume
-    except KeyboardInterrupt:  # Ctrl-C: torchrun has forwarded the signal to its workers
-        return 130
-    return 0
-
-
-def worker_failure_status(failures: dict) -> int:
-    """The exit status of a job whose workers failed (``{rank: ProcessFailure}``): the status
-    of the rank that said why (2 bad input, 1 a crash, whose traceback it printed), rather
-    than of the ranks torchrun stopped after it (3, or a signal) -- and one line for a rank
-    that died by a signal without a word (the kernel's OOM killer, a kill -9)."""
-    spoke = {r: f for r, f in failures.items() if f.exitcode > 0 and f.exitcode != 3}
-    if spoke:
-        return spoke[min(spoke)].exitcode
-    # The rank that died first by a signal: torchrun then stops the others with SIGTERM, so
-    # another signal (a kill -9, the OOM killer) or else the earliest death is the cause.
-    killed = sorted(
-        (r for r, f in failures.items() if f.exitcode < 0),
-        key=lambda r: (-failures[r].exitcode == 15, getattr(failures[r], "timestamp", 0), r),
-    )
-    rank = killed[0] if killed else min(failures)
-    failure = failures[rank]
-    if failure.exitcode < 0:
-        import signal
-
-        try:
-            name = signal.Signals(-failure.exitcode).name
-        except ValueError:
-            name = f"signal {-failure.exitcode}"
-        print(
-            f"error: rank {rank} (pid {failure.pid}) was killed by {name}; the job stopped "
-            "(out of host memory? dmesg says whether the OOM killer ran)",
-            file=sys.stderr,
-            flush=True,
-        )
-        return 128 - failure.exitcode
-    return failure.exitcode
-
-
-def fail(message: str, *, speak: bool = True) -> int:
-    """Print one ``error:`` line (when ``speak``) and return exit status 2.
-
-    Under torchrun the speaking rank also writes the line to torchrun's error file, so the
-    job summary shows it, with this rank, as the root cause instead of an empty traceback.
-    """
-    if speak:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-        if error_file:
-            record = {"message": message, "extraInfo": {"py_callstack": f"error: {message}"}}
-            record["extraInfo"]["timestamp"] = str(int(time.time()))
-            try:
-                with open(error_file, "w", encoding="utf-8") as f:
-                    json.dump({"message": record}, f)
-            except OSError:
-                pass  # the report is a courtesy; the line above is what counts
-    return 2
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -1236,7 +843,7 @@ def main(argv: list[str] | None = None) -> int:
         nproc, why = processes_to_start(cfg)
         if nproc > 1:
             print(f"starting {nproc} processes with torchrun ({why})", flush=True)
-            return relaunch_under_torchrun(nproc, argv)
+            return relaunch_under_torchrun(__file__, nproc, argv)
     try:
         info = dist.setup_distributed(timeout_s=cfg.dist_timeout, local_rank=cfg.local_rank)
     except dist.DistSetupError as exc:

@@ -6,6 +6,10 @@ other collectives than the rest (another batch size, another list length, anothe
 point), and the job would hang until --dist-timeout and end in a gloo or NCCL traceback.
 Each check gathers every rank's view and compares it with rank 0's; a difference is one line,
 said by rank 0 and by the rank that differs, so the logs of both nodes show it.
+
+``decided_by_main`` and ``agreed_by_all`` hand rank 0's decision, or an error any rank met, to
+every rank, so that all go on alike or stop together; ``load_agreed_checkpoint`` loads the
+checkpoint rank 0 chose on every rank.
 """
 
 from __future__ import annotations
@@ -183,3 +187,49 @@ def check_same_resume(cfg: Config, info: dist.DistInfo, resume_path, checkpoint)
             info, rank, host,
             f"reads {resume_path} {how}: the nodes hold different copies of the run; {fix}",
         )  # fmt: skip
+
+
+def decided_by_main(info: dist.DistInfo, decide):
+    """Run ``decide()`` on rank 0 only and hand its result to every rank; a TrainerError it
+    raises is raised on every rank (rank 0 prints it), so all stop together."""
+    outcome = None
+    if info.is_main:
+        try:
+            outcome = ("ok", decide())
+        except TrainerError as exc:
+            outcome = ("error", str(exc))
+    kind, value = dist.broadcast_from_main(outcome)
+    if kind == "error":
+        raise TrainerError(value)
+    return value
+
+
+def agreed_by_all(info: dist.DistInfo, action, *, input_errors: tuple = ()):
+    """Run ``action()`` on every rank; if it raised TrainerError on any rank, raise on every
+    rank the first such error (naming the rank that met it when that is not rank 0).
+    ``input_errors``: other exception types that mean bad input here, taken alike."""
+    error = None
+    try:
+        result = action()
+    except (TrainerError, *input_errors) as exc:
+        error, result = str(exc), None
+    for rank, message in enumerate(dist.all_gather_objects(error)):
+        if message is not None:
+            raise TrainerError(message if rank == 0 else f"rank {rank}: {message}")
+    return result
+
+
+def load_agreed_checkpoint(path: str, info: dist.DistInfo) -> dict:
+    """Every rank loads the checkpoint rank 0 chose; a rank that cannot fails the job naming
+    the file (each node reads it from its own view of the output folder)."""
+    try:
+        return ckpt_io.load_checkpoint(path)
+    except TrainerError as exc:
+        if info.is_main:
+            raise
+        if not os.path.isfile(path):
+            raise RankError(
+                f"{path}: rank 0 resumes from this checkpoint, but it is not there on this "
+                "node; put --output-dir on a filesystem every node sees"
+            ) from None
+        raise RankError(str(exc)) from None

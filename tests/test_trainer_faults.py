@@ -348,6 +348,10 @@ def test_val_fraction_zero_trains_without_validation(capsys, tmp_path, tiny_data
                  "resuming with other settings", "--optimizer 'sgd' there, 'adamw' now")  # fmt: skip
     assert "--epochs" not in line.split("settings than the run's:")[1].split(";")[0]
     assert (out / "config.toml").read_bytes() == saved_config
+    # Another batch moves the default lr with it: the line says from what.
+    fails(capsys, [*flags, "--resume", "auto", "--batch-size", "4"],
+          "--batch-size 8 there, 4 now",
+          "the default lr follows the global batch, now 4 = batch 4 x 1 rank x 1 accumulated")  # fmt: skip
     # Another run's checkpoint into a folder holding a run: refused, nothing touched.
     other = tmp_path / "other"
     other.mkdir()

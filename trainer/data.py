@@ -30,7 +30,7 @@ def prepare_demo_data(info: dist.DistInfo) -> str:
     if os.path.isfile(os.path.join(root, MARKER_FILE)):
         what = f"the demo data in {root} (generated earlier)"
     else:
-        what = f"demo data generated now in {root} (once, about a minute; reused after)"
+        what = f"demo data generated now in {root} (once: about 25 s on 2 cores; reused after)"
     # One line, before the wait, so a first run does not look stuck while images are drawn.
     dist.print0(f"no --train-list: training the demo recipe (see --help) on {what}")
     # ensure_demo_data holds a file lock while it writes: one rank generates, the others wait

@@ -409,7 +409,11 @@ def check_same_run(
     if differ:
         hint = ""
         if any(d.startswith("--lr ") for d in differ) and not lr_given:
-            hint = f" (the default lr follows the global batch: {world_size} rank(s) now)"
+            hint = (
+                " (the default lr follows the global batch, now "
+                f"{global_batch(cfg, world_size)} = batch {cfg.batch_size} x {world_size} "
+                f"rank{'s' if world_size != 1 else ''} x {cfg.grad_accum_steps} accumulated)"
+            )
         raise TrainerError(
             f"{path}: resuming with other settings than the run's: {'; '.join(differ)}{hint}; "
             f"resume with the run's own (--config {os.path.join(cfg.output_dir, CONFIG_FILE)} "
@@ -669,7 +673,8 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
         capped = cfg.epochs * MAX_WARMUP_FRACTION
         dist.print0(
             f"a warmup of {cfg.warmup_epochs:g} epochs (--warmup-epochs) is over a quarter of "
-            f"the {cfg.epochs} epochs: warming up for {capped:g} epochs instead"
+            f"the run's {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}: warming up for "
+            f"{capped:g} epochs instead"
         )
         cfg = replace(cfg, warmup_epochs=capped)
     plan = plan_loader(cfg, info)

@@ -243,10 +243,43 @@ def test_eval_only_in_a_run_folder_writes_beside_it(trained, tiny_data, tmp_path
     assert f"eval-only: results in {out / 'eval-1'}" in proc.stdout
     assert {n: (out / n).read_bytes() for n in before} == before
     assert (out / "eval-1" / "eval.json").is_file() and (out / "eval-1" / "config.toml").is_file()
-    from trainer.run_dir import eval_results_dir
+    from trainer.run_dir import eval_results_dir, unlock_output_dir
 
     assert eval_results_dir(str(out)) == str(out / "eval-2")
     assert eval_results_dir(str(tmp_path / "fresh")) == str(tmp_path / "fresh")
+    unlock_output_dir()  # the evaluation's lock on fresh/
+
+
+def test_eval_only_writes_beside_a_run_starting_in_its_folder(tmp_path):
+    # A run locks its folder at start but writes config.toml only once its data and loaders
+    # are ready: an --eval-only into the folder in between wrote its config.toml, eval.json
+    # and per-class files there, and the run then wrote over and beside them (the folder
+    # held the run's results with another model's eval.json).
+    import fcntl
+
+    from trainer.run_dir import eval_results_dir, unlock_output_dir
+
+    starting = tmp_path / "starting"
+    starting.mkdir()
+    run_lock = os.open(starting, os.O_RDONLY)  # the run's own lock, as lock_output_dir takes it
+    try:
+        fcntl.flock(run_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert eval_results_dir(str(starting)) == str(starting / "eval-1")
+    finally:
+        os.close(run_lock)
+    # An evaluation writing into a folder of its own holds it: a run started there (which
+    # locks it at its check, or once it made the folder) is refused, as beside another run.
+    fresh = tmp_path / "fresh"
+    try:
+        assert eval_results_dir(str(fresh)) == str(fresh)
+        other = os.open(fresh, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(other)
+    finally:
+        unlock_output_dir()
 
 
 @pytest.mark.slow

@@ -130,10 +130,22 @@ def check_output_dir(cfg: Config) -> None:
 
 def eval_results_dir(output_dir: str) -> str:
     """Where ``--eval-only`` writes: ``output_dir`` if it holds no earlier results (of a
-    training run or an evaluation), else its first free ``eval-N`` subfolder."""
+    training run or an evaluation) and no run is writing into it, else its first free
+    ``eval-N`` subfolder.
+
+    ``output_dir`` itself is made and locked for the evaluation (rank 0: main.py calls this
+    through ``decided_by_main``): a run holds the lock from its start but writes config.toml
+    only once its data and loaders are ready, and an evaluation that looked in between wrote
+    its config.toml, eval.json and per-class files in among the run's; a run started while
+    the evaluation writes there is refused, as beside another run."""
 
     if not results_in(output_dir) and not os.path.exists(os.path.join(output_dir, CONFIG_FILE)):
-        return output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        try:
+            lock_output_dir(output_dir)
+            return output_dir
+        except TrainerError:  # a run is starting there: write beside it
+            pass
     k = 1
     while os.path.exists(os.path.join(output_dir, f"eval-{k}")):
         k += 1

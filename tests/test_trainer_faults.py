@@ -562,7 +562,7 @@ def test_run_stopped_after_its_last_checkpoint_resumes_to_every_result(capsys, t
     before = {name: (run / name).read_bytes() for name in ("per_class.csv", "confusion_matrix.csv")}
     for name in finals:
         (run / name).unlink()
-    capsys.readouterr()
+    assert ", 1 epoch, amp bf16" in capsys.readouterr().out  # the start line: not '1 epochs'
     assert main([*base_flags(tiny_data, run), "--resume", "auto"]) == 0
     assert "nothing to train" in capsys.readouterr().out
     assert all((run / name).exists() for name in finals)

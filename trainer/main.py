@@ -771,7 +771,8 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
         f"{train_loader.dataset_size} train / {val_loader.dataset_size if val_loader else 0} val "
         f"images, {len(data.class_names)} classes, {cfg.image_size}px, batch {cfg.batch_size}/GPU "
         f"(global {global_batch(cfg, info.world_size)}), {len(train_loader)} steps/epoch, "
-        f"{cfg.optimizer} lr {cfg.lr:.4g}, {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}, amp {cfg.amp}, "
+        f"{cfg.optimizer} lr {cfg.lr:.4g}, {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}, "
+        f"amp {cfg.amp}, "
         f"output {cfg.output_dir}"
     )
     dist.print0(f"loader: {plan.describe()}")

@@ -209,6 +209,9 @@ def test_distributed_eval_equals_single_process(trained, tiny_data, tmp_path):
     with open(double / "eval.json") as f:
         two = json.load(f)
     assert one["val_images"] == two["val_images"] == 39  # every val image exactly once
+    # What was scored is kept with the figures.
+    assert one["weights"] == str(out / "last.pt") and one["epoch"] == two["epoch"] >= 1
+    assert one["val_list"] == str(val_list)
     assert two["val_top1"] == pytest.approx(one["val_top1"], abs=1e-6)
     assert two["val_top5"] == pytest.approx(one["val_top5"], abs=1e-6)
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-3)

@@ -174,7 +174,11 @@ def build_loaders(
     return agreed_by_all(info, build, input_errors=(ValueError, OSError))
 
 
-def run_eval_only(cfg, data, info, model, val_loader, amp_dtype, *, results_dir: str) -> dict:
+def run_eval_only(
+    cfg, data, info, model, val_loader, amp_dtype, *, results_dir: str, weights: dict
+) -> dict:
+    """``weights``: which file and epoch were scored, kept in eval.json beside the figures (a
+    results folder read later must say what it measured, not only the console)."""
     if val_loader is None:
         raise TrainerError("--eval-only needs a validation list (--val-list)")
     metrics = evaluate(
@@ -191,7 +195,8 @@ def run_eval_only(cfg, data, info, model, val_loader, amp_dtype, *, results_dir:
         f"loss {metrics['val_loss']:.4f} over {metrics['val_images']} images"
     )
     if info.is_main:
-        atomic_write_text(os.path.join(results_dir, EVAL_FILE), json.dumps(metrics) + "\n")
+        record = {**metrics, **weights, "val_list": cfg.val_list}
+        atomic_write_text(os.path.join(results_dir, EVAL_FILE), json.dumps(record) + "\n")
         report_per_class(results_dir, confusion, data.class_names)
     return metrics
 
@@ -735,7 +740,12 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
         if checkpoint is not None:
             ckpt_io.restore_training_state(checkpoint, model=model)
             dist.print0(f"eval-only: weights of {resume_path} (epoch {checkpoint['epoch']})")
-        run_eval_only(cfg, data, info, model, val_loader, amp_dtype, results_dir=results_dir)
+            weights = {"weights": os.path.abspath(resume_path), "epoch": checkpoint["epoch"]}
+        else:
+            weights = {"weights": os.path.abspath(cfg.pretrained), "epoch": None}
+        run_eval_only(
+            cfg, data, info, model, val_loader, amp_dtype, results_dir=results_dir, weights=weights
+        )
         dist.print0(f"eval-only: results in {results_dir}")
         return
 

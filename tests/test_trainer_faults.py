@@ -683,3 +683,17 @@ def test_a_step_checkpoint_resumes_mid_epoch_only_on_its_own_list_and_epochs(
     assert "lr schedule set to the start of epoch 2" in printed
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
+
+
+def test_evaluations_beside_a_run_each_get_their_own_folder(tmp_path):
+    from trainer import run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"epoch": 1}\n')  # a training run's folder
+    # Two evaluations deciding one after the other, before either has written anything (as
+    # two started at once): each gets its own eval-N, made as it is handed out.
+    first = run_dir.eval_results_dir(str(run))
+    second = run_dir.eval_results_dir(str(run))
+    assert (first, second) == (str(run / "eval-1"), str(run / "eval-2"))
+    assert os.path.isdir(first) and os.path.isdir(second)

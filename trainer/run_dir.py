@@ -147,6 +147,12 @@ def eval_results_dir(output_dir: str) -> str:
         except TrainerError:  # a run is starting there: write beside it
             pass
     k = 1
-    while os.path.exists(os.path.join(output_dir, f"eval-{k}")):
-        k += 1
-    return os.path.join(output_dir, f"eval-{k}")
+    while True:
+        folder = os.path.join(output_dir, f"eval-{k}")
+        try:
+            # Made here, atomically: two evaluations started at once each get their own (a
+            # look for the first free name would have given both the same one).
+            os.mkdir(folder)
+            return folder
+        except FileExistsError:
+            k += 1

@@ -734,8 +734,7 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
     if cfg.eval_only:
         # Results of its own, beside (never over) the training run whose weights it reads.
         results_dir = decided_by_main(info, lambda: eval_results_dir(cfg.output_dir))
-        if info.is_main:
-            os.makedirs(results_dir, exist_ok=True)
+        if info.is_main:  # eval_results_dir has made the folder
             save_config(cfg, os.path.join(results_dir, CONFIG_FILE))
         if checkpoint is not None:
             ckpt_io.restore_training_state(checkpoint, model=model)

@@ -33,16 +33,20 @@ def with_orientation(path, image: Image.Image, orientation: int, **save) -> str:
     return str(path)
 
 
-def val_batch(list_file, backend: str, num_classes: int = 1) -> torch.Tensor:
-    loader = build_loader(
+def small_loader(list_file, backend: str, *, train: bool, num_classes: int = 1):
+    return build_loader(
         list_file,
-        train=False,
+        train=train,
         backend=backend,
         batch_size=4,
         image_size=IMAGE_SIZE,
         num_threads=1 if backend == "dali" else 0,
         num_classes=num_classes,
     )
+
+
+def val_batch(list_file, backend: str, num_classes: int = 1) -> torch.Tensor:
+    loader = small_loader(list_file, backend, train=False, num_classes=num_classes)
     return torch.cat([x.clone() for x, _ in loader])
 
 
@@ -86,16 +90,7 @@ def test_training_crops_are_taken_from_the_upright_photo(tmp_path, backend):
     files = [with_orientation(tmp_path / f"p{i}.jpg", picture, 6, quality=95) for i in range(4)]
     list_file = str(tmp_path / "train.txt")
     write_list(list_file, [(f, 0) for f in files])
-    loader = build_loader(
-        list_file,
-        train=True,
-        backend=backend,
-        batch_size=4,
-        image_size=IMAGE_SIZE,
-        num_threads=1 if backend == "dali" else 0,
-        num_classes=1,
-    )
-    (images, _), *_ = list(loader)
+    (images, _), *_ = list(small_loader(list_file, backend, train=True))
     grey = images.float().mean(1)  # (N, H, W)
     across_columns = grey.diff(dim=2).abs().mean((1, 2))
     across_rows = grey.diff(dim=1).abs().mean((1, 2))

@@ -693,9 +693,10 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
     # The loaders parse the lists and stat every file: a bad line or a missing image fails
     # here, before any checkpoint or model work.
     train_loader, val_loader = build_loaders(cfg, data, info, plan, amp_dtype or torch.float32)
-    check_same_data(data, info, train_loader, val_loader)
-    # Computed once, when a step checkpoint is saved or resumed (1.28M paths take a moment).
+    # Computed once (1.28M paths take a moment), when first asked: by the node check of a
+    # distributed run, or when a step checkpoint is saved or resumed.
     train_digest = functools.cache(lambda: list_digest(train_loader))
+    check_same_data(data, info, train_loader, val_loader, train_digest=train_digest)
     # Rank 0 decides what every rank resumes from: a node that saw another last.pt (or none)
     # must not start from something else, or from scratch, in silence.
     resume_path = decided_by_main(info, lambda: ckpt_io.resolve_resume(cfg.resume, cfg.output_dir))

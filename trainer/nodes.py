@@ -99,14 +99,18 @@ def list_digest(loader, *, chunk: int = 65536) -> tuple[int, str, str] | None:
     return len(labels), hashlib.sha1(labels.tobytes()).hexdigest(), names.hexdigest()
 
 
-def check_same_data(data, info: dist.DistInfo, train_loader, val_loader) -> None:
+def check_same_data(
+    data, info: dist.DistInfo, train_loader, val_loader, *, train_digest=None
+) -> None:
     """Every rank must read the same lists and class names: a node whose copy of a list
     holds other lines shuffles and shards another list, runs another number of steps, and
-    the job would hang until --dist-timeout."""
+    the job would hang until --dist-timeout. ``train_digest``: the caller's cached
+    ``list_digest(train_loader)`` (step checkpoints record it too), else computed here."""
     if not info.distributed:
         return
+    train = train_digest() if train_digest is not None else list_digest(train_loader)
     mine = {
-        "train": (data.train_list, list_digest(train_loader)),
+        "train": (data.train_list, train),
         "val": (data.val_list, list_digest(val_loader)),
         "classes": (data.classes_file, data.class_names),
     }

@@ -21,6 +21,12 @@ class DataSpec:
     classes_file: str | None
     demo: bool
 
+    @property
+    def named_classes(self) -> list[str] | None:
+        """The class names when a classes file gives them; None with --num-classes alone,
+        whose names are the numbers "0", "1", ... and name no class to compare."""
+        return self.class_names if self.classes_file else None
+
 
 def prepare_demo_data(info: dist.DistInfo) -> str:
     """Generate the demo data set once (reused after), return its Train.txt."""

@@ -715,7 +715,7 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
             resume_path,
             arch=cfg.arch,
             num_classes=len(data.class_names),
-            class_names=data.class_names if data.classes_file else None,
+            class_names=data.named_classes,
         )
 
     # Same initial weights on every rank (DDP would broadcast rank 0's anyway).
@@ -729,8 +729,7 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
         channels_last=cfg.channels_last,
         log=dist.print0,
         require_head=cfg.eval_only and checkpoint is None,
-        # Names only from a classes file: --num-classes alone numbers the classes "0", "1", ...
-        class_names=data.class_names if data.classes_file else None,
+        class_names=data.named_classes,
     )
     if cfg.eval_only:
         # Results of its own, beside (never over) the training run whose weights it reads.

@@ -303,26 +303,43 @@ def _check_chunk(paths: list[str]) -> list[tuple[str, str]]:
 
 
 def verify_images(
-    paths: Sequence[str], *, workers: int | None = None, chunk_size: int | None = None
+    paths: Sequence[str],
+    *,
+    workers: int | None = None,
+    chunk_size: int | None = None,
+    on_progress: Callable[[int, int, int], None] | None = None,
 ) -> list[tuple[str, str]]:
     """Decode every image, in ``workers`` processes; returns sorted ``(path, reason)`` of
-    the files that failed. ``workers`` defaults to ``os.cpu_count()``; 1 runs in-process."""
+    the files that failed. ``workers`` defaults to ``os.cpu_count()``; 1 runs in-process.
+    ``on_progress(checked, total, failed)`` is called after each chunk: a full decode of an
+    ImageNet-sized tree takes an hour or more on a few cores."""
     paths = list(paths)
     workers = max(1, workers or os.cpu_count() or 1)
     workers = min(workers, max(1, len(paths)))
-    if workers == 1:
-        return sorted(_check_chunk(paths))
     if chunk_size is None:  # a few chunks per worker, so a slow chunk does not idle the rest
         chunk_size = max(1, min(256, math.ceil(len(paths) / (workers * 4))))
     chunks = [paths[i : i + chunk_size] for i in range(0, len(paths), chunk_size)]
     failed: list[tuple[str, str]] = []
+    checked = 0
+
+    def add(chunk: list[str], result: list[tuple[str, str]]) -> None:
+        nonlocal checked
+        failed.extend(result)
+        checked += len(chunk)
+        if on_progress is not None:
+            on_progress(checked, len(paths), len(failed))
+
+    if workers == 1:
+        for chunk in chunks:
+            add(chunk, _check_chunk(chunk))
+        return sorted(failed)
     # spawn, not fork: the caller may hold threads (torch, DALI) that fork would copy mid-lock
     with ProcessPoolExecutor(
         max_workers=workers, mp_context=get_context("spawn"), initializer=_ignore_interrupt
     ) as pool:
         try:
-            for result in pool.map(_check_chunk, chunks):
-                failed.extend(result)
+            for chunk, result in zip(chunks, pool.map(_check_chunk, chunks), strict=True):
+                add(chunk, result)
         except KeyboardInterrupt:
             # Ctrl-C: the chunks not started are dropped, so leaving the pool waits only for
             # the ones in hand, not for the rest of the tree.
@@ -396,11 +413,13 @@ def make_lists(
     workers: int | None = None,
     absolute: bool = False,
     on_excluded: Callable[[str, str], None] | None = None,
+    on_verify_progress: Callable[[int, int, int], None] | None = None,
 ) -> ListsReport:
     """Scan ``root`` and write ``Train.txt``, ``Test.txt`` and ``classes.txt`` into ``out_dir``.
 
     ``val_fraction`` applies to the flat layout only. With ``verify``, files that fail to
-    decode are left out, before the split, and each is passed to ``on_excluded``.
+    decode are left out, before the split, and each is passed to ``on_excluded``;
+    ``on_verify_progress`` is ``verify_images``'s ``on_progress``.
     An empty val split still gets a ``Test.txt``, holding only a ``#`` comment saying why.
     Raises ScanError for a missing root, no class folders or no images.
     """
@@ -483,7 +502,9 @@ def make_lists(
     if verify:
         had_val = bool(val)
         verified = len(train) + len(val)
-        excluded = verify_images([s.path for s in train + val], workers=workers)
+        excluded = verify_images(
+            [s.path for s in train + val], workers=workers, on_progress=on_verify_progress
+        )
         if on_excluded is not None:
             for path, reason in excluded:
                 on_excluded(path, reason)

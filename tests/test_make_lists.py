@@ -46,10 +46,11 @@ def _load_cli():
     spec = importlib.util.spec_from_file_location("make_lists_cli", MAKE_LISTS)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main
+    return module
 
 
-cli_main = _load_cli()
+_CLI = _load_cli()
+cli_main = _CLI.main
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -318,6 +319,37 @@ def test_verify_images_serial_and_chunked_agree(tmp_path, make_image):
     serial = verify_images(paths, workers=1)
     assert [os.path.basename(p) for p, _ in serial] == sorted(broken)
     assert verify_images(paths, workers=2, chunk_size=1) == serial
+
+
+def test_verify_reports_its_progress_after_each_chunk(tmp_path, make_image, capsys):
+    broken = make_broken_files(tmp_path, make_image)
+    paths = sorted(str(tmp_path / n) for n in [*broken, "good.jpg"])
+
+    def progress_calls(workers: int) -> list[tuple[int, int, int]]:
+        calls = []
+        verify_images(paths, workers=workers, chunk_size=1, on_progress=lambda *a: calls.append(a))
+        return calls
+
+    for workers in (1, 2):
+        calls = progress_calls(workers)
+        assert [checked for checked, _, _ in calls] == [1, 2, 3, 4]
+        assert {total for _, total, _ in calls} == {4}
+        assert calls[-1][2] == len(broken)  # failures so far, all of them at the end
+    # The command line's printer: a line per interval on stderr, none for the last chunk
+    # (the summary follows it), nothing on stdout.
+    progress = _CLI.VerifyProgress(interval_s=0)
+    progress(250, 1000, 3)
+    progress(1000, 1000, 3)
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert re.fullmatch(
+        r"--verify: 250 of 1,000 images checked \(25%\), 3 excluded so far, "
+        r"[\d,]+ images/s, (under a minute|about [\d,]+ min) left\n",
+        err,
+    )
+    quiet = _CLI.VerifyProgress()  # the default interval: a small tree prints nothing
+    quiet(1, 2, 0)
+    assert capsys.readouterr().err == ""
 
 
 def test_ctrl_c_during_verify_is_one_line_and_drops_the_chunks_not_started(

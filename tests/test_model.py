@@ -536,6 +536,36 @@ def test_accumulated_micro_batches_equal_one_big_batch():
     assert not torch.allclose(parts[1].weight, linear_setup()[0][1].weight)
 
 
+def test_logged_and_recorded_lr_is_the_one_the_step_applied(monkeypatch):
+    # 7 batches, 3 accumulated: optimizer steps after batches 3, 6 and 7 (a short last one).
+    # The log lines and the epoch's record name the lr those steps used, not the next one's
+    # (the scheduler has moved the group's lr by the time they are written).
+    from trainer.engine import train_one_epoch
+
+    printed = []
+    monkeypatch.setattr(dist, "print0", printed.append)
+    torch.manual_seed(5)
+    model, opt = linear_setup()
+    sched = make_scheduler(opt, warmup_steps=2, total_steps=6)
+    applied = []
+    opt.register_step_pre_hook(lambda o, *_: applied.append(o.param_groups[0]["lr"]))
+    batches = [(torch.randn(4, 3, 2, 2), torch.randint(0, 3, (4,))) for _ in range(7)]
+    records = []
+    for epoch in range(2):
+        records.append(
+            train_one_epoch(
+                model, batches, epoch=epoch, epochs=2, criterion=nn.CrossEntropyLoss(),
+                optimizer=opt, scaler=make_scaler(None, CPU), scheduler=sched, amp_dtype=None,
+                device=CPU, log_interval=3, grad_accum_steps=3,
+            )
+        )  # fmt: skip
+    assert len(applied) == 6 and applied[0] == pytest.approx(0.25)  # warmup's first step
+    logged = [float(line.split(" lr ")[1].split()[0]) for line in printed]
+    assert logged == pytest.approx(applied, rel=1e-3)  # one line per optimizer step here
+    assert [r["lr"] for r in records] == [applied[2], applied[5]]
+    assert records[-1]["lr"] > 0.0  # the cosine's last step, one step short of 0
+
+
 @pytest.mark.parametrize("amp", ["off", "fp16"])
 def test_clip_grad_norm_bounds_the_true_gradient(amp):
     # SGD without momentum: the update is lr x gradient, so its norm shows the clipped norm.

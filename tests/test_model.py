@@ -206,6 +206,41 @@ def test_warmup_then_cosine_per_step():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0)
 
 
+def test_resume_with_other_epochs_steps_at_the_new_schedules_lr(tmp_path):
+    # One epoch of 7 steps of a 2-epoch run, saved at its end, resumed as a 4-epoch run: the
+    # cosine is stretched, and the first resumed step must use the stretched schedule's lr,
+    # not the one the old schedule had left in the optimizer. Resumed unchanged: bit for bit.
+    from trainer.config import Config
+    from trainer.main import build_training, resume_training
+
+    def training_for(epochs):
+        cfg = Config(epochs=epochs, warmup_epochs=0.5, lr=1.0, weight_decay=0.0, num_classes=3)
+        model = linear_setup()[0]
+        return build_training(cfg, model, steps_per_epoch=7, amp_dtype=None, device=CPU)
+
+    first = training_for(2)
+    for _ in range(7):
+        first.optimizer.step()
+        first.scheduler.step()
+    saved = {
+        "model": first.model.state_dict(),
+        "optimizer": first.optimizer.state_dict(),
+        "scheduler": first.scheduler.state_dict(),
+        "epoch": 1,
+        "config": {},
+        "optimizer_steps_per_epoch": 7,
+    }
+    for epochs in (2, 4):
+        resumed = training_for(epochs)
+        resume_training(
+            resumed, saved, "last.pt", str(tmp_path), batch_size=64, loader="dali",
+            train_digest=tuple,
+        )  # fmt: skip
+        lr = resumed.optimizer.param_groups[0]["lr"]
+        assert lr == resumed.scheduler.lr_lambdas[0](7) == resumed.scheduler.get_last_lr()[0]
+        assert (lr == first.optimizer.param_groups[0]["lr"]) == (epochs == 2), epochs
+
+
 def test_amp_resolution_and_scaler():
     assert resolve_amp("bf16", CPU) == (torch.bfloat16, None)
     assert resolve_amp("off", CPU) == (None, None)

@@ -206,6 +206,41 @@ def test_warmup_then_cosine_per_step():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0)
 
 
+def test_resume_with_other_epochs_steps_at_the_new_schedules_lr(tmp_path):
+    # One epoch of 7 steps of a 2-epoch run, saved at its end, resumed as a 4-epoch run: the
+    # cosine is stretched, and the first resumed step must use the stretched schedule's lr,
+    # not the one the old schedule had left in the optimizer. Resumed unchanged: bit for bit.
+    from trainer.config import Config
+    from trainer.main import build_training, resume_training
+
+    def training_for(epochs):
+        cfg = Config(epochs=epochs, warmup_epochs=0.5, lr=1.0, weight_decay=0.0, num_classes=3)
+        model = linear_setup()[0]
+        return build_training(cfg, model, steps_per_epoch=7, amp_dtype=None, device=CPU)
+
+    first = training_for(2)
+    for _ in range(7):
+        first.optimizer.step()
+        first.scheduler.step()
+    saved = {
+        "model": first.model.state_dict(),
+        "optimizer": first.optimizer.state_dict(),
+        "scheduler": first.scheduler.state_dict(),
+        "epoch": 1,
+        "config": {},
+        "optimizer_steps_per_epoch": 7,
+    }
+    for epochs in (2, 4):
+        resumed = training_for(epochs)
+        resume_training(
+            resumed, saved, "last.pt", str(tmp_path), batch_size=64, loader="dali",
+            train_digest=tuple,
+        )  # fmt: skip
+        lr = resumed.optimizer.param_groups[0]["lr"]
+        assert lr == resumed.scheduler.lr_lambdas[0](7) == resumed.scheduler.get_last_lr()[0]
+        assert (lr == first.optimizer.param_groups[0]["lr"]) == (epochs == 2), epochs
+
+
 def test_amp_resolution_and_scaler():
     assert resolve_amp("bf16", CPU) == (torch.bfloat16, None)
     assert resolve_amp("off", CPU) == (None, None)
@@ -534,6 +569,36 @@ def test_accumulated_micro_batches_equal_one_big_batch():
         assert sched2.last_epoch == micro
     assert torch.allclose(parts[1].weight, whole[1].weight, atol=1e-6)
     assert not torch.allclose(parts[1].weight, linear_setup()[0][1].weight)
+
+
+def test_logged_and_recorded_lr_is_the_one_the_step_applied(monkeypatch):
+    # 7 batches, 3 accumulated: optimizer steps after batches 3, 6 and 7 (a short last one).
+    # The log lines and the epoch's record name the lr those steps used, not the next one's
+    # (the scheduler has moved the group's lr by the time they are written).
+    from trainer.engine import train_one_epoch
+
+    printed = []
+    monkeypatch.setattr(dist, "print0", printed.append)
+    torch.manual_seed(5)
+    model, opt = linear_setup()
+    sched = make_scheduler(opt, warmup_steps=2, total_steps=6)
+    applied = []
+    opt.register_step_pre_hook(lambda o, *_: applied.append(o.param_groups[0]["lr"]))
+    batches = [(torch.randn(4, 3, 2, 2), torch.randint(0, 3, (4,))) for _ in range(7)]
+    records = []
+    for epoch in range(2):
+        records.append(
+            train_one_epoch(
+                model, batches, epoch=epoch, epochs=2, criterion=nn.CrossEntropyLoss(),
+                optimizer=opt, scaler=make_scaler(None, CPU), scheduler=sched, amp_dtype=None,
+                device=CPU, log_interval=3, grad_accum_steps=3,
+            )
+        )  # fmt: skip
+    assert len(applied) == 6 and applied[0] == pytest.approx(0.25)  # warmup's first step
+    logged = [float(line.split(" lr ")[1].split()[0]) for line in printed]
+    assert logged == pytest.approx(applied, rel=1e-3)  # one line per optimizer step here
+    assert [r["lr"] for r in records] == [applied[2], applied[5]]
+    assert records[-1]["lr"] > 0.0  # the cosine's last step, one step short of 0
 
 
 @pytest.mark.parametrize("amp", ["off", "fp16"])

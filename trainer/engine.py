@@ -295,8 +295,8 @@ def train_one_epoch(
     """Train over one epoch of ``loader``; returns the epoch's figures, identical on all ranks.
 
     Returned: train_loss (mean over every step of every rank), images_per_sec_per_gpu,
-    data_wait_fraction (host time blocked on the next batch / epoch time), lr (at the end),
-    steps.
+    data_wait_fraction (host time blocked on the next batch / epoch time), lr (the one the
+    epoch's last optimizer step applied), steps.
     """
     model.train()
     if hasattr(loader, "set_epoch"):
@@ -318,6 +318,9 @@ def train_one_epoch(
     start = window_start - progress.get("elapsed", 0.0)
     step = start_step
     bad_windows = 0  # consecutive log windows whose mean loss was not finite
+    # The lr the latest optimizer step applied: the group's lr after it is already the next
+    # step's (the scheduler moves it right after each step), one step off in logs and records.
+    lr = optimizer.param_groups[0]["lr"]
     batches = iter(loader)
 
     def progress_now() -> dict:  # read only when a step checkpoint is written (one sync)
@@ -341,6 +344,7 @@ def train_one_epoch(
         group_start = step - step % grad_accum_steps
         micro_steps = min(grad_accum_steps, steps - group_start)
         micro_step = step - group_start
+        lr = optimizer.param_groups[0]["lr"]  # a host float: what this step applies
         loss = train_step(
             model,
             images,
@@ -380,7 +384,7 @@ def train_one_epoch(
             run_left = epoch_left + seconds_per_step * steps * (epochs - epoch - 1)
             dist.print0(
                 f"epoch {epoch + 1}/{epochs} step {step}/{steps} ({step / steps:.0%}) "
-                f"loss {mean_loss:.4f} lr {optimizer.param_groups[0]['lr']:.4g} "
+                f"loss {mean_loss:.4f} lr {lr:.4g} "
                 f"img/s/gpu {window_images / elapsed:.1f} data-wait {window_wait / elapsed:.0%} "
                 f"eta epoch {format_duration(epoch_left)} run {format_duration(run_left)}"
             )
@@ -415,7 +419,7 @@ def train_one_epoch(
         "train_loss": loss_mean,
         "images_per_sec_per_gpu": rate,
         "data_wait_fraction": wait,
-        "lr": optimizer.param_groups[0]["lr"],
+        "lr": lr,
         "steps": step,
     }
 

@@ -362,6 +362,12 @@ def resume_training(
             training.scheduler, training.start_epoch * training.optimizer_steps_per_epoch
         )
         where += f"; lr schedule set to the start of epoch {training.start_epoch + 1}"
+    else:
+        # The optimizer's saved lr is the next step's on the saved schedule: with --epochs
+        # changed (the cosine stretched or cut, the warmup with it) the first resumed step
+        # would apply the old schedule's lr. Placed at its own position the lr follows the
+        # schedule built now; unchanged, this is the saved lr to the bit.
+        set_schedule_position(training.scheduler, training.scheduler.last_epoch)
     dist.print0(
         f"resumed from {path}: {training.start_epoch} epoch(s) done, "
         f"best top-1 {training.best_top1:.2f}%{where}"

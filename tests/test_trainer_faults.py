@@ -137,6 +137,24 @@ def test_unknown_arch(capsys, tmp_path, tiny_data):
     fails(capsys, flags, "resnet1000")
 
 
+@pytest.mark.parametrize(
+    "arch, size, extra, words",
+    [
+        ("vit_b_16", "32", [], ["--arch vit_b_16 cannot take 32 px", "Expected 224"]),
+        # Inception v3 takes 80 and 96 px (the later epochs, validation), not epoch 1's 64.
+        ("inception_v3", "96", ["--progressive-resize", "64:96:2", "--epochs", "3"], ["64 px"]),
+    ],
+)
+def test_an_image_size_the_arch_cannot_take_is_refused_at_start(
+    capsys, tmp_path, tiny_data, arch, size, extra, words
+):
+    # It was a torchvision traceback at the first step, after the loaders had started.
+    flags = base_flags(tiny_data, tmp_path / "out")
+    flags[3], flags[5] = arch, size
+    fails(capsys, [*flags, *extra], *words)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
 @pytest.mark.slow
 def test_fault_under_torchrun_exits_promptly(tmp_path):
     missing = str(tmp_path / "Train.txt")

@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
     skipped: list[str] = []  # every path left out, whichever stage found it
     predicted = [0]  # predictions made, for the line a Ctrl-C prints
+    folder_notes: list[str] = []  # files of folders that are not images, counted
 
     def report_skip(path: str, reason: str) -> None:
         skipped.append(path)
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             amp=args.amp,
         )
         items = inference.collect_inputs(
-            args.paths, class_names=model.class_names, on_skip=report_skip
+            args.paths, class_names=model.class_names, on_skip=report_skip, notes=folder_notes
         )
         if not items:
             raise inference.InferenceError(
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         written = f"; {args.csv} not written" if args.csv else ""
         print(f"interrupted after {predicted[0]} predictions{written}", file=sys.stderr)
         return 130
-    for note in summary.notes:
+    for note in [*folder_notes, *summary.notes]:
         print(f"note: {note}")
     if summary.top1 is not None:
         for list_file in inference.lists_without_classes(args.paths):

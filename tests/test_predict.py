@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -163,6 +164,21 @@ def test_command_line_predicts_files_and_folders_in_order(tiny_data, model_file)
     # Unlabelled input: no accuracy line, but the throughput line.
     assert not any(TOP1_LINE.match(line) for line in proc.stdout.splitlines())
     assert re.search(r"^predicted 5 images in [\d.]+ s: \d+ img/s \(", proc.stdout, re.M)
+
+
+def test_a_reader_that_goes_away_ends_it_quietly(tiny_data, model_file):
+    # `predict.py ... | head -1`: a traceback (BrokenPipeError at the summary line), or with
+    # more images 'error: [Errno 32] Broken pipe' and status 2, as if the input were bad.
+    proc = subprocess.Popen(
+        [sys.executable, PREDICT, "--model", model_file, "--workers", "0", tiny_data.val_list],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc.stdout.close()  # before its first write: the reader has gone
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGPIPE, err
+    assert err == "", err
 
 
 def test_files_of_a_folder_that_are_not_images_are_counted(capsys, tmp_path, tiny_data, model_file):

@@ -62,9 +62,21 @@ def header_problem(path: str) -> str | None:
     return None
 
 
+def _pil_image():
+    """PIL's ``Image`` module with its decompression-bomb guard off. Pillow refuses images
+    over 179 megapixels (a 200 MP phone photo, 16320x12240: --verify left it out as a "DOS
+    attack", the PIL loaders stopped on it) and warns over 89 (108 MP photos), while DALI
+    decodes both: the loaders must read the same files. It is a module setting of Pillow's,
+    so it is set wherever a file is opened here."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None
+    return Image
+
+
 def _pil_format(path: str) -> str | None:
     """The format PIL recognizes in ``path`` (reads the header only), or None."""
-    from PIL import Image
+    Image = _pil_image()
 
     try:
         with Image.open(path) as image:
@@ -106,8 +118,8 @@ def open_rgb(path: str):
     reading it clipped.
     """
     import numpy as np
-    from PIL import Image
 
+    Image = _pil_image()
     with Image.open(path) as im:
         problem = tiff_problem(im)
         if problem is not None:
@@ -208,8 +220,9 @@ def tiff_problem(image) -> str | None:
 
 def decode_problem(path: str) -> str | None:
     """Decode ``path`` fully as the PIL loaders do; None when it decodes, else why not."""
-    from PIL import Image, ImageFile
+    from PIL import ImageFile
 
+    Image = _pil_image()
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode grey
     try:
         with Image.open(path) as image:

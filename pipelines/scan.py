@@ -244,13 +244,15 @@ def _is_lists_folder(root: str, name: str) -> bool:
 def _output_folder(root: str, out_dir: str) -> set[str]:
     """The class-level folder of ROOT that holds ``out_dir``, when it is not a class: the
     lists' own folder (``ROOT/lists``) or a folder of them (``ROOT/lists/v2``) holding no
-    images. Left in, it would become a class on the next run and renumber the others."""
+    images. Left in, it would become a class on the next run and renumber the others. A
+    class folder of images stays a class, lists in it or not (``--out-dir ROOT/cat`` left
+    the class cat out, its images counted as one skipped "output folder")."""
     relative = os.path.relpath(out_dir, root)
     if relative == os.curdir or relative.startswith(os.pardir):
         return set()
     top = relative.split(os.sep)[0]
     folder = os.path.join(root, top)
-    if top == relative or not os.path.isdir(folder) or not _holds_images(folder):
+    if not os.path.isdir(folder) or not _holds_images(folder):
         return {top}
     return set()
 

@@ -111,6 +111,19 @@ def test_float_tiff_reads_alike_in_both_backends(tmp_path):
     assert grey[0] == 0 and grey[-1] == 255 and 100 < grey[40] < 155
 
 
+def test_photos_over_pillows_pixel_limit_are_read_by_both_backends(tmp_path, monkeypatch):
+    """A 200 MP phone photo (16320x12240) is over Pillow's decompression-bomb limit (179 MP):
+    --verify left it out as a "DOS attack" and the PIL loaders stopped on it, while DALI
+    reads it. The limit is lowered here so that a small picture stands for such a photo."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 80 * 60 // 4)  # 4x over it: an error
+    path = str(tmp_path / "200mp.jpg")
+    marked().save(path, quality=95)
+    assert image_problem(path) is None  # --verify keeps it
+    dali = val_batch(one_list(tmp_path, path), "dali")
+    pil = val_batch(one_list(tmp_path, path), "pil")  # in this process: the limit applies
+    assert float((dali - pil).abs().max()) <= 1.01 * ONE_GREY_LEVEL
+
+
 def test_32_bit_integer_tiff_is_left_out_and_named(tmp_path, make_image):
     ramp = np.tile(np.arange(80, dtype=np.int32) * 800, (60, 1))
     path = str(tmp_path / "int32.tif")

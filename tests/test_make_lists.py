@@ -258,6 +258,17 @@ def test_output_folder_inside_root_is_not_a_class(tmp_path, make_image):
     assert (str(other / "Train.txt"), SKIP_OUTSIDE) in beside.skipped
 
 
+def test_an_out_dir_that_is_a_class_folder_keeps_the_class(tmp_path, make_image):
+    # --out-dir ROOT/b, a class folder of images: the class b was left out as "the output
+    # folder" (classes: 1 of 2, its images counted as one skipped folder).
+    root = tmp_path / "root"
+    make_tree(root, make_image, {"a": 3, "b": 3})
+    for _ in range(2):  # the second run finds the lists in b
+        report = make_lists(root, out_dir=root / "b")
+        assert report.classes == ["a", "b"]
+        assert len(report.train) + len(report.val) == 6
+
+
 def test_symlinked_folders_are_followed_once(tmp_path, make_image):
     root = tmp_path / "root"
     make_tree(root, make_image, {"a": 1})

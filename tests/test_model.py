@@ -27,6 +27,7 @@ from trainer.engine import (
 )
 from trainer.model import (
     build_model,
+    check_input_sizes,
     create_model,
     load_pretrained,
     strip_wrapper_prefixes,
@@ -53,6 +54,16 @@ def test_build_model_head_and_layout():
     assert other(torch.randn(2, 3, 32, 32)).shape == (2, 3)  # any torchvision classifier
     with pytest.raises(TrainerError, match="unknown --arch 'resnet9000'"):
         create_model("resnet9000", num_classes=3)
+
+
+def test_input_sizes_an_arch_cannot_take_are_found_without_computing():
+    check_input_sizes("resnet18", [16, 32, 224], num_classes=3)  # any size from 16 px
+    check_input_sizes("vit_b_16", [224], num_classes=3)
+    with pytest.raises(TrainerError, match=r"--arch vit_b_16 cannot take 64, 96 px images"):
+        check_input_sizes("vit_b_16", [96, 224, 64, 96], num_classes=3)
+    with pytest.raises(TrainerError, match=r"--arch alexnet cannot take 32 px"):
+        check_input_sizes("alexnet", [32, 64], num_classes=3)
+    check_input_sizes("regnet_x_400mf", [32], num_classes=3)  # not buildable on meta: no check
 
 
 def test_pretrained_torchvision_format_keeps_new_head(tmp_path):

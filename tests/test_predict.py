@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -163,6 +164,42 @@ def test_command_line_predicts_files_and_folders_in_order(tiny_data, model_file)
     # Unlabelled input: no accuracy line, but the throughput line.
     assert not any(TOP1_LINE.match(line) for line in proc.stdout.splitlines())
     assert re.search(r"^predicted 5 images in [\d.]+ s: \d+ img/s \(", proc.stdout, re.M)
+
+
+def test_a_reader_that_goes_away_ends_it_quietly(tiny_data, model_file):
+    # `predict.py ... | head -1`: a traceback (BrokenPipeError at the summary line), or with
+    # more images 'error: [Errno 32] Broken pipe' and status 2, as if the input were bad.
+    proc = subprocess.Popen(
+        [sys.executable, PREDICT, "--model", model_file, "--workers", "0", tiny_data.val_list],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc.stdout.close()  # before its first write: the reader has gone
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGPIPE, err
+    assert err == "", err
+
+
+def test_files_of_a_folder_that_are_not_images_are_counted(capsys, tmp_path, tiny_data, model_file):
+    # A phone's .HEIC photos, a .gif, Thumbs.db: left out, as before, but no longer in silence
+    # ("predicted 2 images" of a folder of six photos said nothing of the other four).
+    folder = tmp_path / "photos"
+    (folder / "2023").mkdir(parents=True)
+    source = os.path.join(tiny_data.root, "val", read_classes(tiny_data.classes_file)[0])
+    first, second = sorted(os.listdir(source))[:2]
+    shutil.copy(os.path.join(source, first), folder / "a.jpg")
+    shutil.copy(os.path.join(source, second), folder / "2023" / "b.JPG")
+    for name in ("IMG_1.HEIC", "2023/IMG_2.HEIC", "IMG_3.heic", "anim.gif", "Thumbs.db"):
+        (folder / name).write_bytes(b"not decoded")
+    (folder / ".DS_Store").write_bytes(b"hidden: not counted")
+    rc, out, _ = run_predict(capsys, "--model", model_file, "--workers", "0", str(folder))
+    assert rc == 0
+    assert len(prediction_lines(out)) == 2
+    notes = [line for line in out if line.startswith(f"note: {folder}: ")]
+    assert notes[0].startswith(
+        f"note: {folder}: 5 other files not predicted (.heic 3, .db 1, .gif 1)"
+    )
 
 
 @pytest.mark.parametrize("backend", ["dali", "pil"])

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torchvision
 
+from pipelines.lists import read_classes
 from trainer.main import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,11 +66,32 @@ def test_class_count_mismatch(capsys, tmp_path, tiny_data):
 
 
 def test_labels_beyond_given_classes(capsys, tmp_path, tiny_data):
-    classes = tmp_path / "classes.txt"
+    classes = tmp_path / "classes" / "classes.txt"
+    classes.parent.mkdir()
     classes.write_text("a\nb\nc\n")
+    lonely = tmp_path / "Train.txt"  # no classes.txt beside it: --classes numbers its labels
+    with open(tiny_data.train_list) as src:
+        lonely.write_text(src.read().replace("train/", os.path.join(tiny_data.root, "train/")))
     flags = base_flags(tiny_data, tmp_path / "out")
+    flags[1] = str(lonely)
     # The first label >= 3 is named with its file and line.
-    fails(capsys, [*flags, "--classes", str(classes)], f"{tiny_data.train_list}:")
+    fails(capsys, [*flags, "--classes", str(classes)], f"{lonely}:")
+
+
+def test_classes_other_than_those_beside_the_train_list_are_refused(capsys, tmp_path, tiny_data):
+    # The classes.txt beside Train.txt numbered its labels; a --classes of the same count in
+    # another order trained and saved every class under another's name (model.pt, predict).
+    names = read_classes(tiny_data.classes_file)
+    reordered = tmp_path / "classes.txt"
+    reordered.write_text("".join(f"{name}\n" for name in reversed(names)))
+    flags = base_flags(tiny_data, tmp_path / "out")
+    fails(
+        capsys,
+        [*flags, "--classes", str(reordered)],
+        f"{reordered}: --classes names other classes than {tiny_data.classes_file}",
+        f"label 0 is {names[0]!r} there, {names[-1]!r} here",
+    )
+    assert not (tmp_path / "out").exists()
 
 
 def test_no_class_count_at_all(capsys, tmp_path, tiny_data):
@@ -135,6 +157,24 @@ def test_unknown_arch(capsys, tmp_path, tiny_data):
     flags = base_flags(tiny_data, tmp_path)
     flags[3] = "resnet1000"
     fails(capsys, flags, "resnet1000")
+
+
+@pytest.mark.parametrize(
+    "arch, size, extra, words",
+    [
+        ("vit_b_16", "32", [], ["--arch vit_b_16 cannot take 32 px", "Expected 224"]),
+        # Inception v3 takes 80 and 96 px (the later epochs, validation), not epoch 1's 64.
+        ("inception_v3", "96", ["--progressive-resize", "64:96:2", "--epochs", "3"], ["64 px"]),
+    ],
+)
+def test_an_image_size_the_arch_cannot_take_is_refused_at_start(
+    capsys, tmp_path, tiny_data, arch, size, extra, words
+):
+    # It was a torchvision traceback at the first step, after the loaders had started.
+    flags = base_flags(tiny_data, tmp_path / "out")
+    flags[3], flags[5] = arch, size
+    fails(capsys, [*flags, *extra], *words)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 @pytest.mark.slow

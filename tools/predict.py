@@ -11,7 +11,8 @@ available, PIL otherwise). A bad image (missing, empty, corrupt, truncated, not 
 named on stderr and skipped; the others are still predicted.
 Exit status: 0 when every image was predicted, 1 when some were skipped (the rest were
 predicted), 2 for bad input or when no image could be predicted (the error on one line), 130
-for Ctrl-C (one line: how many were predicted; no --csv file).
+for Ctrl-C (one line: how many were predicted; no --csv file), 141 (128 + SIGPIPE), quietly,
+when the reader of its output goes away (`| head`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import csv
 import io
 import os
+import signal
 import sys
 
 if __package__ in (None, ""):
@@ -124,10 +126,24 @@ def csv_text(predictions: list[inference.Prediction], class_names: list[str], to
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return predict(argv)
+    except BrokenPipeError:
+        # The reader went away (`predict.py ... | head`): stop quietly, as a writer that
+        # SIGPIPE ends does; it was a traceback, or 'error: [Errno 32] Broken pipe' and status
+        # 2. Python's recipe: stdout onto /dev/null, so the flush at exit succeeds.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
+
+
+def predict(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     skipped: list[str] = []  # every path left out, whichever stage found it
     predicted = [0]  # predictions made, for the line a Ctrl-C prints
+    folder_notes: list[str] = []  # files of folders that are not images, counted
 
     def report_skip(path: str, reason: str) -> None:
         skipped.append(path)
@@ -151,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             amp=args.amp,
         )
         items = inference.collect_inputs(
-            args.paths, class_names=model.class_names, on_skip=report_skip
+            args.paths, class_names=model.class_names, on_skip=report_skip, notes=folder_notes
         )
         if not items:
             raise inference.InferenceError(
@@ -177,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.csv:
             atomic_write_text(args.csv, csv_text(collected, model.class_names, predictor.top_k))
+    except BrokenPipeError:  # stdout's reader gone: main's, not an input error
+        raise
     except (inference.InferenceError, ListError, OutputFileError, OSError) as error:
         sys.stdout.flush()
         print(f"error: {error}", file=sys.stderr)
@@ -186,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         written = f"; {args.csv} not written" if args.csv else ""
         print(f"interrupted after {predicted[0]} predictions{written}", file=sys.stderr)
         return 130
-    for note in summary.notes:
+    for note in [*folder_notes, *summary.notes]:
         print(f"note: {note}")
     if summary.top1 is not None:
         for list_file in inference.lists_without_classes(args.paths):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pipelines.lists import CLASSES_FILE, VAL_LIST, classes_beside, missing_file, read_classes
 from trainer import dist
 from trainer.config import Config, TrainerError
+from trainer.model import first_difference
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,8 @@ def resolve_data(cfg: Config, info: dist.DistInfo) -> DataSpec:
             f"{classes_file or '--num-classes'}: {len(class_names)} class; a classifier needs at "
             "least 2 (top-1 over one class is always 100%)"
         )
+    if cfg.classes is not None:
+        check_given_classes(cfg.classes, classes_beside(train_list), class_names)
     if val_list:
         check_val_classes(val_list, classes_beside(train_list), class_names)
     # Absolute, so the saved config.toml works from any folder.
@@ -93,6 +96,21 @@ def resolve_data(cfg: Config, info: dist.DistInfo) -> DataSpec:
         os.path.abspath(classes_file) if classes_file else None,
         demo,
     )
+
+
+def check_given_classes(given: str, beside: str | None, class_names: list[str]) -> None:
+    """A ``--classes`` file that names other classes than the classes.txt beside the train
+    list, whose labels that one numbered: every class would be trained, scored and saved in
+    model.pt under another's name (predict.py then says 'cat' for a dog), without a word."""
+    if beside is None or os.path.samefile(given, beside):
+        return
+    theirs = read_classes(beside)
+    if theirs != class_names:
+        raise TrainerError(
+            f"{given}: --classes names other classes than {beside}, which numbered the train "
+            f"list's labels ({first_difference(theirs, class_names)}); pass that file, or "
+            "make the lists again with the class map you want"
+        )
 
 
 def check_val_classes(val_list: str, train_classes: str | None, class_names: list[str]) -> None:

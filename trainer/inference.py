@@ -39,6 +39,7 @@ import stat
 import tempfile
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ from pipelines.lists import (
     sample_line,
     write_list,
 )
-from pipelines.scan import is_image_file
+from pipelines.scan import IMAGE_EXTENSIONS, is_image_file
 from trainer import config
 from trainer.dist import usable_cpus
 from trainer.engine import resolve_amp
@@ -233,9 +234,10 @@ class Item:
     label: int | None = None
 
 
-def _walk_images(folder: str) -> list[str]:
+def _walk_images(folder: str, others: Counter | None = None) -> list[str]:
     """Image files under ``folder``, recursively, sorted; hidden files and folders skipped
-    (``.ipynb_checkpoints``, ``._x.jpg`` resource forks), as ``tools/make_lists.py`` does."""
+    (``.ipynb_checkpoints``, ``._x.jpg`` resource forks), as ``tools/make_lists.py`` does.
+    ``others`` counts the other files left out, by extension."""
     found: list[str] = []
     seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -245,12 +247,26 @@ def _walk_images(folder: str) -> list[str]:
             continue
         seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(
-            os.path.join(dirpath, name)
-            for name in sorted(filenames)
-            if not name.startswith(".") and is_image_file(name)
-        )
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            if is_image_file(name):
+                found.append(os.path.join(dirpath, name))
+            elif others is not None:
+                others[os.path.splitext(name)[1].lower() or "no extension"] += 1
     return found
+
+
+def _others_note(folder: str, others: Counter) -> str:
+    ranked = sorted(others.items(), key=lambda kc: (-kc[1], kc[0]))
+    kinds = ", ".join(f"{kind} {n}" for kind, n in ranked[:6])
+    n = sum(others.values())
+    return (
+        f"{folder}: {n} other file{'s' if n != 1 else ''} not predicted ({kinds}"
+        f"{', ...' if len(ranked) > 6 else ''}): folders are searched for "
+        + "/".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
+        + " files"
+    )
 
 
 def collect_inputs(
@@ -259,6 +275,7 @@ def collect_inputs(
     class_names: Sequence[str],
     on_skip: Callable[[str, str], None],
     score_labels: bool = True,
+    notes: list[str] | None = None,
 ) -> list[Item]:
     """Items for the PATHs of the command line, in order.
 
@@ -268,12 +285,17 @@ def collect_inputs(
     outside the model's classes, raises ListError naming ``file:line``; a ``classes.txt``
     beside a list that names other classes than the model's raises InferenceError, since its
     labels would be scored against the wrong names. ``score_labels=False`` (the export's
-    check images, whose labels are unused) skips both label checks.
+    check images, whose labels are unused) skips both label checks. ``notes`` gets a line
+    for each folder holding other files than images (a phone's .heic, a .gif), which are
+    left out: a count that would otherwise be missing from every total.
     """
     items: list[Item] = []
     for path in paths:
         if os.path.isdir(path):
-            items.extend(Item(p) for p in _walk_images(path))
+            others: Counter = Counter()
+            items.extend(Item(p) for p in _walk_images(path, others))
+            if others and notes is not None:
+                notes.append(_others_note(path, others))
         elif path.lower().endswith(LIST_SUFFIX) and os.path.isfile(path):
             table = read_table(path)
             if score_labels:

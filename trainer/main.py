@@ -74,7 +74,7 @@ from trainer.launch import (  # noqa: E402
     processes_to_start,
     relaunch_under_torchrun,
 )
-from trainer.model import build_model, compile_model, wrap_ddp  # noqa: E402
+from trainer.model import build_model, check_input_sizes, compile_model, wrap_ddp  # noqa: E402
 from trainer.nodes import (  # noqa: E402
     agreed_by_all,
     check_same_command,
@@ -696,6 +696,10 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
         dist.print0(note)
     if cfg.eval_only and not (cfg.resume or cfg.pretrained):
         raise TrainerError("--eval-only needs weights: --resume PATH|auto or --pretrained PATH")
+    sizes = [cfg.image_size]
+    if not cfg.eval_only:
+        sizes += [train_image_size(cfg, epoch) for epoch in range(cfg.epochs)]
+    check_input_sizes(cfg.arch, sizes, num_classes=len(data.class_names))
     # The loaders parse the lists and stat every file: a bad line or a missing image fails
     # here, before any checkpoint or model work.
     train_loader, val_loader = build_loaders(cfg, data, info, plan, amp_dtype or torch.float32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -36,6 +37,35 @@ def create_model(arch: str, *, num_classes: int) -> nn.Module:
             f"unknown --arch {arch!r}; torchvision classification models: {', '.join(known)}"
         )
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def check_input_sizes(arch: str, sizes: Sequence[int], *, num_classes: int) -> None:
+    """Refuse crop sides ``arch`` cannot take, before any work: a ViT takes only its own size
+    (224 px), MaxViT multiples of 224, AlexNet 64 px and up, Inception v3 75 and up; at
+    another size the first step died with a torchvision traceback. One image per size goes
+    through the model on the meta device: shapes only, no memory, no compute, no random
+    draws. A model that cannot be built there (RegNet computes its widths with tensors) is
+    not checked."""
+    try:
+        # The real build below gives the model's own warnings (Inception's init) once.
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = create_model(arch, num_classes=num_classes).eval()
+    except NotImplementedError:
+        return
+    refused = []
+    for size in sorted(set(sizes)):
+        try:
+            with torch.no_grad():
+                model(torch.empty(1, 3, size, size, device="meta"))
+        except (RuntimeError, AssertionError, ValueError) as exc:
+            refused.append((size, str(exc).strip().splitlines()[0]))
+    if refused:
+        which = ", ".join(str(size) for size, _ in refused)
+        raise TrainerError(
+            f"--arch {arch} cannot take {which} px images (torchvision: {refused[0][1]}); "
+            "choose another --image-size (or --progressive-resize) or --arch"
+        )
 
 
 def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

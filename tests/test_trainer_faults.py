@@ -90,6 +90,7 @@ def test_classes_other_than_those_beside_the_train_list_are_refused(capsys, tmp_
         [*flags, "--classes", str(reordered)],
         f"{reordered}: --classes names other classes than {tiny_data.classes_file}",
         f"label 0 is {names[0]!r} there, {names[-1]!r} here",
+        "to rename classes, edit it",  # the one way to rename, which every list shares
     )
     assert not (tmp_path / "out").exists()
 

@@ -108,8 +108,8 @@ def check_given_classes(given: str, beside: str | None, class_names: list[str]) 
     if theirs != class_names:
         raise TrainerError(
             f"{given}: --classes names other classes than {beside}, which numbered the train "
-            f"list's labels ({first_difference(theirs, class_names)}); pass that file, or "
-            "make the lists again with the class map you want"
+            f"list's labels ({first_difference(theirs, class_names)}); pass that file (to "
+            "rename classes, edit it: one map for every list), or make the lists again"
         )
 
 

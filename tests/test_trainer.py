@@ -98,6 +98,8 @@ def test_two_ranks_learn(trained):
     # then the cosine's last value, one step short of 0.
     assert metrics[0]["lr"] == pytest.approx(0.002)
     assert metrics[-1]["lr"] == pytest.approx(0.002 * 0.5 * (1 + math.cos(math.pi * 20 / 21)))
+    # 120 images, 2 ranks x 7 steps x 8: the 8 of no whole global batch are said to be left out.
+    assert "7 steps/epoch (8 images left out of each, drawn anew)" in proc.stdout
     # Rank 0 alone prints: each epoch summary once, not once per rank.
     assert proc.stdout.count(f"epoch {EPOCHS}/{EPOCHS} done") == 1
     # Progress lines: share of the epoch, speed, and the time left in the epoch and the run.

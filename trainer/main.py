@@ -785,11 +785,17 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
     # compile and DDP after loading, so the checkpoint's bare names match the bare model.
     training.model = wrap_ddp(compile_model(model, cfg.compile), info.device, info.world_size)
 
+    # Whole global batches only (as DistributedSampler with drop_last): the remainder is left
+    # out of each epoch, a fresh draw each time; with few images per rank it is a large share.
+    left_out = train_loader.dataset_size - len(train_loader) * cfg.batch_size * info.world_size
+    steps = f"{len(train_loader)} steps/epoch"
+    if left_out:
+        steps += f" ({left_out} images left out of each, drawn anew)"
     dist.print0(
         f"training {cfg.arch} on {info.world_size} x {info.device.type}: "
         f"{train_loader.dataset_size} train / {val_loader.dataset_size if val_loader else 0} val "
         f"images, {len(data.class_names)} classes, {cfg.image_size}px, batch {cfg.batch_size}/GPU "
-        f"(global {global_batch(cfg, info.world_size)}), {len(train_loader)} steps/epoch, "
+        f"(global {global_batch(cfg, info.world_size)}), {steps}, "
         f"{cfg.optimizer} lr {cfg.lr:.4g}, {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}, "
         f"amp {cfg.amp}, "
         f"output {cfg.output_dir}"

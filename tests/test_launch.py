@@ -123,6 +123,10 @@ def test_an_srun_task_gets_torchruns_variables():
         "MASTER_ADDR": "gpu07",  # the step's first node
         "MASTER_PORT": str(15000 + 123456 % 10000),
     }
+    # Steps of one job side by side (srun ... & srun ... &) get ports of their own.
+    ports = {dist.slurm_step_env({**SRUN_STEP, "SLURM_STEP_ID": str(k)})["MASTER_PORT"]
+             for k in range(64)}  # fmt: skip
+    assert len(ports) == 64 and all(15000 <= int(port) < 25000 for port in ports)
     # The user's own rendezvous address wins.
     mine = dist.slurm_step_env({**SRUN_STEP, "MASTER_ADDR": "head", "MASTER_PORT": "29400"})
     assert (mine["MASTER_ADDR"], mine["MASTER_PORT"]) == ("head", "29400")

@@ -161,6 +161,17 @@ def _slurm_int(environ, name: str) -> int:
     return int(value)
 
 
+def slurm_port(environ) -> int:
+    """The rendezvous port of a Slurm step: from the job id, so jobs sharing a node differ,
+    and the step id, so steps of one job run side by side (``srun ... & srun ... &`` in one
+    allocation, a small sweep) differ too. 4099 is coprime with the 10,000 ports, so the
+    steps of one job never share a port; step 0 keeps 15000 + job id mod 10000."""
+    job = _slurm_int(environ, "SLURM_JOB_ID") if environ.get("SLURM_JOB_ID") else 0
+    step = environ.get("SLURM_STEP_ID", "")
+    step = int(step) if step.isdigit() else 0  # the batch step's "batch" and the like: 0
+    return 15000 + (job + 4099 * step) % 10000
+
+
 def slurm_step_env(environ=os.environ) -> dict[str, str] | None:
     """torchrun's variables for this task of a Slurm step of several tasks; None when not in
     one, or when a launcher (torchrun under srun) has set them already."""
@@ -195,8 +206,7 @@ def slurm_step_env(environ=os.environ) -> dict[str, str] | None:
             # The step's first node hosts the rendezvous (Lightning's choice too); a port
             # from the job id, so two jobs sharing a node do not collide.
             "MASTER_ADDR": environ.get("MASTER_ADDR") or hosts[0],
-            "MASTER_PORT": environ.get("MASTER_PORT")
-            or str(15000 + int(environ.get("SLURM_JOB_ID", "0") or 0) % 10000),
+            "MASTER_PORT": environ.get("MASTER_PORT") or str(slurm_port(environ)),
         }
     except (KeyError, ValueError, IndexError) as exc:
         raise DistSetupError(

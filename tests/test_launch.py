@@ -544,12 +544,14 @@ def test_a_folder_given_as_a_list_is_named_as_a_folder(tmp_path, capsys):
 def test_a_node_missing_its_list_is_named_by_rank0_at_once(tiny_data, tmp_path):
     # Node 1 without its copy of the train list exited 2 without a word (only rank 0 speaks),
     # while rank 0 said "another rank failed (its error line ... says why)": no line said why.
+    # Then rank 0 said it, but node 1's own log still held only torchrun's report.
     flags = one_epoch(tiny_data, tmp_path / "out", "--dist-timeout", "60")
     missing = str(tmp_path / "node1" / "Train.txt")
     nodes = finish(start_two_nodes(flags, cwd=tmp_path, node1_extra=["--train-list", missing]), 120)
     assert all(node.returncode != 0 for node in nodes)
-    errors = [ln for ln in nodes[0].stderr.splitlines() if ln.startswith("error: ")]
-    assert errors == [f"error: rank 1: --train-list {missing}: no such file"], nodes[0].stderr
+    for node in nodes:  # and node 1's own log says it too, not only torchrun's report
+        errors = [ln for ln in node.stderr.splitlines() if ln.startswith("error: ")]
+        assert errors == [f"error: rank 1: --train-list {missing}: no such file"], node.stderr
     assert not (tmp_path / "out").exists()
 
 

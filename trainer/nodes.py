@@ -211,15 +211,22 @@ def decided_by_main(info: dist.DistInfo, decide):
 def agreed_by_all(info: dist.DistInfo, action, *, input_errors: tuple = ()):
     """Run ``action()`` on every rank; if it raised TrainerError on any rank, raise on every
     rank the first such error (naming the rank that met it when that is not rank 0).
-    ``input_errors``: other exception types that mean bad input here, taken alike."""
+    ``input_errors``: other exception types that mean bad input here, taken alike. The rank
+    that met it says it too when on another node than rank 0 (its own files, its own log)."""
     error = None
     try:
         result = action()
     except (TrainerError, *input_errors) as exc:
         error, result = str(exc), None
     for rank, message in enumerate(dist.all_gather_objects(error)):
-        if message is not None:
-            raise TrainerError(message if rank == 0 else f"rank {rank}: {message}")
+        if message is None:
+            continue
+        if rank == 0:
+            raise TrainerError(message)
+        # Ranks are numbered node by node: rank 0's node holds global ranks 0..local ranks-1.
+        if rank == info.rank and info.rank != info.local_rank:
+            raise RankError(message)
+        raise TrainerError(f"rank {rank}: {message}")
     return result
 
 

@@ -232,15 +232,18 @@ def agreed_by_all(info: dist.DistInfo, action, *, input_errors: tuple = ()):
 
 def load_agreed_checkpoint(path: str, info: dist.DistInfo) -> dict:
     """Every rank loads the checkpoint rank 0 chose; a rank that cannot fails the job naming
-    the file (each node reads it from its own view of the output folder)."""
-    try:
-        return ckpt_io.load_checkpoint(path)
-    except TrainerError as exc:
-        if info.is_main:
-            raise
-        if not os.path.isfile(path):
-            raise RankError(
+    the file (each node reads it from its own view of the output folder). Agreed, so that
+    rank 0's log says it too, not only "another rank failed"."""
+
+    def load() -> dict:
+        try:
+            return ckpt_io.load_checkpoint(path)
+        except TrainerError:
+            if info.is_main or os.path.isfile(path):
+                raise
+            raise TrainerError(
                 f"{path}: rank 0 resumes from this checkpoint, but it is not there on this "
                 "node; put --output-dir on a filesystem every node sees"
             ) from None
-        raise RankError(str(exc)) from None
+
+    return agreed_by_all(info, load)

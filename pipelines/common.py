@@ -95,7 +95,9 @@ def check_slice(num_samples: int, *, rank: int, world_size: int) -> range:
 
     The same contiguous slice as the rank's validation shard. In training any rank may read
     any file in some epoch, but the ranks check together, each its own 1/world_size of the
-    list, so a job stats every file once rather than once per rank (8 times on 8 GPUs).
+    list, so a job stats every file once rather than once per rank (8 times on 8 GPUs). The
+    trainer splits it among the ranks of each node instead (``world_size`` = ranks on the
+    node), since each node may read its own copy of the files.
     """
     return val_shard(num_samples, rank=rank, world_size=world_size)
 

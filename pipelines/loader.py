@@ -30,6 +30,7 @@ def build_loader(
     prefetch: int = 2,
     dali_options: dict | None = None,
     check_files: bool = True,
+    check_split: tuple[int, int] | None = None,
     auto_augment: str = "none",
 ):
     """A loader for one rank: iterate it for one epoch of ``(images, labels)``.
@@ -54,6 +55,10 @@ def build_loader(
     the list (``common.check_slice``; missing or empty files fail here, named): all ranks
     together check every file once, about a second per million files on a local disk. A file
     in another rank's slice fails that rank, and a failed rank ends the job.
+    check_split: ``(k, n)`` checks slice k of n instead of ``(rank, world_size)``'s: the
+    trainer passes (local rank, ranks on this node), so that each node checks its own copy of
+    every file (nodes may hold their own copies; one missing only on node 1 but in a node-0
+    rank's slice would otherwise be met mid-epoch, whenever node 1 first reads it).
     """
     list_file = os.fspath(list_file)
     device = common.resolve_device(device)
@@ -77,7 +82,8 @@ def build_loader(
             num_classes = len(read_classes(classes_file))
     table = read_table(list_file, num_classes=num_classes)
     if check_files:
-        common.check_files_exist(table, list_file=list_file, rank=rank, world_size=world_size)
+        k, n = check_split if check_split is not None else (rank, world_size)
+        common.check_files_exist(table, list_file=list_file, rank=k, world_size=n)
 
     shared = dict(
         list_file=list_file,

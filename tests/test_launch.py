@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 
 import pytest
@@ -13,6 +14,7 @@ from PIL import Image
 from test_trainer import MAIN, finish, run, start_two_nodes, tiny_flags, torchrun
 
 from pipelines import tuning
+from pipelines.lists import read_list
 from trainer import dist
 from trainer.config import TrainerError, parse_config
 
@@ -548,13 +550,36 @@ def test_a_folder_given_as_a_list_is_named_as_a_folder(tmp_path, capsys):
 def test_a_node_missing_its_list_is_named_by_rank0_at_once(tiny_data, tmp_path):
     # Node 1 without its copy of the train list exited 2 without a word (only rank 0 speaks),
     # while rank 0 said "another rank failed (its error line ... says why)": no line said why.
+    # Then rank 0 said it, but node 1's own log still held only torchrun's report.
     flags = one_epoch(tiny_data, tmp_path / "out", "--dist-timeout", "60")
     missing = str(tmp_path / "node1" / "Train.txt")
     nodes = finish(start_two_nodes(flags, cwd=tmp_path, node1_extra=["--train-list", missing]), 120)
     assert all(node.returncode != 0 for node in nodes)
-    errors = [ln for ln in nodes[0].stderr.splitlines() if ln.startswith("error: ")]
-    assert errors == [f"error: rank 1: --train-list {missing}: no such file"], nodes[0].stderr
+    for node in nodes:  # and node 1's own log says it too, not only torchrun's report
+        errors = [ln for ln in node.stderr.splitlines() if ln.startswith("error: ")]
+        assert errors == [f"error: rank 1: --train-list {missing}: no such file"], node.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_an_image_missing_on_one_node_alone_is_found_there_at_start(tiny_data, tmp_path):
+    # Node 1 reads its own copy of the data, which lacks an image near the list's top. The
+    # ranks split the file check job-wide, so that image was rank 0's to check, on node 0's
+    # copy: the run started, and node 1 failed mid-epoch whenever it first drew the image
+    # (or trained on, if it did not). Every node checks its own copy; node 1 names it.
+    copy = tmp_path / "node1"
+    shutil.copytree(os.path.dirname(tiny_data.train_list), copy)
+    gone = read_list(copy / "Train.txt")[1].path  # in rank 0's half of the list
+    os.remove(gone)
+    flags = one_epoch(tiny_data, tmp_path / "out", "--dist-timeout", "60")
+    node1_list = ["--train-list", str(copy / "Train.txt")]
+    nodes = finish(start_two_nodes(flags, cwd=tmp_path, node1_extra=node1_list), 120)
+    want = f"error: rank 1: {gone}: image file listed at {copy / 'Train.txt'}:2 cannot be read"
+    for node in nodes:
+        assert node.returncode != 0
+        errors = [ln for ln in node.stderr.splitlines() if ln.startswith("error: ")]
+        assert len(errors) == 1 and errors[0].startswith(want), node.stderr[-3000:]
+    assert not (tmp_path / "out").exists()  # found before anything was written
 
 
 def test_processes_under_srun_names_srun(monkeypatch, capsys):

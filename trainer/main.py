@@ -149,6 +149,9 @@ def build_loaders(
         prefetch=cfg.prefetch,
         dali_options=plan.dali_options(),
         auto_augment=cfg.auto_augment,  # the val loader ignores it
+        # The ranks of each node split the file check: every node checks its own copy of
+        # every file once (a file missing on one node alone is found at start, on that node).
+        check_split=(info.local_rank, info.local_world_size),
     )
 
     def build():
@@ -167,8 +170,9 @@ def build_loaders(
                 dist.print0(f"{data.val_list} holds no samples: training without validation")
         return train, val
 
-    # Each rank checks only its slice of the files, so a missing one is found by one rank:
-    # all ranks learn of it here and stop together, rank 0 saying which rank found what.
+    # Each rank checks only its node's slice of the files, so a missing one is found by one
+    # rank: all ranks learn of it here and stop together, rank 0 saying which rank found what
+    # (and that rank too, when on another node).
     # Bad lists, files and sizes (ValueError, OSError) are the user's input: the loaders name
     # the file.
     return agreed_by_all(info, build, input_errors=(ValueError, OSError))

@@ -211,29 +211,39 @@ def decided_by_main(info: dist.DistInfo, decide):
 def agreed_by_all(info: dist.DistInfo, action, *, input_errors: tuple = ()):
     """Run ``action()`` on every rank; if it raised TrainerError on any rank, raise on every
     rank the first such error (naming the rank that met it when that is not rank 0).
-    ``input_errors``: other exception types that mean bad input here, taken alike."""
+    ``input_errors``: other exception types that mean bad input here, taken alike. The rank
+    that met it says it too when on another node than rank 0 (its own files, its own log)."""
     error = None
     try:
         result = action()
     except (TrainerError, *input_errors) as exc:
         error, result = str(exc), None
     for rank, message in enumerate(dist.all_gather_objects(error)):
-        if message is not None:
-            raise TrainerError(message if rank == 0 else f"rank {rank}: {message}")
+        if message is None:
+            continue
+        if rank == 0:
+            raise TrainerError(message)
+        # Ranks are numbered node by node: rank 0's node holds global ranks 0..local ranks-1.
+        if rank == info.rank and info.rank != info.local_rank:
+            raise RankError(message)
+        raise TrainerError(f"rank {rank}: {message}")
     return result
 
 
 def load_agreed_checkpoint(path: str, info: dist.DistInfo) -> dict:
     """Every rank loads the checkpoint rank 0 chose; a rank that cannot fails the job naming
-    the file (each node reads it from its own view of the output folder)."""
-    try:
-        return ckpt_io.load_checkpoint(path)
-    except TrainerError as exc:
-        if info.is_main:
-            raise
-        if not os.path.isfile(path):
-            raise RankError(
+    the file (each node reads it from its own view of the output folder). Agreed, so that
+    rank 0's log says it too, not only "another rank failed"."""
+
+    def load() -> dict:
+        try:
+            return ckpt_io.load_checkpoint(path)
+        except TrainerError:
+            if info.is_main or os.path.isfile(path):
+                raise
+            raise TrainerError(
                 f"{path}: rank 0 resumes from this checkpoint, but it is not there on this "
                 "node; put --output-dir on a filesystem every node sees"
             ) from None
-        raise RankError(str(exc)) from None
+
+    return agreed_by_all(info, load)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import torch
 
@@ -154,3 +155,15 @@ def test_worst_classes_line_with_many_classes_and_commas_in_names(tmp_path):
     with open(tmp_path / metrics.PER_CLASS, encoding="utf-8", newline="") as f:
         table = list(csv.DictReader(f))
     assert table[0]["class"] == names[0] and table[998]["top1"] == ""
+
+
+def test_confusion_png_of_names_the_font_cannot_draw_shows_indices_without_warnings(tmp_path):
+    # DejaVu Sans (matplotlib's default) has no CJK glyphs: the names would be rows of boxes
+    # and a warning per character on stderr; Latin accents and dashes it has.
+    names = [f"类别{chr(0x4E00 + 37 * k)} 名称" for k in range(3)]
+    assert not metrics._drawable(names)
+    assert metrics._drawable(["tench, Tinca tinca", 'naïve café — "quoted"'])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = metrics.plot_confusion(str(tmp_path), torch.eye(3, dtype=torch.int64), names)
+    assert os.path.getsize(path) > 1000

@@ -241,6 +241,15 @@ def describe_worst(rows: list[dict], n: int = 5) -> str:
     return text
 
 
+def _drawable(names: list[str]) -> bool:
+    """Whether matplotlib's default font has a glyph for every character of ``names``."""
+    from matplotlib import font_manager, ft2font
+
+    font = ft2font.FT2Font(font_manager.findfont(font_manager.FontProperties()))
+    glyphs = font.get_charmap()
+    return all(ord(c) in glyphs for name in names for c in name if not c.isspace())
+
+
 def plot_confusion(run_dir: str, confusion, class_names: list[str]) -> str:
     """confusion_matrix.png: each row (true class) as shares of its images. PlotUnavailable
     without matplotlib."""
@@ -260,8 +269,11 @@ def plot_confusion(run_dir: str, confusion, class_names: list[str]) -> str:
     fig, ax = plt.subplots(figsize=(side, side))
     image = ax.imshow(shares.numpy(), cmap="Blues", vmin=0, vmax=1)
     if n <= 50:  # beyond that, names would be unreadable
-        ax.set_xticks(range(n), class_names, rotation=90)
-        ax.set_yticks(range(n), class_names)
+        # Names the font cannot draw (CJK in DejaVu Sans) would be rows of identical boxes,
+        # and a warning per missing character on stderr: label k is shown as k instead.
+        labels = class_names if _drawable(class_names) else [str(k) for k in range(n)]
+        ax.set_xticks(range(n), labels, rotation=90)
+        ax.set_yticks(range(n), labels)
     ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (share of each true class)")
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()

@@ -58,6 +58,21 @@ SKIP_LINE_BREAK = "line break in the name (a list cannot hold it)"
 SKIP_NOT_UTF8 = "name not valid UTF-8 (a list cannot hold it)"
 
 
+# Per-class notes and warnings name each class while there are at most this many; beyond it
+# (a val set of 100 of ImageNet's 1000 classes) one line gives their count and the first few,
+# so that the summary's other lines do not scroll away under 900 lines of names.
+NAMED_CLASSES = 10
+NAMED_WHEN_MANY = 5
+
+
+def _each_or_count(names: Sequence[str], one: str, many: str) -> list[str]:
+    """``one.format(name)`` per name, or past NAMED_CLASSES a single ``many.format(count)``
+    followed by the first NAMED_WHEN_MANY names."""
+    if len(names) <= NAMED_CLASSES:
+        return [one.format(name) for name in names]
+    return [f"{many.format(len(names))}: {', '.join(names[:NAMED_WHEN_MANY])}, ..."]
+
+
 class ScanError(ValueError):
     """An image tree that cannot become lists; the message names the folder or file."""
 
@@ -518,8 +533,11 @@ def make_lists(
             why_empty = "every one failed --verify"
             notes.append("every val image failed --verify: the trainer will not validate")
         after = {s.label for s in train + val}
-        for label in sorted(before - after):
-            notes.append(f"class {classes[label]!r}: every image failed --verify")
+        notes += _each_or_count(
+            [repr(classes[label]) for label in sorted(before - after)],
+            "class {}: every image failed --verify",
+            "{} classes: every image failed --verify",
+        )
         # Checked again: --verify may have emptied all classes but one.
         _require_two_classes(root, classes, train + val, split=split_dirs is not None)
     if layout == "flat":
@@ -528,10 +546,16 @@ def make_lists(
         raise ScanError(f"{root}: no usable training images")
     if val or (layout == "flat" and val_fraction > 0):
         in_train, in_val = {s.label for s in train}, {s.label for s in val}
-        for label in sorted(in_train - in_val):
-            notes.append(f"class {classes[label]!r} has no val images")
-        for label in sorted(in_val - in_train):
-            notes.append(f"class {classes[label]!r} has val images but none for training")
+        notes += _each_or_count(
+            [repr(classes[label]) for label in sorted(in_train - in_val)],
+            "class {} has no val images",
+            "{} classes have no val images",
+        )
+        notes += _each_or_count(
+            [repr(classes[label]) for label in sorted(in_val - in_train)],
+            "class {} has val images but none for training",
+            "{} classes have val images but none for training",
+        )
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ScanError(f"{out_dir}: --out-dir is a file, not a folder")
     train_list = os.path.join(out_dir, TRAIN_LIST)
@@ -561,7 +585,9 @@ def format_summary(report: ListsReport) -> str:
     """A short, deterministic, human-readable account of a ``make_lists`` run."""
     lines = [f"root: {report.root} ({report.layout} layout)"]
     lines += [f"note: {note}" for note in report.notes]
-    lines += [f"warning: empty class folder: {name}" for name in report.empty_classes]
+    lines += _each_or_count(
+        report.empty_classes, "warning: empty class folder: {}", "warning: {} empty class folders"
+    )
     lines.append(f"classes: {len(report.classes)}")
     lines.append(f"train: {len(report.train)} images -> {report.train_list}")
     lines.append(f"val: {len(report.val)} images -> {report.val_list}")

@@ -536,6 +536,22 @@ def test_summary_names_classes_without_val_images(tmp_path, make_image):
     assert "note: class 'single' has no val images" in format_summary(report)
 
 
+def test_many_classes_without_val_images_are_one_line_not_one_each(tmp_path, make_image):
+    # A train/ of 30 classes and a val/ of 3 of them: 27 classes without val images, and 12
+    # empty val folders; one note and one warning with the count and the first names.
+    root = tmp_path / "root"
+    make_tree(root / "train", make_image, {f"c{k:02d}": 1 for k in range(30)})
+    make_tree(root / "val", make_image, {f"c{k:02d}": 1 for k in range(3)})
+    for k in range(3, 15):
+        os.makedirs(root / "val" / f"c{k:02d}")
+    summary = format_summary(make_lists(root, out_dir=tmp_path / "out"))
+    lines = summary.splitlines()
+    assert "note: 27 classes have no val images: 'c03', 'c04', 'c05', 'c06', 'c07', ..." in lines
+    warning = "warning: 12 empty class folders: val/c03, val/c04, val/c05, val/c06, val/c07, ..."
+    assert warning in lines
+    assert "empty classes: 12" in lines and len(lines) == 9, summary
+
+
 def test_out_dir_that_is_a_file_is_one_line(tmp_path, make_image, capsys):
     make_tree(tmp_path / "root", make_image, {"a": 2, "b": 2})
     (tmp_path / "afile").write_text("x")

@@ -7,6 +7,9 @@ import json
 import os
 import subprocess
 import sys
+import warnings
+
+import torch
 
 from trainer import metrics
 from trainer.engine import format_duration
@@ -131,3 +134,36 @@ def test_plot_tool_refuses_in_one_line_and_writes_the_suffix_format(tmp_path, ca
         == f"error: {tmp_path / 'metrics.jsonl'}:3: not an epoch record (a JSON object per line); the file is damaged, e.g. a line cut short: remove or repair that line\n"
     )
     assert "--overwrite" in tool.build_parser().format_help()
+
+
+def test_worst_classes_line_with_many_classes_and_commas_in_names(tmp_path):
+    # 1000 classes: 995 at 0% (some of 1 image, some of 2), 3 right, 2 with no val image.
+    names = [f"n{k:08d}, a name with a comma" for k in range(1000)]
+    confusion = torch.zeros(1000, 1000, dtype=torch.int64)
+    for c in range(995):
+        confusion[c, (c + 1) % 1000] = 1 + (c >= 990)  # classes 990-994: 0% of 2
+    for c in (995, 996, 997):
+        confusion[c, c] = 1
+    rows = metrics.write_per_class(str(tmp_path), confusion, names)
+    assert [r["class"][:9] for r in rows[:5]] == [f"n{k:08d}" for k in range(990, 995)]
+    assert rows[-1]["top1"] is None and rows[-2]["top1"] is None  # no val image: last
+    line = metrics.describe_worst(rows)
+    assert line.count("; ") == 4 and line.startswith("n00000990, a name with a comma 0.0% of 2")
+    assert line.endswith(" (and 990 more classes at 0.0%)")
+    # No others tied: nothing added.
+    assert "more classes" not in metrics.describe_worst(rows[:5] + rows[-5:])
+    with open(tmp_path / metrics.PER_CLASS, encoding="utf-8", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert table[0]["class"] == names[0] and table[998]["top1"] == ""
+
+
+def test_confusion_png_of_names_the_font_cannot_draw_shows_indices_without_warnings(tmp_path):
+    # DejaVu Sans (matplotlib's default) has no CJK glyphs: the names would be rows of boxes
+    # and a warning per character on stderr; Latin accents and dashes it has.
+    names = [f"类别{chr(0x4E00 + 37 * k)} 名称" for k in range(3)]
+    assert not metrics._drawable(names)
+    assert metrics._drawable(["tench, Tinca tinca", 'naïve café — "quoted"'])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = metrics.plot_confusion(str(tmp_path), torch.eye(3, dtype=torch.int64), names)
+    assert os.path.getsize(path) > 1000

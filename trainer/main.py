@@ -207,11 +207,8 @@ def run_eval_only(
 
 def report_per_class(run_dir: str, confusion, class_names: list[str]) -> None:
     """Rank 0: per_class.csv, confusion_matrix.csv (and .png), and the 5 worst classes."""
-    worst = run_metrics.write_per_class(run_dir, confusion, class_names)[:5]
-    described = ", ".join(
-        f"{r['class']} {r['top1']:.1f}% of {r['images']}" for r in worst if r["top1"] is not None
-    )
-    dist.print0(f"worst classes by top-1: {described}")
+    rows = run_metrics.write_per_class(run_dir, confusion, class_names)
+    dist.print0(f"worst classes by top-1: {run_metrics.describe_worst(rows)}")
     try:
         picture = f", {run_metrics.plot_confusion(run_dir, confusion, class_names)}"
     except run_metrics.PlotUnavailable as exc:

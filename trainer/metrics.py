@@ -221,9 +221,33 @@ def write_per_class(run_dir: str, confusion, class_names: list[str]) -> list[dic
     for name, counts in zip(class_names, confusion.tolist(), strict=True):
         writer.writerow([name, *counts])
     atomic_write_text(os.path.join(run_dir, CONFUSION_CSV), text.getvalue())
-    return sorted(
-        rows, key=lambda r: (r["top1"] is None, r["top1"] if r["top1"] is not None else 0)
-    )
+    # Among classes of equal top-1, the one with more images first: more evidence.
+    return sorted(rows, key=lambda r: (r["top1"] is None, r["top1"] or 0.0, -r["images"]))
+
+
+def describe_worst(rows: list[dict], n: int = 5) -> str:
+    """The ``n`` worst classes of ``write_per_class``'s rows, for one log line.
+
+    Classes are separated by "; ", as names may hold commas (ImageNet's "tench, Tinca
+    tinca"). When more classes share the last one's top-1 (with many classes, hundreds may
+    be at 0%), their count is added, so the five shown do not read as the only ones there.
+    """
+    scored = [r for r in rows if r["top1"] is not None]
+    worst = scored[:n]
+    text = "; ".join(f"{r['class']} {r['top1']:.1f}% of {r['images']}" for r in worst)
+    tied = sum(r["top1"] == worst[-1]["top1"] for r in scored[n:]) if worst else 0
+    if tied:
+        text += f" (and {tied} more classes at {worst[-1]['top1']:.1f}%)"
+    return text
+
+
+def _drawable(names: list[str]) -> bool:
+    """Whether matplotlib's default font has a glyph for every character of ``names``."""
+    from matplotlib import font_manager, ft2font
+
+    font = ft2font.FT2Font(font_manager.findfont(font_manager.FontProperties()))
+    glyphs = font.get_charmap()
+    return all(ord(c) in glyphs for name in names for c in name if not c.isspace())
 
 
 def plot_confusion(run_dir: str, confusion, class_names: list[str]) -> str:
@@ -245,8 +269,11 @@ def plot_confusion(run_dir: str, confusion, class_names: list[str]) -> str:
     fig, ax = plt.subplots(figsize=(side, side))
     image = ax.imshow(shares.numpy(), cmap="Blues", vmin=0, vmax=1)
     if n <= 50:  # beyond that, names would be unreadable
-        ax.set_xticks(range(n), class_names, rotation=90)
-        ax.set_yticks(range(n), class_names)
+        # Names the font cannot draw (CJK in DejaVu Sans) would be rows of identical boxes,
+        # and a warning per missing character on stderr: label k is shown as k instead.
+        labels = class_names if _drawable(class_names) else [str(k) for k in range(n)]
+        ax.set_xticks(range(n), labels, rotation=90)
+        ax.set_yticks(range(n), labels)
     ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (share of each true class)")
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()

@@ -152,6 +152,8 @@ def test_worst_classes_line_with_many_classes_and_commas_in_names(tmp_path):
     assert line.endswith(" (and 990 more classes at 0.0%)")
     # No others tied: nothing added.
     assert "more classes" not in metrics.describe_worst(rows[:5] + rows[-5:])
+    # One more at the fifth's top-1 is one class, not "1 more classes".
+    assert metrics.describe_worst(rows[:6] + rows[-5:]).endswith(" (and 1 more class at 0.0%)")
     with open(tmp_path / metrics.PER_CLASS, encoding="utf-8", newline="") as f:
         table = list(csv.DictReader(f))
     assert table[0]["class"] == names[0] and table[998]["top1"] == ""

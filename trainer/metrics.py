@@ -237,7 +237,8 @@ def describe_worst(rows: list[dict], n: int = 5) -> str:
     text = "; ".join(f"{r['class']} {r['top1']:.1f}% of {r['images']}" for r in worst)
     tied = sum(r["top1"] == worst[-1]["top1"] for r in scored[n:]) if worst else 0
     if tied:
-        text += f" (and {tied} more classes at {worst[-1]['top1']:.1f}%)"
+        more = "1 more class" if tied == 1 else f"{tied} more classes"
+        text += f" (and {more} at {worst[-1]['top1']:.1f}%)"
     return text
 
 

@@ -561,6 +561,38 @@ def test_a_node_missing_its_list_is_named_by_rank0_at_once(tiny_data, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_input_error_every_node_meets_is_said_on_each_node(monkeypatch):
+    # Shared storage: an image missing there is met by a rank of every node (each node checks
+    # every file), rank 0's node first, so rank 0's line was the one raised everywhere and
+    # node 1's log held no reason. Each other node's first failing rank now says its own.
+    import torch
+
+    from trainer import nodes
+    from trainer.config import RankError
+
+    def outcome(rank, local_rank, messages):
+        info = dist.DistInfo(rank, 4, local_rank, 2, torch.device("cpu"), rank == 0)
+        monkeypatch.setattr(dist, "all_gather_objects", lambda mine: messages)
+
+        def action():
+            if messages[rank] is not None:
+                raise TrainerError(messages[rank])
+
+        with pytest.raises(TrainerError) as raised:
+            nodes.agreed_by_all(info, action)
+        return type(raised.value) is RankError, str(raised.value)
+
+    shared = ["gone.jpg", "gone.jpg", "gone.jpg", None]  # ranks 0, 1 on node 0; 2, 3 on node 1
+    assert outcome(0, 0, shared) == (False, "gone.jpg")  # rank 0 says it on node 0
+    assert outcome(1, 1, shared) == (False, "gone.jpg")  # node 0: rank 0's line only
+    assert outcome(2, 0, shared) == (True, "gone.jpg")  # node 1's first failing rank
+    assert outcome(3, 1, shared) == (False, "gone.jpg")  # silent: not its error
+    later = [None, None, "a", "b"]  # node 1 alone: its rank 2 says it, rank 3 not again
+    assert outcome(2, 0, later) == (True, "a")
+    assert outcome(3, 1, later) == (False, "rank 2: a")
+    assert outcome(1, 1, [None, "c", None, None]) == (False, "rank 1: c")  # rank 0's node
+
+
 @pytest.mark.slow
 def test_an_image_missing_on_one_node_alone_is_found_there_at_start(tiny_data, tmp_path):
     # Node 1 reads its own copy of the data, which lacks an image near the list's top. The

@@ -211,23 +211,27 @@ def decided_by_main(info: dist.DistInfo, decide):
 def agreed_by_all(info: dist.DistInfo, action, *, input_errors: tuple = ()):
     """Run ``action()`` on every rank; if it raised TrainerError on any rank, raise on every
     rank the first such error (naming the rank that met it when that is not rank 0).
-    ``input_errors``: other exception types that mean bad input here, taken alike. The rank
-    that met it says it too when on another node than rank 0 (its own files, its own log)."""
+    ``input_errors``: other exception types that mean bad input here, taken alike. On each
+    node but rank 0's, the first rank that met one says its own too (its files, its log)."""
     error = None
     try:
         result = action()
     except (TrainerError, *input_errors) as exc:
         error, result = str(exc), None
-    for rank, message in enumerate(dist.all_gather_objects(error)):
-        if message is None:
-            continue
-        if rank == 0:
-            raise TrainerError(message)
-        # Ranks are numbered node by node: rank 0's node holds global ranks 0..local ranks-1.
-        if rank == info.rank and info.rank != info.local_rank:
-            raise RankError(message)
-        raise TrainerError(f"rank {rank}: {message}")
-    return result
+    messages = dist.all_gather_objects(error)
+    failed = [rank for rank, message in enumerate(messages) if message is not None]
+    if not failed:
+        return result
+    # Ranks are numbered node by node: this node's start at rank - local rank. Off rank 0's
+    # node, the node's first rank that met an error says its own, even when a lower rank's is
+    # the one raised: with shared storage every node meets a missing image, rank 0's node
+    # first, and rank 0's line alone left the other nodes' logs without a reason.
+    node_start = info.rank - info.local_rank
+    first_here = all(m is None for m in messages[node_start : info.rank])
+    if error is not None and node_start > 0 and first_here:
+        raise RankError(error)
+    first = failed[0]
+    raise TrainerError(messages[first] if first == 0 else f"rank {first}: {messages[first]}")
 
 
 def load_agreed_checkpoint(path: str, info: dist.DistInfo) -> dict:

@@ -282,6 +282,30 @@ def test_train_step_fits_a_fixed_batch(amp):
     assert sched.last_epoch == 8  # stepped once per train_step
 
 
+def test_models_with_auxiliary_heads_train_every_parameter():
+    # GoogLeNet returns its two auxiliary heads' logits too in training mode: the loss took
+    # the namedtuple and the first step died with a TypeError. Now the aux losses add in, so
+    # every parameter gets a gradient (DDP waits for each); eval mode gives the plain logits.
+    torch.manual_seed(0)
+    model = build_model("googlenet", num_classes=3, device=CPU, log=quiet)
+    images = torch.randn(4, 3, 48, 48).contiguous(memory_format=torch.channels_last)
+    labels = torch.arange(4) % 3
+    opt = make_optimizer(model, name="sgd", lr=0.01)
+    loss = train_step(
+        model, images, labels, criterion=nn.CrossEntropyLoss(), optimizer=opt,
+        scaler=make_scaler(None, CPU),
+    )  # fmt: skip
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.parameters())
+    main = nn.CrossEntropyLoss()(model.eval()(images), labels)
+    assert torch.is_tensor(main) and main.ndim == 0
+    # Inception v3's auxiliary head needs about 299 px: training below it is refused at
+    # start, evaluation (no aux head) from 75 px.
+    check_input_sizes("inception_v3", [224], num_classes=3, train_sizes=[299])
+    with pytest.raises(TrainerError, match=r"--arch inception_v3 cannot take 224 px"):
+        check_input_sizes("inception_v3", [224], num_classes=3, train_sizes=[224])
+
+
 def test_fp16_scaler_skips_overflowed_steps_and_the_schedule_waits():
     # fp16 with an enabled grad scaler, on the CPU: an overflowing scale makes the scaler
     # skip optimizer.step(); the weights must not move and the schedule must not run ahead.

@@ -164,8 +164,10 @@ def test_unknown_arch(capsys, tmp_path, tiny_data):
     "arch, size, extra, words",
     [
         ("vit_b_16", "32", [], ["--arch vit_b_16 cannot take 32 px", "Expected 224"]),
-        # Inception v3 takes 80 and 96 px (the later epochs, validation), not epoch 1's 64.
-        ("inception_v3", "96", ["--progressive-resize", "64:96:2", "--epochs", "3"], ["64 px"]),
+        # AlexNet takes 64 px (the last epoch, validation), not epochs 1 and 2's 32 and 48.
+        ("alexnet", "64", ["--progressive-resize", "32:64:2", "--epochs", "3"], ["32, 48 px"]),
+        # Inception v3 evaluates at 224 px, but trains (its auxiliary head) from about 299.
+        ("inception_v3", "224", [], ["--arch inception_v3 cannot take 224 px"]),
     ],
 )
 def test_an_image_size_the_arch_cannot_take_is_refused_at_start(

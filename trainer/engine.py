@@ -122,6 +122,25 @@ def set_schedule_position(scheduler: torch.optim.lr_scheduler.LambdaLR, step: in
     scheduler._last_lr = lrs  # what get_last_lr() reports
 
 
+# GoogLeNet and Inception v3 return their auxiliary classifiers' logits too in training mode
+# (a namedtuple, the main logits first). Each auxiliary loss adds with GoogLeNet's paper's
+# weight: the aux heads must get gradients (DDP waits for every parameter's), and they are
+# what those models were designed to train with. Evaluation (eval mode) sees only the logits.
+AUX_LOSS_WEIGHT = 0.3
+
+
+def model_loss(output, labels: torch.Tensor, criterion) -> torch.Tensor:
+    """``criterion`` of the model's output: plain logits, or main + auxiliary heads' logits."""
+    if not isinstance(output, tuple):
+        return criterion(output, labels)
+    main, *auxiliary = output
+    loss = criterion(main, labels)
+    for logits in auxiliary:
+        if logits is not None:  # a model built without aux heads leaves its field None
+            loss = loss + AUX_LOSS_WEIGHT * criterion(logits, labels)
+    return loss
+
+
 def train_step(
     model: nn.Module,
     images: torch.Tensor,
@@ -158,8 +177,7 @@ def train_step(
     no_sync = getattr(model, "no_sync", None)
     with contextlib.nullcontext() if last or no_sync is None else no_sync():
         with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(images)
-            loss = criterion(logits, labels)
+            loss = model_loss(model(images), labels, criterion)
         if micro_step == 0:
             optimizer.zero_grad(set_to_none=True)  # frees the grads instead of writing zeros
         scaler.scale(loss / micro_steps if micro_steps > 1 else loss).backward()

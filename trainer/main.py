@@ -697,10 +697,12 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
         dist.print0(note)
     if cfg.eval_only and not (cfg.resume or cfg.pretrained):
         raise TrainerError("--eval-only needs weights: --resume PATH|auto or --pretrained PATH")
-    sizes = [cfg.image_size]
-    if not cfg.eval_only:
-        sizes += [train_image_size(cfg, epoch) for epoch in range(cfg.epochs)]
-    check_input_sizes(cfg.arch, sizes, num_classes=len(data.class_names))
+    check_input_sizes(
+        cfg.arch,
+        [cfg.image_size],
+        num_classes=len(data.class_names),
+        train_sizes=[] if cfg.eval_only else {train_image_size(cfg, e) for e in range(cfg.epochs)},
+    )
     # The loaders parse the lists and stat every file: a bad line or a missing image fails
     # here, before any checkpoint or model work.
     train_loader, val_loader = build_loaders(cfg, data, info, plan, amp_dtype or torch.float32)

@@ -39,31 +39,41 @@ def create_model(arch: str, *, num_classes: int) -> nn.Module:
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
 
 
-def check_input_sizes(arch: str, sizes: Sequence[int], *, num_classes: int) -> None:
+def check_input_sizes(
+    arch: str, sizes: Sequence[int], *, num_classes: int, train_sizes: Sequence[int] = ()
+) -> None:
     """Refuse crop sides ``arch`` cannot take, before any work: a ViT takes only its own size
-    (224 px), MaxViT multiples of 224, AlexNet 64 px and up, Inception v3 75 and up; at
-    another size the first step died with a torchvision traceback. One image per size goes
-    through the model on the meta device: shapes only, no memory, no compute, no random
-    draws. A model that cannot be built there (RegNet computes its widths with tensors) is
-    not checked."""
+    (224 px), MaxViT multiples of 224, AlexNet 64 px and up, Inception v3 75 and up (in
+    training, with its auxiliary head, about 300); at another size the first step died with a
+    torchvision traceback. ``sizes`` are evaluated (eval mode), ``train_sizes`` trained
+    (train mode, where GoogLeNet and Inception v3 run their auxiliary heads too). A small
+    batch per size goes through the model on the meta device: shapes only, no memory, no
+    compute, no random draws. A model that cannot be built there (RegNet computes its widths
+    with tensors) is not checked."""
     try:
         # The real build below gives the model's own warnings (Inception's init) once.
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = create_model(arch, num_classes=num_classes).eval()
+            model = create_model(arch, num_classes=num_classes)
     except NotImplementedError:
         return
-    refused = []
-    for size in sorted(set(sizes)):
+    refused = {}
+    checks = [(size, False) for size in set(sizes)] + [(size, True) for size in set(train_sizes)]
+    for size, training in sorted(checks):
+        if size in refused:
+            continue
+        model.train(training)
         try:
             with torch.no_grad():
-                model(torch.empty(1, 3, size, size, device="meta"))
+                # 2 images: batch norm in training mode refuses a batch of one 1x1 map.
+                model(torch.empty(2, 3, size, size, device="meta"))
         except (RuntimeError, AssertionError, ValueError) as exc:
-            refused.append((size, str(exc).strip().splitlines()[0]))
+            refused[size] = str(exc).strip().splitlines()[0]
     if refused:
-        which = ", ".join(str(size) for size, _ in refused)
+        which = ", ".join(str(size) for size in sorted(refused))
+        first = refused[min(refused)]
         raise TrainerError(
-            f"--arch {arch} cannot take {which} px images (torchvision: {refused[0][1]}); "
+            f"--arch {arch} cannot take {which} px images (torchvision: {first}); "
             "choose another --image-size (or --progressive-resize) or --arch"
         )
 

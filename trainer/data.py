@@ -127,16 +127,10 @@ def check_val_classes(val_list: str, train_classes: str | None, class_names: lis
     val_names = read_classes(val_classes)
     if val_names == class_names:
         return
-    differ = next(
-        (k for k, (a, b) in enumerate(zip(class_names, val_names, strict=False)) if a != b),
-        min(len(class_names), len(val_names)),
-    )
-    train_name = class_names[differ] if differ < len(class_names) else "(none)"
-    val_name = val_names[differ] if differ < len(val_names) else "(none)"
     raise TrainerError(
         f"{val_classes}: the val list's classes differ from the train list's ({classes_file}): "
-        f"label {differ} is {val_name!r} there, {train_name!r} for training; make both lists "
-        "with one class map (make_lists on ROOT with train/ and val/)"
+        f"{first_difference(val_names, class_names)}; make both lists with one class map "
+        "(make_lists on ROOT with train/ and val/)"
     )
 
 

@@ -23,6 +23,8 @@ the device on a side stream, one batch ahead.
 from __future__ import annotations
 
 import functools
+import multiprocessing
+import multiprocessing.forkserver
 import re
 import weakref
 from collections.abc import Iterator
@@ -83,6 +85,34 @@ def _tensor_steps(normalize: bool) -> list:
     return [_to_uint8_hwc]
 
 
+def worker_context():
+    """How DataLoader workers start: forked from a forkserver, never from the rank itself.
+
+    By the time its workers start, a rank process runs threads (gloo's or NCCL's, DALI's, the
+    last loader's queue feeders), and ``fork`` copies whatever lock one of them holds at that
+    moment into a child that has no thread to release it: a worker that needs that lock
+    waits forever, and its rank with it until ``--dist-timeout`` (seen twice, a 300 s stall
+    under torchrun). A fork also copies the rank's signal handlers and objects that the
+    worker's garbage collector may then destroy (a DALI pipeline, another loader's workers).
+    The forkserver is a single-threaded process started once per rank with this module (so
+    torch, torchvision and PIL) imported, so a worker starts from it about as fast as by a
+    fork. Python 3.14 made it the default start method on Linux for the same reason.
+    """
+    context = multiprocessing.get_context("forkserver")
+    # With __main__ preloaded, workers need not run the main script again each.
+    context.set_forkserver_preload(["__main__", __name__])
+    multiprocessing.forkserver.ensure_running()  # it imports now, while the rank goes on
+    return context
+
+
+def _shared_array(array: np.ndarray) -> torch.Tensor:
+    """``array`` copied into shared memory, as a tensor (torch's pickler sends its handle)."""
+    shared = torch.empty(array.shape, dtype=torch.from_numpy(array[:0].copy()).dtype)
+    shared.share_memory_()
+    shared.numpy()[...] = array
+    return shared
+
+
 def _to_uint8_hwc(image) -> torch.Tensor:
     # HWC uint8, a quarter of float32's bytes through the worker queue and the copy.
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
@@ -102,6 +132,24 @@ class ListDataset(Dataset):
         self.random = random
         self.seed = seed
         self.rank = rank
+
+    def __getstate__(self) -> dict:
+        # Pickled once per worker (workers start from a forkserver, see worker_context): the
+        # table's arrays go as one shared-memory copy that every worker maps, instead of a
+        # copy each (about 100 MB per worker for ImageNet's 1.28M-line list).
+        if not hasattr(self, "_shared_table"):
+            table = self.table
+            self._shared_table = tuple(
+                _shared_array(a) for a in (table.blob, table.offsets, table.labels)
+            )
+        state = {k: v for k, v in self.__dict__.items() if k != "_shared_table"}
+        state.update(table=self._shared_table, transforms={})
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        blob, offsets, labels = (t.numpy() for t in state["table"])
+        state["table"] = SampleTable(blob, offsets, labels)
+        self.__dict__.update(state)
 
     def transform(self, image, size: int):
         if size not in self.transforms:
@@ -190,6 +238,7 @@ class PilLoader(common.ShardedLoader):
             drop_last=False,
             persistent_workers=num_workers > 0,
             prefetch_factor=self.prefetch if num_workers > 0 else None,
+            multiprocessing_context=worker_context() if num_workers > 0 else None,
             # The loader draws its workers' base seed from this, not from the global RNG.
             generator=torch.Generator().manual_seed(common.derived_seed(self.seed, self.rank)),
         )

@@ -449,6 +449,55 @@ def test_a_dropped_loader_is_freed_at_once(labelled_list, backend):
         gc.enable()
 
 
+# A rank process whose other thread holds a lock the workers need: torch's CPU generator, whose
+# mutex torch.rand holds while it fills (each worker seeds that generator per sample).
+HELD_LOCK_SCRIPT = """
+import sys, threading, time
+import torch
+from pipelines import build_loader
+
+def main():
+    stop = threading.Event()
+    def fill():
+        while not stop.is_set():
+            torch.rand(5_000_000)
+    thread = threading.Thread(target=fill)
+    thread.start()
+    time.sleep(0.2)
+    try:
+        loader = build_loader(sys.argv[1], batch_size=4, image_size=32, backend="pil",
+                              num_threads=2, train=True)
+        print(sum(len(labels) for _, labels in loader), "samples")
+    finally:
+        stop.set()
+        thread.join()
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_pil_workers_start_clean_while_another_thread_holds_a_lock(labelled_list, tmp_path):
+    """A worker forked from the rank would copy that lock held, with no thread to release it,
+    and wait forever (the rank with it): a rank runs gloo's, NCCL's or DALI's threads. Workers
+    start from a forkserver instead, which runs no thread of the rank's."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "held_lock.py"
+    script.write_text(HELD_LOCK_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(script), labelled_list],
+            capture_output=True, text=True, env=env, timeout=90,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail("the PIL workers hung: a worker inherited a lock held by another thread")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["20", "samples"]  # 23 images, batch 4: 5 whole batches
+
+
 # --- augmentation pinned by its statistics: each backend's random-resized-crop (area 0.08-1,
 # aspect ratio 3/4-4/3), flip p=0.5 and ImageNet normalization, read back from the pixels.
 

@@ -25,7 +25,11 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import multiprocessing.forkserver
+import os
 import re
+import select
+import threading
+import time
 import weakref
 from collections.abc import Iterator
 
@@ -103,6 +107,37 @@ def worker_context():
     context.set_forkserver_preload(["__main__", __name__])
     multiprocessing.forkserver.ensure_running()  # it imports now, while the rank goes on
     return context
+
+
+def end_with_rank(rank_pid: int, _worker_id: int) -> None:
+    """A worker's first act (``worker_init_fn``): a thread that ends it when its rank ends.
+
+    DataLoader's own check (is my parent still the process that started me?) cannot see the
+    rank from a forkserver worker, whose parent is the server, and the server in turn lives
+    as long as any worker does: a rank killed (torchrun stopping a failed job, SIGKILL, the
+    OOM killer) would leave its workers and their server running forever, holding memory
+    and the launcher's output pipes.
+    """
+    threading.Thread(
+        target=_exit_when_gone, args=(rank_pid,), name="pt_rank_watch", daemon=True
+    ).start()
+
+
+def _exit_when_gone(pid: int) -> None:
+    try:
+        handle = os.pidfd_open(pid)  # readable once the process has ended (Linux >= 5.3)
+    except (AttributeError, OSError):  # an older kernel, or the rank is gone already
+        handle = None
+    if handle is not None:
+        select.select([handle], [], [])
+    else:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except OSError:  # gone (or its pid reused by another user's process)
+                break
+            time.sleep(1.0)
+    os._exit(0)
 
 
 def _shared_array(array: np.ndarray) -> torch.Tensor:
@@ -239,6 +274,7 @@ class PilLoader(common.ShardedLoader):
             persistent_workers=num_workers > 0,
             prefetch_factor=self.prefetch if num_workers > 0 else None,
             multiprocessing_context=worker_context() if num_workers > 0 else None,
+            worker_init_fn=functools.partial(end_with_rank, os.getpid()),
             # The loader draws its workers' base seed from this, not from the global RNG.
             generator=torch.Generator().manual_seed(common.derived_seed(self.seed, self.rank)),
         )

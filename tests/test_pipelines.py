@@ -498,6 +498,58 @@ def test_pil_workers_start_clean_while_another_thread_holds_a_lock(labelled_list
     assert proc.stdout.split() == ["20", "samples"]  # 23 images, batch 4: 5 whole batches
 
 
+KILLED_RANK_SCRIPT = """
+import sys, time
+from pipelines import build_loader
+
+if __name__ == "__main__":
+    loader = build_loader(sys.argv[1], batch_size=4, image_size=32, backend="pil",
+                          num_threads=2, train=True)
+    next(iter(loader))
+    print(*(w.pid for w in loader.loader._iterator._workers), flush=True)
+    time.sleep(600)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+def test_pil_workers_end_when_their_rank_is_killed(labelled_list, tmp_path):
+    """A rank killed outright (torchrun ending a failed job, the OOM killer) runs no cleanup:
+    its workers must notice by themselves and end, or they (and the forkserver they keep
+    alive) would run forever, holding memory and the launcher's output pipes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "killed_rank.py"
+    script.write_text(KILLED_RANK_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    rank = subprocess.Popen(
+        [sys.executable, str(script), labelled_list],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+    )  # fmt: skip
+    try:
+        workers = [int(pid) for pid in rank.stdout.readline().split()]
+        assert len(workers) == 2 and all(_running(pid) for pid in workers)
+    finally:
+        rank.send_signal(signal.SIGKILL)
+        rank.wait()
+    deadline = time.monotonic() + 30
+    while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in workers if _running(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"workers {left} outlived their killed rank"
+
+
 # --- augmentation pinned by its statistics: each backend's random-resized-crop (area 0.08-1,
 # aspect ratio 3/4-4/3), flip p=0.5 and ImageNet normalization, read back from the pixels.
 

@@ -28,6 +28,7 @@ import multiprocessing.forkserver
 import os
 import re
 import select
+import signal
 import threading
 import time
 import weakref
@@ -109,18 +110,25 @@ def worker_context():
     return context
 
 
-def end_with_rank(rank_pid: int, _worker_id: int) -> None:
-    """A worker's first act (``worker_init_fn``): a thread that ends it when its rank ends.
+def bind_to_rank(rank_pid: int, _worker_id: int) -> None:
+    """A worker's first act (``worker_init_fn``): it lives and ends with its rank.
 
-    DataLoader's own check (is my parent still the process that started me?) cannot see the
-    rank from a forkserver worker, whose parent is the server, and the server in turn lives
-    as long as any worker does: a rank killed (torchrun stopping a failed job, SIGKILL, the
-    OOM killer) would leave its workers and their server running forever, holding memory
-    and the launcher's output pipes.
+    - It ends when the rank ends. DataLoader's own check (is my parent still the process that
+      started me?) cannot see the rank from a forkserver worker, whose parent is the server,
+      and the server lives as long as any worker does: a rank killed (torchrun ending a
+      failed job, SIGKILL, the OOM killer) would leave both running forever, holding memory
+      and the launcher's output pipes.
+    - It outlives a stop signal meant for the rank. Ctrl-C reaches the terminal's whole
+      process group and a scheduler's preemption every process of the job, but the rank
+      saves at a step boundary, up to two batches later (``trainer.preemption``): a worker
+      ignores SIGINT, and SIGTERM from anyone but its rank (DataLoader's ``terminate()``,
+      which must still end it, or the rank's exit would wait on it forever).
     """
-    threading.Thread(
-        target=_exit_when_gone, args=(rank_pid,), name="pt_rank_watch", daemon=True
-    ).start()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Blocked here, so in every thread started from now on: only the thread below takes it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    for target in (_exit_when_gone, _exit_on_sigterm_from):
+        threading.Thread(target=target, args=(rank_pid,), daemon=True).start()
 
 
 def _exit_when_gone(pid: int) -> None:
@@ -138,6 +146,12 @@ def _exit_when_gone(pid: int) -> None:
                 break
             time.sleep(1.0)
     os._exit(0)
+
+
+def _exit_on_sigterm_from(pid: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != pid:
+        pass  # someone else's: the rank decides when its workers end
+    os._exit(128 + signal.SIGTERM)
 
 
 def _shared_array(array: np.ndarray) -> torch.Tensor:
@@ -274,7 +288,7 @@ class PilLoader(common.ShardedLoader):
             persistent_workers=num_workers > 0,
             prefetch_factor=self.prefetch if num_workers > 0 else None,
             multiprocessing_context=worker_context() if num_workers > 0 else None,
-            worker_init_fn=functools.partial(end_with_rank, os.getpid()),
+            worker_init_fn=functools.partial(bind_to_rank, os.getpid()),
             # The loader draws its workers' base seed from this, not from the global RNG.
             generator=torch.Generator().manual_seed(common.derived_seed(self.seed, self.rank)),
         )

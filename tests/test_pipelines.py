@@ -550,6 +550,51 @@ def test_pil_workers_end_when_their_rank_is_killed(labelled_list, tmp_path):
     assert not left, f"workers {left} outlived their killed rank"
 
 
+SIGNALLED_WORKERS_SCRIPT = """
+import sys
+from pipelines import build_loader
+
+if __name__ == "__main__":
+    loader = build_loader(sys.argv[1], batch_size=4, image_size=32, backend="pil",
+                          num_threads=2, train=True)
+    batches = iter(loader)
+    next(batches)
+    print(*(w.pid for w in loader.loader._iterator._workers), flush=True)
+    sys.stdin.readline()  # the workers are signalled meanwhile
+    print(1 + sum(1 for _ in batches), "batches", flush=True)
+    # Exits with the (persistent) workers alive: the rank's own terminate() must end them.
+"""
+
+
+def test_pil_workers_outlive_stop_signals_and_end_with_the_rank(labelled_list, tmp_path):
+    """Ctrl-C signals the terminal's whole process group and a scheduler's preemption every
+    process of the job; the rank stops at a step boundary, a batch or two later, so its
+    workers must keep going. Yet they end when the rank exits with them still running."""
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "signalled.py"
+    script.write_text(SIGNALLED_WORKERS_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    rank = subprocess.Popen(
+        [sys.executable, str(script), labelled_list], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        workers = [int(pid) for pid in rank.stdout.readline().split()]
+        assert len(workers) == 2
+        for pid in workers:
+            os.kill(pid, signal.SIGINT)
+            os.kill(pid, signal.SIGTERM)
+        out, err = rank.communicate("go\n", timeout=60)
+    finally:
+        rank.kill()
+    assert rank.returncode == 0, err[-2000:]
+    assert out.split() == ["5", "batches"]  # 23 images, batch 4: the whole epoch
+    assert not any(_running(pid) for pid in workers)
+
+
 # --- augmentation pinned by its statistics: each backend's random-resized-crop (area 0.08-1,
 # aspect ratio 3/4-4/3), flip p=0.5 and ImageNet normalization, read back from the pixels.
 

@@ -125,9 +125,12 @@ def bind_to_rank(rank_pid: int, _worker_id: int) -> None:
       which must still end it, or the rank's exit would wait on it forever).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Blocked here, so in every thread started from now on: only the thread below takes it.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    for target in (_exit_when_gone, _exit_on_sigterm_from):
+    watchers = [_exit_when_gone]
+    if hasattr(signal, "sigwaitinfo"):  # not on macOS, where any SIGTERM ends a worker
+        # Blocked here, so in every thread started from now on: only the thread below takes it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        watchers.append(_exit_on_sigterm_from)
+    for target in watchers:
         threading.Thread(target=target, args=(rank_pid,), daemon=True).start()
 
 

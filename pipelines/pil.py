@@ -22,6 +22,7 @@ the device on a side stream, one batch ahead.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing
 import multiprocessing.forkserver
@@ -29,6 +30,7 @@ import os
 import re
 import select
 import signal
+import sys
 import threading
 import time
 import weakref
@@ -106,8 +108,29 @@ def worker_context():
     context = multiprocessing.get_context("forkserver")
     # With __main__ preloaded, workers need not run the main script again each.
     context.set_forkserver_preload(["__main__", __name__])
-    multiprocessing.forkserver.ensure_running()  # it imports now, while the rank goes on
+    with hide_unreadable_main():
+        multiprocessing.forkserver.ensure_running()  # it imports now, while the rank goes on
     return context
+
+
+@contextlib.contextmanager
+def hide_unreadable_main() -> Iterator[None]:
+    """Around starting workers: a main script that is no file hides its path meanwhile.
+
+    The forkserver and each worker run the main script again from its path, as ``spawn``
+    does, and ``python - < train.py`` gives the path ``<stdin>``, which cannot be read there:
+    every worker would die. They need nothing from it (the dataset is this module's).
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path is None or os.path.isfile(path):
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path
 
 
 def bind_to_rank(rank_pid: int, _worker_id: int) -> None:
@@ -301,7 +324,8 @@ class PilLoader(common.ShardedLoader):
             self.start_step = 0
             return
         # Augmentation is seeded per sample: where the pass starts is all a resume needs.
-        batches = iter(self.loader)  # the sampler takes this pass's indices now
+        with hide_unreadable_main():  # workers start here, on a first pass
+            batches = iter(self.loader)  # the sampler takes this pass's indices now
         self.start_step, self.resume_state = 0, None
         try:
             if self.normalize_on_device:

@@ -595,6 +595,27 @@ def test_pil_workers_outlive_stop_signals_and_end_with_the_rank(labelled_list, t
     assert not any(_running(pid) for pid in workers)
 
 
+def test_pil_workers_start_for_a_script_read_from_stdin(labelled_list, tmp_path):
+    """``python - < script``: the main script's path is ``<stdin>``, which the forkserver
+    and its workers would try to run again and cannot read."""
+    import subprocess
+    import sys
+
+    script = (
+        "from pipelines import build_loader\n"
+        f"loader = build_loader({labelled_list!r}, batch_size=4, image_size=32,\n"
+        "                      backend='pil', num_threads=2, train=False)\n"
+        "print(sum(len(labels) for _, labels in loader), 'samples')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    proc = subprocess.run(
+        [sys.executable, "-"], input=script, capture_output=True, text=True, env=env,
+        cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["23", "samples"]  # validation: every image once
+
+
 # --- augmentation pinned by its statistics: each backend's random-resized-crop (area 0.08-1,
 # aspect ratio 3/4-4/3), flip p=0.5 and ImageNet normalization, read back from the pixels.
 

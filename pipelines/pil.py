@@ -98,39 +98,45 @@ def worker_context():
     By the time its workers start, a rank process runs threads (gloo's or NCCL's, DALI's, the
     last loader's queue feeders), and ``fork`` copies whatever lock one of them holds at that
     moment into a child that has no thread to release it: a worker that needs that lock
-    waits forever, and its rank with it until ``--dist-timeout`` (seen twice, a 300 s stall
-    under torchrun). A fork also copies the rank's signal handlers and objects that the
-    worker's garbage collector may then destroy (a DALI pipeline, another loader's workers).
-    The forkserver is a single-threaded process started once per rank with this module (so
-    torch, torchvision and PIL) imported, so a worker starts from it about as fast as by a
-    fork. Python 3.14 made it the default start method on Linux for the same reason.
+    waits forever, and its rank with it until ``--dist-timeout`` (the likely cause of two
+    stalls seen under torchrun). A fork also copies the rank's signal handlers, and objects
+    that the worker's garbage collector may then destroy (a DALI pipeline, another loader's
+    workers). The forkserver is a single-threaded process started once per rank with this
+    module (so torch, torchvision and PIL) imported, so a worker starts from it about as fast
+    as by a fork; neither runs the main script again (``main_module_hidden``). Python 3.14
+    made it the default start method on Linux for the same reasons.
     """
     context = multiprocessing.get_context("forkserver")
-    # With __main__ preloaded, workers need not run the main script again each.
-    context.set_forkserver_preload(["__main__", __name__])
-    with hide_unreadable_main():
+    context.set_forkserver_preload([__name__])
+    with main_module_hidden():
         multiprocessing.forkserver.ensure_running()  # it imports now, while the rank goes on
     return context
 
 
 @contextlib.contextmanager
-def hide_unreadable_main() -> Iterator[None]:
-    """Around starting workers: a main script that is no file hides its path meanwhile.
+def main_module_hidden() -> Iterator[None]:
+    """Around starting workers: the main module looks like an interactive session's.
 
-    The forkserver and each worker run the main script again from its path, as ``spawn``
-    does, and ``python - < train.py`` gives the path ``<stdin>``, which cannot be read there:
-    every worker would die. They need nothing from it (the dataset is this module's).
+    Else the forkserver and every worker run the main script (or ``-m`` module) again, as
+    under ``spawn``: a script without the ``if __name__ == "__main__":`` guard would start
+    its work over in each, and ``python - < train.py`` gives the path ``<stdin>``, which
+    cannot be read there. They need nothing from it: the dataset and its transforms are this
+    module's.
     """
     main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None)
-    if path is None or os.path.isfile(path):
+    if main is None:
         yield
         return
-    del main.__file__
+    file_path, spec = getattr(main, "__file__", None), getattr(main, "__spec__", None)
+    if file_path is not None:
+        del main.__file__
+    main.__spec__ = None
     try:
         yield
     finally:
-        main.__file__ = path
+        if file_path is not None:
+            main.__file__ = file_path
+        main.__spec__ = spec
 
 
 def bind_to_rank(rank_pid: int, _worker_id: int) -> None:
@@ -324,7 +330,7 @@ class PilLoader(common.ShardedLoader):
             self.start_step = 0
             return
         # Augmentation is seeded per sample: where the pass starts is all a resume needs.
-        with hide_unreadable_main():  # workers start here, on a first pass
+        with main_module_hidden():  # workers start here, on a first pass
             batches = iter(self.loader)  # the sampler takes this pass's indices now
         self.start_step, self.resume_state = 0, None
         try:

@@ -595,25 +595,35 @@ def test_pil_workers_outlive_stop_signals_and_end_with_the_rank(labelled_list, t
     assert not any(_running(pid) for pid in workers)
 
 
-def test_pil_workers_start_for_a_script_read_from_stdin(labelled_list, tmp_path):
-    """``python - < script``: the main script's path is ``<stdin>``, which the forkserver
-    and its workers would try to run again and cannot read."""
+@pytest.mark.parametrize("how", ["stdin", "unguarded_file"])
+def test_pil_workers_never_run_the_main_script_again(labelled_list, tmp_path, how):
+    """Under spawn or a forkserver, Python runs the main script again in each worker, from its
+    path: ``python - < script`` names ``<stdin>``, which cannot be read there, and a script
+    without the ``__main__`` guard would start over in each. The workers need nothing of it."""
     import subprocess
     import sys
 
     script = (
         "from pipelines import build_loader\n"
+        "print('script body', flush=True)\n"
         f"loader = build_loader({labelled_list!r}, batch_size=4, image_size=32,\n"
         "                      backend='pil', num_threads=2, train=False)\n"
         "print(sum(len(labels) for _, labels in loader), 'samples')\n"
+        "import __main__\n"
+        "print(__main__.__file__)\n"
     )
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    if how == "stdin":
+        command, stdin, main_file = [sys.executable, "-"], script, "<stdin>"
+    else:
+        (tmp_path / "train.py").write_text(script)
+        command, stdin, main_file = [sys.executable, "train.py"], None, str(tmp_path / "train.py")
     proc = subprocess.run(
-        [sys.executable, "-"], input=script, capture_output=True, text=True, env=env,
-        cwd=tmp_path, timeout=120,
-    )  # fmt: skip
+        command, input=stdin, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["23", "samples"]  # validation: every image once
+    # Run once; every validation image once; the main module as it was.
+    assert proc.stdout.splitlines() == ["script body", "23 samples", main_file]
 
 
 # --- augmentation pinned by its statistics: each backend's random-resized-crop (area 0.08-1,

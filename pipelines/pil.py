@@ -107,7 +107,8 @@ def worker_context():
     made it the default start method on Linux for the same reasons.
     """
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
+    # SIGTERM blocked first (pipelines.forkserver_signals), before any thread can start.
+    context.set_forkserver_preload(["pipelines.forkserver_signals", __name__])
     with main_module_hidden():
         multiprocessing.forkserver.ensure_running()  # it imports now, while the rank goes on
     return context

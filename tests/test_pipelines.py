@@ -595,6 +595,58 @@ def test_pil_workers_outlive_stop_signals_and_end_with_the_rank(labelled_list, t
     assert not any(_running(pid) for pid in workers)
 
 
+GROUP_SIGNALLED_SCRIPT = """
+import signal, sys, time
+from pipelines import build_loader
+
+if __name__ == "__main__":
+    got = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))  # the rank saves later
+    loader = build_loader(sys.argv[1], batch_size=4, image_size=32, backend="pil",
+                          num_threads=2, train=True)
+    batches = iter(loader)
+    next(batches)
+    workers = loader.loader._iterator._workers
+    print("ready", flush=True)
+    sys.stdin.readline()  # its process group is signalled meanwhile
+    time.sleep(6)  # past DataLoader's 5 s watchdog period: a step or two, and the save
+    print(got, all(w.is_alive() for w in workers), flush=True)
+    print(1 + sum(1 for _ in batches), "batches", flush=True)
+"""
+
+
+def test_pil_workers_and_their_server_outlive_a_stop_signal_to_the_ranks_group(
+    labelled_list, tmp_path
+):
+    """torchrun starts each rank in a session of its own and stops it (a preemption passed
+    on, another rank failed) with killpg: SIGTERM reaches the rank's forkserver too. A dead
+    server orphans the workers: DataLoader's watchdog ends them, the rank counts them dead
+    (exit code 255) and its next batches fail. The server must take no SIGTERM."""
+    import contextlib
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "group_signalled.py"
+    script.write_text(GROUP_SIGNALLED_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    rank = subprocess.Popen(
+        [sys.executable, str(script), labelled_list], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert rank.stdout.readline().split() == ["ready"]
+        os.killpg(rank.pid, signal.SIGTERM)  # as torchrun's SubprocessHandler.close does
+        out, err = rank.communicate("go\n", timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # anything of its group still there
+            os.killpg(rank.pid, signal.SIGKILL)
+        rank.wait()
+    assert rank.returncode == 0, err[-2000:]
+    assert out.splitlines() == ["[15] True", "5 batches"]  # 23 images, batch 4: the whole epoch
+
+
 @pytest.mark.parametrize("how", ["stdin", "unguarded_file"])
 def test_pil_workers_never_run_the_main_script_again(labelled_list, tmp_path, how):
     """Under spawn or a forkserver, Python runs the main script again in each worker, from its

@@ -481,21 +481,30 @@ def test_pil_workers_start_clean_while_another_thread_holds_a_lock(labelled_list
     """A worker forked from the rank would copy that lock held, with no thread to release it,
     and wait forever (the rank with it): a rank runs gloo's, NCCL's or DALI's threads. Workers
     start from a forkserver instead, which runs no thread of the rank's."""
+    import contextlib
+    import signal
     import subprocess
     import sys
 
     script = tmp_path / "held_lock.py"
     script.write_text(HELD_LOCK_SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    # A session of its own: a hung run is ended with its workers, which would otherwise wait
+    # on the copied lock forever, orphaned (as they did when this test failed).
+    proc = subprocess.Popen(
+        [sys.executable, str(script), labelled_list], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+    )  # fmt: skip
     try:
-        proc = subprocess.run(
-            [sys.executable, str(script), labelled_list],
-            capture_output=True, text=True, env=env, timeout=90,
-        )  # fmt: skip
+        out, err = proc.communicate(timeout=90)
     except subprocess.TimeoutExpired:
         pytest.fail("the PIL workers hung: a worker inherited a lock held by another thread")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["20", "samples"]  # 23 images, batch 4: 5 whole batches
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 0, err[-2000:]
+    assert out.split() == ["20", "samples"]  # 23 images, batch 4: 5 whole batches
 
 
 KILLED_RANK_SCRIPT = """

@@ -128,16 +128,20 @@ def main_module_hidden() -> Iterator[None]:
     if main is None:
         yield
         return
-    file_path, spec = getattr(main, "__file__", None), getattr(main, "__spec__", None)
-    if file_path is not None:
-        del main.__file__
-    main.__spec__ = None
-    try:
-        yield
-    finally:
+    with _MAIN_HIDDEN_LOCK:  # else a second thread could save, and restore, the hidden values
+        file_path, spec = getattr(main, "__file__", None), getattr(main, "__spec__", None)
         if file_path is not None:
-            main.__file__ = file_path
-        main.__spec__ = spec
+            del main.__file__
+        main.__spec__ = None
+        try:
+            yield
+        finally:
+            if file_path is not None:
+                main.__file__ = file_path
+            main.__spec__ = spec
+
+
+_MAIN_HIDDEN_LOCK = threading.Lock()
 
 
 def bind_to_rank(rank_pid: int, _worker_id: int) -> None:

@@ -7,8 +7,14 @@ seeds) and the agreement of DALI's and PIL's validation tensors.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -18,6 +24,7 @@ from PIL import Image
 from pipelines import build_loader
 from pipelines.lists import ListError, read_list, write_classes, write_list
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SIZE = 32
 NUM_CLASSES = 5
 # One grey level after normalization is 1 / (255 * std) <= 1 / (255 * 0.224) = 0.0175.
@@ -477,33 +484,36 @@ if __name__ == "__main__":
 """
 
 
+@contextlib.contextmanager
+def rank_process(tmp_path, script_text: str, list_file: str) -> Iterator[subprocess.Popen]:
+    """``script_text`` run as a rank process, in a session of its own, its output piped. On
+    the way out its whole group (forkserver and workers) is killed: a failing test leaves no
+    worker behind, as one stuck on a copied lock did before this was so."""
+    script = tmp_path / "rank.py"
+    script.write_text(script_text)
+    rank = subprocess.Popen(
+        [sys.executable, str(script), list_file], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": REPO}, start_new_session=True,
+    )  # fmt: skip
+    try:
+        yield rank
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(rank.pid, signal.SIGKILL)
+        rank.wait()
+
+
 def test_pil_workers_start_clean_while_another_thread_holds_a_lock(labelled_list, tmp_path):
     """A worker forked from the rank would copy that lock held, with no thread to release it,
     and wait forever (the rank with it): a rank runs gloo's, NCCL's or DALI's threads. Workers
     start from a forkserver instead, which runs no thread of the rank's."""
-    import contextlib
-    import signal
-    import subprocess
-    import sys
-
-    script = tmp_path / "held_lock.py"
-    script.write_text(HELD_LOCK_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
-    # A session of its own: a hung run is ended with its workers, which would otherwise wait
-    # on the copied lock forever, orphaned (as they did when this test failed).
-    proc = subprocess.Popen(
-        [sys.executable, str(script), labelled_list], stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
-    )  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the PIL workers hung: a worker inherited a lock held by another thread")
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == 0, err[-2000:]
+    with rank_process(tmp_path, HELD_LOCK_SCRIPT, labelled_list) as rank:
+        try:
+            out, err = rank.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the PIL workers hung: a worker inherited a lock held by another thread")
+    assert rank.returncode == 0, err[-2000:]
     assert out.split() == ["20", "samples"]  # 23 images, batch 4: 5 whole batches
 
 
@@ -532,30 +542,15 @@ def test_pil_workers_end_when_their_rank_is_killed(labelled_list, tmp_path):
     """A rank killed outright (torchrun ending a failed job, the OOM killer) runs no cleanup:
     its workers must notice by themselves and end, or they (and the forkserver they keep
     alive) would run forever, holding memory and the launcher's output pipes."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    script = tmp_path / "killed_rank.py"
-    script.write_text(KILLED_RANK_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
-    rank = subprocess.Popen(
-        [sys.executable, str(script), labelled_list],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-    )  # fmt: skip
-    try:
+    with rank_process(tmp_path, KILLED_RANK_SCRIPT, labelled_list) as rank:
         workers = [int(pid) for pid in rank.stdout.readline().split()]
         assert len(workers) == 2 and all(_running(pid) for pid in workers)
-    finally:
-        rank.send_signal(signal.SIGKILL)
+        rank.send_signal(signal.SIGKILL)  # the rank alone
         rank.wait()
-    deadline = time.monotonic() + 30
-    while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    left = [pid for pid in workers if _running(pid)]
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [pid for pid in workers if _running(pid)]
     assert not left, f"workers {left} outlived their killed rank"
 
 
@@ -579,29 +574,16 @@ def test_pil_workers_outlive_stop_signals_and_end_with_the_rank(labelled_list, t
     """Ctrl-C signals the terminal's whole process group and a scheduler's preemption every
     process of the job; the rank stops at a step boundary, a batch or two later, so its
     workers must keep going. Yet they end when the rank exits with them still running."""
-    import signal
-    import subprocess
-    import sys
-
-    script = tmp_path / "signalled.py"
-    script.write_text(SIGNALLED_WORKERS_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
-    rank = subprocess.Popen(
-        [sys.executable, str(script), labelled_list], stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
-    try:
+    with rank_process(tmp_path, SIGNALLED_WORKERS_SCRIPT, labelled_list) as rank:
         workers = [int(pid) for pid in rank.stdout.readline().split()]
         assert len(workers) == 2
         for pid in workers:
             os.kill(pid, signal.SIGINT)
             os.kill(pid, signal.SIGTERM)
         out, err = rank.communicate("go\n", timeout=60)
-    finally:
-        rank.kill()
+        assert not any(_running(pid) for pid in workers)
     assert rank.returncode == 0, err[-2000:]
     assert out.split() == ["5", "batches"]  # 23 images, batch 4: the whole epoch
-    assert not any(_running(pid) for pid in workers)
 
 
 GROUP_SIGNALLED_SCRIPT = """
@@ -631,27 +613,10 @@ def test_pil_workers_and_their_server_outlive_a_stop_signal_to_the_ranks_group(
     on, another rank failed) with killpg: SIGTERM reaches the rank's forkserver too. A dead
     server orphans the workers: DataLoader's watchdog ends them, the rank counts them dead
     (exit code 255) and its next batches fail. The server must take no SIGTERM."""
-    import contextlib
-    import signal
-    import subprocess
-    import sys
-
-    script = tmp_path / "group_signalled.py"
-    script.write_text(GROUP_SIGNALLED_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
-    rank = subprocess.Popen(
-        [sys.executable, str(script), labelled_list], stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
+    with rank_process(tmp_path, GROUP_SIGNALLED_SCRIPT, labelled_list) as rank:
         assert rank.stdout.readline().split() == ["ready"]
         os.killpg(rank.pid, signal.SIGTERM)  # as torchrun's SubprocessHandler.close does
         out, err = rank.communicate("go\n", timeout=60)
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # anything of its group still there
-            os.killpg(rank.pid, signal.SIGKILL)
-        rank.wait()
     assert rank.returncode == 0, err[-2000:]
     assert out.splitlines() == ["[15] True", "5 batches"]  # 23 images, batch 4: the whole epoch
 
@@ -661,9 +626,6 @@ def test_pil_workers_never_run_the_main_script_again(labelled_list, tmp_path, ho
     """Under spawn or a forkserver, Python runs the main script again in each worker, from its
     path: ``python - < script`` names ``<stdin>``, which cannot be read there, and a script
     without the ``__main__`` guard would start over in each. The workers need nothing of it."""
-    import subprocess
-    import sys
-
     script = (
         "from pipelines import build_loader\n"
         "print('script body', flush=True)\n"
@@ -673,7 +635,7 @@ def test_pil_workers_never_run_the_main_script_again(labelled_list, tmp_path, ho
         "import __main__\n"
         "print(__main__.__file__)\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    env = {**os.environ, "PYTHONPATH": REPO}
     if how == "stdin":
         command, stdin, main_file = [sys.executable, "-"], script, "<stdin>"
     else:

@@ -1,6 +1,6 @@
 """Export a trained model.pt to ONNX, checked against PyTorch on real images.
 
-    python tools/export_onnx.py RUN/model.pt OUT.onnx [--check-images PATH...]
+    python tools/export_onnx.py RUN/model.pt|WEIGHTS OUT.onnx [--arch NAME] [--check-images PATH...]
                                 [--tolerance X]
 
 The ONNX graph takes ``images`` (float32, (batch, 3, S, S), normalized as model.pt's
@@ -37,7 +37,17 @@ def _positive_float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="a run's model.pt, or the run folder holding it")
+    parser.add_argument(
+        "model",
+        help="a run's model.pt, or the run folder holding it; or torchvision's ImageNet "
+        "weights by name (ResNet50_Weights.IMAGENET1K_V2, or IMAGENET1K_V2 with --arch)",
+    )
+    parser.add_argument(
+        "--arch",
+        default=None,
+        metavar="NAME",
+        help="the architecture of a model given as a weights name without its enum (default: none)",
+    )
     parser.add_argument(
         "out", help="the .onnx file to write (an existing one is refused without --overwrite)"
     )
@@ -67,12 +77,18 @@ def main(argv: list[str] | None = None) -> int:
         inference.import_onnx_modules()
         check_output_file(args.out, overwrite=args.overwrite, flag="")
         # The model before the check images: a wrong model path is the first thing to hear.
-        model = inference.load_model(args.model)
-        check_paths = args.check_images or inference.run_config_lists(args.model)
+        model = inference.load_model(args.model, arch=args.arch)
+        check_paths = args.check_images or (
+            inference.run_config_lists(args.model) if model.from_run else []
+        )
         if not check_paths:
+            where = (
+                f"no config.toml with a val or train list beside {args.model}"
+                if model.from_run
+                else f"{args.model} names weights, not a run with lists"
+            )
             raise inference.InferenceError(
-                f"no images to check the export with: no config.toml with a val or train list "
-                f"beside {args.model}; pass --check-images PATH..."
+                f"no images to check the export with: {where}; pass --check-images PATH..."
             )
         report = inference.export_onnx(
             args.model,

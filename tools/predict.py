@@ -1,6 +1,6 @@
 """Top-k class predictions of a trained model.pt for image files, folders and list files.
 
-    python tools/predict.py --model RUN/model.pt PATH... [--top-k K] [--batch-size N]
+    python tools/predict.py --model RUN/model.pt|WEIGHTS PATH... [--arch NAME] [--top-k K] [--batch-size N]
                             [--backend auto|dali|pil] [--workers N] [--amp off|bf16|fp16]
                             [--csv FILE]
 
@@ -58,7 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders, lists")
     parser.add_argument(
-        "--model", required=True, help="a run's model.pt, or the run folder holding it (required)"
+        "--model",
+        required=True,
+        help="a run's model.pt, or the run folder holding it; or torchvision's ImageNet weights "
+        "by name (ResNet50_Weights.IMAGENET1K_V2, or IMAGENET1K_V2 with --arch), downloaded "
+        "once into torch's hub cache (required)",
+    )
+    parser.add_argument(
+        "--arch",
+        default=None,
+        metavar="NAME",
+        help="the architecture of a --model given as a weights name without its enum "
+        "(--model IMAGENET1K_V2 --arch resnet50; default: none)",
     )
     parser.add_argument(
         "--top-k",
@@ -156,7 +167,7 @@ def predict(argv: list[str] | None = None) -> int:
         threads = (
             args.workers if args.workers is not None else inference.default_threads(backend, device)
         )
-        model = inference.load_model(args.model, device=device)
+        model = inference.load_model(args.model, device=device, arch=args.arch)
         predictor = inference.Predictor(
             model,
             backend=backend,

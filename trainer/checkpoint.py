@@ -286,18 +286,21 @@ def export_model(
     class_names: Sequence[str],
     image_size: int,
     weights: str = "raw",
+    pretrained: Mapping[str, Any] | None = None,
 ) -> None:
     """Weights + arch + class names + preprocessing; see the module docstring to load it.
-    ``weights`` records which they are: "raw" (the trained ones) or "ema" (their average)."""
-    atomic_save(
-        {
-            "format_version": FORMAT_VERSION,
-            "arch": arch,
-            "weights": weights,
-            "model": model_state(model),
-            "class_names": list(class_names),
-            "num_classes": len(class_names),
-            "preprocessing": preprocessing(image_size),
-        },
-        path,
-    )
+    ``weights`` records which they are: "raw" (the trained ones) or "ema" (their average).
+    ``pretrained``: the facts of the torchvision weights the run started from (name, URL,
+    their own evaluation sizes), kept as ``"pretrained"``."""
+    exported = {
+        "format_version": FORMAT_VERSION,
+        "arch": arch,
+        "weights": weights,
+        "model": model_state(model),
+        "class_names": list(class_names),
+        "num_classes": len(class_names),
+        "preprocessing": preprocessing(image_size),
+    }
+    if pretrained:
+        exported["pretrained"] = dict(pretrained)
+    atomic_save(exported, path)

@@ -60,8 +60,12 @@ def _opt(
     choices: tuple[str, ...] | None = None,
     flags: tuple[str, ...] = (),
     metavar: str | None = None,
+    const: Any = None,
 ) -> Any:
-    metadata = {"help": help, "choices": choices, "flags": flags, "metavar": metavar}
+    """``const``: the value of the flag given alone (its value is then optional)."""
+    metadata = {
+        "help": help, "choices": choices, "flags": flags, "metavar": metavar, "const": const,
+    }  # fmt: skip
     return field(default=default, metadata=metadata)
 
 
@@ -136,9 +140,24 @@ class Config:
     )
     pretrained: str | None = _opt(
         None,
-        "local state dict to start from (torchvision format or this trainer's model.pt / "
-        "checkpoint); a head of another class count is skipped; never downloads",
-        metavar="FILE",
+        "weights to start from: a torchvision weights name for --arch (DEFAULT, IMAGENET1K_V2, "
+        "ResNet50_Weights.IMAGENET1K_V2; the flag alone = DEFAULT), downloaded once into "
+        "torch's hub cache ($TORCH_HOME) and used from there; or a local file (torchvision "
+        "format, this trainer's model.pt or a checkpoint); a head of another class count is "
+        "replaced by a new one for your classes",
+        metavar="NAME|FILE",
+        const="DEFAULT",
+    )
+    freeze_backbone_epochs: int = _opt(
+        0,
+        "epochs at the start that train only the head (the rest frozen, its BatchNorm layers "
+        "in eval mode), then everything; the lr schedule counts every step; needs "
+        "--pretrained (0 = off)",
+    )
+    head_lr_mult: float = _opt(
+        1.0,
+        "the head's learning rate as a multiple of --lr, through warmup and cosine alike "
+        "(1 = the same as the rest)",
     )
     sync_bn: bool = _opt(False, "convert BatchNorm to SyncBatchNorm across ranks")
     channels_last: bool = _opt(True, "model and batches in channels_last memory format")
@@ -239,6 +258,9 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+# Tables of config.toml that record facts, not settings: --config skips them.
+PRETRAINED_TABLE = "pretrained_weights"
+FACT_TABLES = (PRETRAINED_TABLE,)
 # Not written to the saved config.toml: how this run was launched, not what it trains.
 NOT_SAVED = ("config", "local_rank", "processes", "overwrite")
 
@@ -308,6 +330,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                 *flags, dest=name, action=argparse.BooleanOptionalAction, help=help_text
             )
         else:
+            optional_value = {}
+            if f.metadata["const"] is not None:
+                optional_value = {"nargs": "?", "const": f.metadata["const"]}
             parser.add_argument(
                 *flags,
                 dest=name,
@@ -315,6 +340,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                 choices=f.metadata["choices"],
                 metavar=None if f.metadata["choices"] else _metavar(f, base),
                 help=help_text,
+                **optional_value,
             )
     return parser
 
@@ -339,6 +365,9 @@ def load_config_file(path: str) -> dict[str, Any]:
             raw = tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
         raise TrainerError(f"{path}: not valid TOML: {exc}") from None
+    # Facts a run recorded beside its settings (the pretrained weights' URL, sizes): derived
+    # again by a run started from this file, never read as settings.
+    raw = {key: value for key, value in raw.items() if key not in FACT_TABLES}
     values = {key.replace("-", "_"): value for key, value in raw.items()}
     if len(values) < len(raw):  # batch-size and batch_size: one would win in silence
         twice = sorted(k for k in values if sum(r.replace("-", "_") == k for r in raw) > 1)
@@ -397,12 +426,21 @@ def check_config(cfg: Config) -> None:
             raise BadValue(name, f"{flag_name(name)} must be > 0, got {value}")
     at_least_zero = (
         "checkpoint_every", "checkpoint_minutes", "warmup_epochs", "weight_decay",
-        "mixup_alpha", "cutmix_alpha", "clip_grad_norm",
+        "mixup_alpha", "cutmix_alpha", "clip_grad_norm", "freeze_backbone_epochs",
     )  # fmt: skip
     for name in at_least_zero:
         value = getattr(cfg, name)
         if value is not None and value < 0:
             raise BadValue(name, f"{flag_name(name)} must be >= 0, got {value}")
+    if not cfg.head_lr_mult > 0:
+        raise BadValue("head_lr_mult", f"--head-lr-mult must be > 0, got {cfg.head_lr_mult}")
+    if cfg.freeze_backbone_epochs and not cfg.pretrained:
+        # A frozen random backbone: the head would learn from noise features.
+        raise BadValue(
+            "freeze_backbone_epochs",
+            "--freeze-backbone-epochs trains the head alone over pretrained layers: give "
+            "--pretrained NAME|FILE too",
+        )
     if not 0 <= cfg.seed <= MAX_SEED:
         raise BadValue("seed", f"--seed must be in [0, {MAX_SEED}], got {cfg.seed}")
     if cfg.dali_hw_decoder_load is not None and not 0.0 <= cfg.dali_hw_decoder_load <= 1.0:
@@ -547,10 +585,18 @@ def to_toml(values: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_config(cfg: Config, path: str) -> None:
+def save_config(cfg: Config, path: str, *, pretrained: dict[str, Any] | None = None) -> None:
+    """``pretrained``: the facts of torchvision weights named by --pretrained (their URL,
+    file, evaluation sizes, published figures), written as a table after the settings."""
     header = "# resolved settings of this run; reuse with --config\n"
     # What this invocation did rather than what the run is: reused with --config, the file
     # must start (or, with --resume auto given again, continue) the run, not silently
     # resume, evaluate or replace.
     cfg = dataclasses.replace(cfg, resume=None, eval_only=False, overwrite=False)
-    atomic_write_text(path, header + to_toml(config_dict(cfg)))
+    text = header + to_toml(config_dict(cfg))
+    if pretrained:
+        text += (
+            f"\n# what the --pretrained weights are (facts, not settings: --config skips this)\n"
+            f"[{PRETRAINED_TABLE}]\n{to_toml(pretrained)}"
+        )
+    atomic_write_text(path, text)

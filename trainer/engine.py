@@ -55,31 +55,73 @@ def make_scaler(amp_dtype: torch.dtype | None, device: torch.device) -> torch.am
     return torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+HEAD_GROUP = "head"  # the "name" of the head's parameter groups (--head-lr-mult)
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    *,
+    head: frozenset[str] | set[str] = frozenset(),
+    head_lr: float | None = None,
+) -> list[dict]:
     """Two groups: weights with decay; norm-layer parameters and every bias without (a
-    parameter named ``bias`` or ``*_bias``, e.g. attention's ``in_proj_bias``)."""
-    decay, no_decay, seen = [], [], set()
-    for module in model.modules():
+    parameter named ``bias`` or ``*_bias``, e.g. attention's ``in_proj_bias``).
+
+    ``head_lr``: the parameters named in ``head`` get groups of their own (two more, as
+    above) at this learning rate, whose warmup and cosine the schedule scales alike."""
+    split_head = head_lr is not None
+    buckets: dict[tuple[bool, bool], list] = {}
+    seen = set()
+    for module_name, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
             # "*_bias": nn.MultiheadAttention's in_proj_bias (torchvision's ViTs), a bias too.
-            if isinstance(module, NORM_TYPES) or name == "bias" or name.endswith("_bias"):
-                no_decay.append(param)
-            else:
-                decay.append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+            decays = not (
+                isinstance(module, NORM_TYPES) or name == "bias" or name.endswith("_bias")
+            )
+            in_head = split_head and f"{module_name}.{name}".lstrip(".") in head
+            buckets.setdefault((in_head, decays), []).append(param)
+    groups = [{"params": buckets.get((False, True), []), "weight_decay": weight_decay}]
+    if buckets.get((False, False)):
+        groups.append({"params": buckets[(False, False)], "weight_decay": 0.0})
+    for decays in (True, False):
+        if buckets.get((True, decays)):
+            groups.append(
+                {
+                    "params": buckets[(True, decays)],
+                    "weight_decay": weight_decay if decays else 0.0,
+                    "lr": head_lr,
+                    "name": HEAD_GROUP,
+                }
+            )
     return groups
 
 
+def head_lr_now(optimizer: torch.optim.Optimizer) -> float | None:
+    """The head's current lr when it has groups of its own (--head-lr-mult), else None."""
+    for group in optimizer.param_groups:
+        if group.get("name") == HEAD_GROUP:
+            return group["lr"]
+    return None
+
+
 def make_optimizer(
-    model: nn.Module, *, name: str, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4
+    model: nn.Module,
+    *,
+    name: str,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    head: frozenset[str] | set[str] = frozenset(),
+    head_lr_mult: float = 1.0,
 ) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum, AdamW or Adam, weight decay off for norms and biases."""
-    groups = param_groups(model, weight_decay)
+    """SGD with Nesterov momentum, AdamW or Adam, weight decay off for norms and biases;
+    the parameters named in ``head`` at ``head_lr_mult`` x ``lr`` when that is not 1."""
+    head_lr = lr * head_lr_mult if head_lr_mult != 1.0 else None
+    groups = param_groups(model, weight_decay, head=head, head_lr=head_lr)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
     if name == "adamw":
@@ -272,6 +314,9 @@ def average_batchnorm_buffers(model: nn.Module) -> None:
             isinstance(module, nn.modules.batchnorm._BatchNorm)
             and not isinstance(module, nn.SyncBatchNorm)  # its buffers agree already
             and module.track_running_stats
+            # In eval mode while training (a frozen backbone's): its statistics did not move
+            # and agree on every rank; a mean of 3 equal floats may not give them back.
+            and module.training
         ):
             for buffer in (module.running_mean, module.running_var):
                 if buffer is not None:
@@ -309,14 +354,21 @@ def train_one_epoch(
     grad_accum_steps: int = 1,
     clip_grad_norm: float | None = None,
     batch_transform: Callable | None = None,
+    frozen_modules: Iterable[nn.Module] = (),
 ) -> dict[str, float]:
     """Train over one epoch of ``loader``; returns the epoch's figures, identical on all ranks.
 
+    ``frozen_modules``: modules kept in eval mode while the rest trains (a frozen backbone's
+    BatchNorm layers, whose statistics must stay the pretrained ones).
+
     Returned: train_loss (mean over every step of every rank), images_per_sec_per_gpu,
     data_wait_fraction (host time blocked on the next batch / epoch time), lr (the one the
-    epoch's last optimizer step applied), steps.
+    epoch's last optimizer step applied), lr_head (the head's, with --head-lr-mult; else
+    None), steps.
     """
     model.train()
+    for module in frozen_modules:
+        module.eval()
     if hasattr(loader, "set_epoch"):
         # A fresh permutation each epoch, the same one on every rank; a resumed epoch starts
         # at its next step, with what the loader needs to draw as it would have.
@@ -339,6 +391,7 @@ def train_one_epoch(
     # The lr the latest optimizer step applied: the group's lr after it is already the next
     # step's (the scheduler moves it right after each step), one step off in logs and records.
     lr = optimizer.param_groups[0]["lr"]
+    head_lr = head_lr_now(optimizer)
     batches = iter(loader)
 
     def progress_now() -> dict:  # read only when a step checkpoint is written (one sync)
@@ -363,6 +416,7 @@ def train_one_epoch(
         micro_steps = min(grad_accum_steps, steps - group_start)
         micro_step = step - group_start
         lr = optimizer.param_groups[0]["lr"]  # a host float: what this step applies
+        head_lr = head_lr_now(optimizer)
         loss = train_step(
             model,
             images,
@@ -403,7 +457,8 @@ def train_one_epoch(
             dist.print0(
                 f"epoch {epoch + 1}/{epochs} step {step}/{steps} ({step / steps:.0%}) "
                 f"loss {mean_loss:.4f} lr {lr:.4g} "
-                f"img/s/gpu {window_images / elapsed:.1f} data-wait {window_wait / elapsed:.0%} "
+                + (f"head lr {head_lr:.4g} " if head_lr is not None else "")
+                + f"img/s/gpu {window_images / elapsed:.1f} data-wait {window_wait / elapsed:.0%} "
                 f"eta epoch {format_duration(epoch_left)} run {format_duration(run_left)}"
             )
             window_loss.zero_()
@@ -438,6 +493,7 @@ def train_one_epoch(
         "images_per_sec_per_gpu": rate,
         "data_wait_fraction": wait,
         "lr": lr,
+        "lr_head": head_lr,
         "steps": step,
     }
 

@@ -63,9 +63,10 @@ from pipelines.lists import (
 )
 from pipelines.scan import IMAGE_EXTENSIONS, is_image_file
 from trainer import config
+from trainer import weights as named_weights
 from trainer.dist import usable_cpus
 from trainer.engine import resolve_amp
-from trainer.model import UnreadableWeights, load_tensors
+from trainer.model import UnreadableWeights, list_architectures, load_tensors, read_state_dict
 
 DEFAULT_TOP_K = 5
 DEFAULT_BATCH_SIZE = 64
@@ -102,7 +103,11 @@ class LoadedModel:
     arch: str
     class_names: list[str]
     preprocessing: dict
-    weights: str  # "raw" or "ema": which weights the run exported
+    weights: str  # "raw" or "ema": which weights the run exported; or torchvision's name
+    # The facts of torchvision's weights (trainer.weights.NamedWeights.facts): the ones
+    # loaded by name, or those a run started from (its model.pt's "pretrained").
+    pretrained: dict | None = None
+    from_run: bool = True  # a run's model.pt; False: torchvision's weights by name
 
     @property
     def image_size(self) -> int:
@@ -112,9 +117,26 @@ class LoadedModel:
 MODEL_FILE = "model.pt"  # what a run folder holds for inference
 
 
-def load_model(path: str, *, device: torch.device | str = "cpu") -> LoadedModel:
+def load_model(
+    path: str, *, device: torch.device | str = "cpu", arch: str | None = None
+) -> LoadedModel:
     """Rebuild the network of a model.pt (or a run folder's) with torchvision only, in eval
-    mode on ``device``; InferenceError, one line, for anything that is not one."""
+    mode on ``device``; InferenceError, one line, for anything that is not one.
+
+    ``path`` may also name torchvision's weights (``ResNet50_Weights.IMAGENET1K_V2``, or
+    ``IMAGENET1K_V2`` with ``arch``): fetched into torch's hub cache once, with their own
+    class names and crop size."""
+    if arch is not None and arch not in list_architectures():
+        raise InferenceError(
+            f"unknown --arch {arch!r}; torchvision classification models: "
+            f"{', '.join(list_architectures())}"
+        )
+    try:
+        named = named_weights.resolve(path, arch, flag="--model")
+    except config.TrainerError as exc:
+        raise InferenceError(str(exc)) from None
+    if named is not None:
+        return load_named(named, device=device)
     path = resolve_model_path(path)
     try:
         saved = load_tensors(path)  # never runs code from the file
@@ -143,6 +165,30 @@ def load_model(path: str, *, device: torch.device | str = "cpu") -> LoadedModel:
         class_names=class_names,
         preprocessing=dict(preprocessing),
         weights=str(saved.get("weights", "raw")),
+        pretrained=saved.get("pretrained") if isinstance(saved.get("pretrained"), dict) else None,
+    )
+
+
+def load_named(named: named_weights.NamedWeights, *, device: torch.device | str) -> LoadedModel:
+    """torchvision's weights as a LoadedModel: ImageNet's class names, the weights' own crop
+    size (the loaders resize to it / 0.875, as for a run's model.pt)."""
+    from trainer.checkpoint import preprocessing
+
+    try:
+        file = named_weights.fetch_one(named)
+        state, _ = read_state_dict(file)
+    except config.TrainerError as exc:
+        raise InferenceError(str(exc)) from None
+    facts = named.facts()
+    class_names = list(named.enum.meta["categories"])
+    return LoadedModel(
+        net=_rebuild(file, named.arch, len(class_names), state).eval().to(device),
+        arch=named.arch,
+        class_names=class_names,
+        preprocessing=preprocessing(facts["eval_crop_size"]),
+        weights=named.name,
+        pretrained=facts,
+        from_run=False,
     )
 
 
@@ -719,6 +765,7 @@ def export_onnx(
         "weights": model.weights,
         "class_names": json.dumps(model.class_names),
         "preprocessing": json.dumps(model.preprocessing),
+        **({"pretrained": json.dumps(model.pretrained)} if model.pretrained else {}),
         "input": f"{ONNX_INPUT}: float32 (batch, 3, {size}, {size}), RGB, normalized as "
         "in preprocessing; output logits (batch, classes), softmax for probabilities",
     }

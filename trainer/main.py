@@ -44,6 +44,7 @@ from pipelines.tuning import LoaderPlan  # noqa: E402
 from trainer import checkpoint as ckpt_io  # noqa: E402
 from trainer import dist  # noqa: E402
 from trainer import metrics as run_metrics  # noqa: E402
+from trainer import weights as named_weights  # noqa: E402
 from trainer.config import (  # noqa: E402
     Config,
     RankError,
@@ -74,7 +75,13 @@ from trainer.launch import (  # noqa: E402
     processes_to_start,
     relaunch_under_torchrun,
 )
-from trainer.model import build_model, check_input_sizes, compile_model, wrap_ddp  # noqa: E402
+from trainer.model import (  # noqa: E402
+    build_model,
+    check_input_sizes,
+    compile_model,
+    head_tensor_names,
+    wrap_ddp,
+)
 from trainer.nodes import (  # noqa: E402
     agreed_by_all,
     check_same_command,
@@ -242,6 +249,14 @@ class Training:
     fit_start: float = 0.0  # perf_counter() when fit() began
     # The final epoch's confusion matrices, of the raw and the EMA weights.
     confusion: dict = field(default_factory=dict)
+    bare: nn.Module | None = None  # the model under those wrappers (default: model)
+    head: frozenset = frozenset()  # the classifier's parameter names (model.head_tensor_names)
+    frozen: bool | None = None  # the backbone frozen (--freeze-backbone-epochs); None: unwrapped
+    frozen_modules: list = field(default_factory=list)  # its BatchNorm layers, kept in eval
+
+    def __post_init__(self) -> None:
+        if self.bare is None:
+            self.bare = self.model
 
 
 def make_batch_transform(cfg: Config) -> Callable | None:
@@ -263,12 +278,20 @@ def make_batch_transform(cfg: Config) -> Callable | None:
 def build_training(
     cfg: Config, model: nn.Module, *, steps_per_epoch: int, amp_dtype, device
 ) -> Training:
+    # The classifier: what --head-lr-mult speeds up and --freeze-backbone-epochs trains alone.
+    head = frozenset()
+    if cfg.head_lr_mult != 1.0 or cfg.freeze_backbone_epochs:
+        head = frozenset(head_tensor_names(cfg.arch, cfg.num_classes))
+    # Every parameter, frozen ones too (they join the training later): built before any
+    # freezing, since the optimizer leaves out parameters that need no gradient.
     optimizer = make_optimizer(
         model,
         name=cfg.optimizer,
         lr=cfg.lr,
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
+        head=head,
+        head_lr_mult=cfg.head_lr_mult,
     )
     # The schedule counts optimizer steps: with accumulation, fewer than batches.
     optimizer_steps = math.ceil(steps_per_epoch / cfg.grad_accum_steps)
@@ -279,6 +302,7 @@ def build_training(
     )
     return Training(
         model=model,
+        head=head,
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=make_scaler(amp_dtype, device),
@@ -383,7 +407,8 @@ def resume_training(
 SAME_RUN_FIELDS = (
     "optimizer", "lr", "momentum", "weight_decay", "label_smoothing",
     "seed", "batch_size", "grad_accum_steps", "clip_grad_norm", "ema_decay", "mixup_alpha",
-    "cutmix_alpha", "auto_augment", "image_size", "progressive_resize", "amp",
+    "cutmix_alpha", "auto_augment", "image_size", "progressive_resize", "amp", "head_lr_mult",
+    "freeze_backbone_epochs",
 )  # fmt: skip
 
 
@@ -516,6 +541,44 @@ def evaluate_weights(
     return metrics
 
 
+def wrap_for_epoch(cfg: Config, info: dist.DistInfo, training: Training, epoch: int) -> None:
+    """Wrap the model (compile, DDP) for ``epoch``, with its backbone frozen while ``epoch`` is
+    within --freeze-backbone-epochs: only the head's parameters need gradients (backward
+    stops there: those epochs cost about a forward pass), and the frozen part's BatchNorm
+    layers keep their pretrained statistics. DDP hooks the parameters that need gradients
+    when it is built, so each change builds a new wrapper. A function of the epoch alone:
+    a run resumed inside or after those epochs trains as the uninterrupted one did."""
+    frozen = epoch < cfg.freeze_backbone_epochs
+    if training.frozen is not None and frozen == training.frozen:
+        return
+    bare = training.bare
+    for name, param in bare.named_parameters():
+        param.requires_grad_(not frozen or name in training.head)
+    training.frozen_modules = [
+        module
+        for module in bare.modules()
+        if frozen
+        and isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and not any(p.requires_grad for p in module.parameters(recurse=False))
+    ]
+    if training.frozen is not None:
+        say = (
+            f"epoch {epoch + 1}: the whole model trains from here (--freeze-backbone-epochs "
+            f"{cfg.freeze_backbone_epochs})"
+        )
+        dist.print0(say)
+    elif frozen:
+        last = min(cfg.freeze_backbone_epochs, cfg.epochs)
+        epochs = f"epoch {last}" if last == epoch + 1 else f"epochs {epoch + 1}-{last}"
+        dist.print0(
+            f"{epochs}: the backbone is frozen (its BatchNorm statistics too), training "
+            f"{', '.join(sorted(training.head))} alone (--freeze-backbone-epochs)"
+        )
+    training.frozen = frozen
+    training.model = bare  # the old wrapper, and its gradient hooks, go before a new one
+    training.model = wrap_ddp(compile_model(bare, cfg.compile), info.device, info.world_size)
+
+
 def fit(
     cfg: Config,
     info: dist.DistInfo,
@@ -550,6 +613,7 @@ def fit(
             torch.set_rng_state(rank_state["torch_rng"])
             if rank_state.get("cuda_rng") is not None and info.device.type == "cuda":
                 torch.cuda.set_rng_state(rank_state["cuda_rng"], info.device)
+        wrap_for_epoch(cfg, info, training, epoch)
         size = train_image_size(cfg, epoch)
         if size != train_loader.image_size:
             train_loader.set_image_size(size)
@@ -575,6 +639,7 @@ def fit(
             grad_accum_steps=cfg.grad_accum_steps,
             clip_grad_norm=cfg.clip_grad_norm or None,
             batch_transform=training.batch_transform,
+            frozen_modules=training.frozen_modules,
         )
         # One set of BatchNorm statistics for evaluation and the checkpoint, whatever the rank.
         # The EMA's too, validated or not: without validation model.pt is the EMA's weights.
@@ -602,6 +667,7 @@ def fit(
             "images_per_sec_per_gpu": stats["images_per_sec_per_gpu"],
             "data_wait_fraction": stats["data_wait_fraction"],
             "lr": stats["lr"],
+            **({"lr_head": stats["lr_head"]} if stats["lr_head"] is not None else {}),
             "epoch_seconds": time.perf_counter() - epoch_start,
             "elapsed": training.elapsed_before + time.perf_counter() - start_time,
         }
@@ -703,6 +769,12 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
         num_classes=len(data.class_names),
         train_sizes=[] if cfg.eval_only else {train_image_size(cfg, e) for e in range(cfg.epochs)},
     )
+    # A torchvision weights name: checked against --arch now, saved resolved (DEFAULT is
+    # whatever torchvision calls the best today), fetched only when the model is built.
+    named = named_weights.resolve(cfg.pretrained, cfg.arch) if cfg.pretrained else None
+    if named is not None:
+        cfg = replace(cfg, pretrained=named.name)
+    pretrained_facts = named.facts() if named is not None else None
     # The loaders parse the lists and stat every file: a bad line or a missing image fails
     # here, before any checkpoint or model work.
     train_loader, val_loader = build_loaders(cfg, data, info, plan, amp_dtype or torch.float32)
@@ -731,28 +803,45 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
             class_names=data.named_classes,
         )
 
+    # The checkpoint's weights replace any others: a resume needs no --pretrained file (nor
+    # a download of one).
+    pretrained_file = cfg.pretrained if checkpoint is None else None
+    if pretrained_file is not None and named is not None:
+        pretrained_file = named_weights.fetch_for_node(named, info)
+    if checkpoint is not None and cfg.pretrained and not cfg.eval_only:
+        dist.print0(f"resuming: the weights are {resume_path}'s, --pretrained is not loaded")
     # Same initial weights on every rank (DDP would broadcast rank 0's anyway).
     torch.manual_seed(cfg.seed)
-    model = build_model(
-        cfg.arch,
-        num_classes=len(data.class_names),
-        device=info.device,
-        pretrained=cfg.pretrained,
-        sync_bn=cfg.sync_bn and info.distributed,
-        channels_last=cfg.channels_last,
-        log=dist.print0,
-        require_head=cfg.eval_only and checkpoint is None,
-        class_names=data.named_classes,
-    )
+    try:
+        model = build_model(
+            cfg.arch,
+            num_classes=len(data.class_names),
+            device=info.device,
+            pretrained=pretrained_file,
+            pretrained_name=named.name if named is not None else None,
+            sync_bn=cfg.sync_bn and info.distributed,
+            channels_last=cfg.channels_last,
+            log=dist.print0,
+            require_head=cfg.eval_only and checkpoint is None,
+            class_names=data.named_classes,
+        )
+    except TrainerError as exc:
+        if named is None or named.file not in str(exc):
+            raise
+        # A damaged copy in the cache (one fetched elsewhere and cut short): say how to
+        # replace it; a download of this trainer's is checked before it gets that name.
+        raise TrainerError(f"{exc}; delete it to download {named.name} again") from None
     if cfg.eval_only:
         # Results of its own, beside (never over) the training run whose weights it reads.
         results_dir = decided_by_main(info, lambda: eval_results_dir(cfg.output_dir))
         if info.is_main:  # eval_results_dir has made the folder
-            save_config(cfg, os.path.join(results_dir, CONFIG_FILE))
+            save_config(cfg, os.path.join(results_dir, CONFIG_FILE), pretrained=pretrained_facts)
         if checkpoint is not None:
             ckpt_io.restore_training_state(checkpoint, model=model)
             dist.print0(f"eval-only: weights of {resume_path} (epoch {checkpoint['epoch']})")
             weights = {"weights": os.path.abspath(resume_path), "epoch": checkpoint["epoch"]}
+        elif named is not None:
+            weights = {"weights": named.name, "file": pretrained_file, "epoch": None}
         else:
             weights = {"weights": os.path.abspath(cfg.pretrained), "epoch": None}
         run_eval_only(
@@ -767,7 +856,7 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
     def claim_output_dir() -> None:
         os.makedirs(cfg.output_dir, exist_ok=True)
         lock_output_dir(cfg.output_dir)  # a folder made since check_output_dir: lock it now
-        save_config(cfg, os.path.join(cfg.output_dir, CONFIG_FILE))
+        save_config(cfg, os.path.join(cfg.output_dir, CONFIG_FILE), pretrained=pretrained_facts)
 
     decided_by_main(info, claim_output_dir)
 
@@ -786,7 +875,7 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
         )
     del checkpoint  # its tensors are in the model now; free the CPU copy
     # compile and DDP after loading, so the checkpoint's bare names match the bare model.
-    training.model = wrap_ddp(compile_model(model, cfg.compile), info.device, info.world_size)
+    wrap_for_epoch(cfg, info, training, training.start_epoch)
 
     # Whole global batches only (as DistributedSampler with drop_last): the remainder is left
     # out of each epoch, a fresh draw each time; with few images per rank it is a large share.
@@ -799,7 +888,9 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
         f"{train_loader.dataset_size} train / {val_loader.dataset_size if val_loader else 0} val "
         f"images, {len(data.class_names)} classes, {cfg.image_size}px, batch {cfg.batch_size}/GPU "
         f"(global {global_batch(cfg, info.world_size)}), {steps}, "
-        f"{cfg.optimizer} lr {cfg.lr:.4g}, {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}, "
+        f"{cfg.optimizer} lr {cfg.lr:.4g}"
+        + (f" (head x{cfg.head_lr_mult:g})" if cfg.head_lr_mult != 1.0 else "")
+        + f", {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}, "
         f"amp {cfg.amp}, "
         f"output {cfg.output_dir}"
     )
@@ -830,6 +921,7 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
             class_names=data.class_names,
             image_size=cfg.image_size,
             weights=which,
+            pretrained=pretrained_facts,
         )
         best = f"best val top-1 {training.best_top1:.2f}%" if val_loader else "no validation"
         dist.print0(

@@ -1,7 +1,7 @@
-"""Build a torchvision classifier by name, fit its head, load local weights, wrap for DDP.
+"""Build a torchvision classifier by name, fit its head, load weights, wrap for DDP.
 
-Nothing here downloads: models are built with ``weights=None`` and ``--pretrained`` is a local
-file. The head is sized at construction (``num_classes=``), which every torchvision
+Nothing here downloads: models are built with ``weights=None`` and weights come from a local
+file (torchvision's named weights are fetched into torch's cache by ``trainer.weights``). The head is sized at construction (``num_classes=``), which every torchvision
 classification model accepts, so no per-architecture code knows where the head lives.
 """
 
@@ -102,6 +102,27 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def head_tensor_names(arch: str, num_classes: int) -> list[str]:
+    """The classifier's tensors (``fc.weight``, ``fc.bias`` for a ResNet; every auxiliary
+    head's last layer too): those whose shape changes with the class count. Found without
+    knowing where each architecture keeps its head: built for one class more, on the meta
+    device (shapes only), or, for a model that cannot be built there, on a forked
+    generator (the run's seeded random stream stays as it was)."""
+
+    def shapes(classes: int) -> dict[str, torch.Size]:
+        return {k: v.shape for k, v in create_model(arch, num_classes=classes).state_dict().items()}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the real builds give the model's warnings once
+        try:
+            with torch.device("meta"):
+                own, other = shapes(num_classes), shapes(num_classes + 1)
+        except NotImplementedError:  # RegNet computes its widths with tensors
+            with torch.random.fork_rng(devices=[]):
+                own, other = shapes(num_classes), shapes(num_classes + 1)
+    return [k for k in own if k in other and other[k] != own[k]]
 
 
 @dataclass
@@ -242,11 +263,7 @@ def load_pretrained(
         and len(saved_names) == len(class_names)
         and saved_names != list(class_names)
     ):
-        # Same shapes, so the head is found as the tensors that change with the count (built
-        # on a forked generator: the run's seeded random stream stays as without this file).
-        with torch.random.fork_rng(devices=[]):
-            other = create_model(arch, num_classes=num_classes + 1).state_dict()
-        head = [k for k in own if k in other and other[k].shape != own[k].shape]
+        head = head_tensor_names(arch, num_classes)
         report.skipped_head = [k for k in head if k in state]
         report.head_reason = f"other classes: {first_difference(saved_names, class_names)}"
         state = {k: v for k, v in state.items() if k not in head}
@@ -288,6 +305,7 @@ def build_model(
     num_classes: int,
     device: torch.device,
     pretrained: str | None = None,
+    pretrained_name: str | None = None,
     sync_bn: bool = False,
     channels_last: bool = True,
     log: Callable[[str], None] = print,
@@ -296,6 +314,7 @@ def build_model(
 ) -> nn.Module:
     """Bare model on ``device``: head for ``num_classes``, optional weights, SyncBN, layout.
 
+    ``pretrained_name``: what the file is (torchvision weights' name), said in the report.
     ``require_head``: the ``pretrained`` weights must include the head (evaluation: a new
     head of another class count would score untrained weights). ``class_names``: the data's,
     when a classes file names them (see ``load_pretrained``).
@@ -308,9 +327,11 @@ def build_model(
         report = load_pretrained(
             model, pretrained, arch=arch, num_classes=num_classes, class_names=class_names
         )
+        if pretrained_name:
+            report.path = f"{pretrained_name} ({pretrained})"
         if require_head and report.skipped_head:
             raise TrainerError(
-                f"{pretrained}: no trained head for the data's {num_classes} classes "
+                f"{report.path}: no trained head for the data's {num_classes} classes "
                 f"({report.head_reason}), so nothing to evaluate"
             )
         log(report.summary())

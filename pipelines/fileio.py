@@ -10,6 +10,7 @@ and a failed write leaves no temporary file behind.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from typing import IO
 
@@ -19,8 +20,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    # Same folder, so the rename stays on one filesystem and is atomic.
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    # Same folder, so the rename stays on one filesystem and is atomic. The host too: the
+    # processes of two nodes writing one file on shared storage (a download into a shared
+    # torch cache) may have the same pid.
+    host = socket.gethostname().replace(os.sep, "_")
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}.{host}")
     try:
         with open(tmp, "wb") as f:
             write(f)

@@ -266,7 +266,7 @@ def test_one_download_per_node_while_the_other_ranks_wait(server, tmp_path):
     torch.save({f"w{k}": torch.full((1000,), float(k)) for k in range(20)}, payload)
     name, body = named_file(tmp_path, payload.getvalue())
     server.files[f"/models/{name}"] = body
-    server.delay = 0.4  # about 3 s: the waiting rank checks in a few times meanwhile
+    server.delay = 0.2  # about 2 s: the waiting rank checks in a few times meanwhile
     script = tmp_path / "driver.py"
     file = tmp_path / "cache" / name
     script.write_text(DRIVER.format(repo=REPO, url=f"{server.url}/models/{name}", file=str(file)))
@@ -446,33 +446,48 @@ def test_eval_only_of_named_weights_and_predict_and_export_by_name(
         assert tomllib.load(f)["pretrained_weights"]["eval_crop_size"] == 224
 
     # predict.py and export_onnx.py take the 1000-class file (the pre-filled one) by name.
+    from test_export import export_main
+    from test_predict import predict_main
+
     monkeypatch.setenv("TORCH_HOME", torch_home)
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
-    image = os.path.join(os.path.dirname(tiny_data.train_list), "val")
-    predict = [sys.executable, os.path.join(REPO, "tools", "predict.py"), image, "--workers", "0"]
-    proc = subprocess.run(
-        [*predict, "--model", "IMAGENET1K_V1", "--arch", "resnet18", "--top-k", "1"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    capsys.readouterr()  # the evaluation's lines
+    images = os.path.join(os.path.dirname(tiny_data.train_list), "val")
+    predict = [images, "--workers", "0", "--top-k", "1"]
+    assert predict_main([*predict, "--model", "IMAGENET1K_V1", "--arch", "resnet18"]) == 0
+    printed = capsys.readouterr().out.splitlines()
     categories = set(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
-    predicted = [line.split("\t")[1].rsplit(" ", 1)[0] for line in proc.stdout.splitlines()[:40]]
+    predicted = [line.split("\t")[1].rsplit(" ", 1)[0] for line in printed[:40]]
     assert len(predicted) == 40 and set(predicted) <= categories
-    proc = subprocess.run(
-        [*predict, "--model", "IMAGENET1K_V1"], env=env, capture_output=True, text=True
+    assert predict_main([*predict, "--model", "IMAGENET1K_V1"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert (
+        error.count("\n") == 0 and "needs --arch (e.g. --arch resnet50) or its qualified" in error
     )
-    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
-    assert "needs --arch (e.g. --arch resnet50) or its qualified name" in proc.stderr
     onnx_file = tmp_path / "r18.onnx"
-    proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "export_onnx.py"),
-         "ResNet18_Weights.IMAGENET1K_V1", str(onnx_file), "--check-images", image],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    named = "ResNet18_Weights.IMAGENET1K_V1"
+    assert export_main([named, str(onnx_file), "--check-images", images]) == 0
     import onnx
 
     props = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}
     assert props["weights"] == "ResNet18_Weights.IMAGENET1K_V1"
     assert json.loads(props["pretrained"])["eval_crop_size"] == 224
     assert len(json.loads(props["class_names"])) == 1000
+
+
+def test_the_docs_table_of_sizes_is_torchvisions():
+    """docs/fine-tuning.md's table of weights, eval sizes and top-1 is what the installed
+    torchvision says (a new release that changes them fails here, not silently)."""
+    with open(os.path.join(REPO, "docs", "fine-tuning.md"), encoding="utf-8") as f:
+        rows = re.findall(
+            r"^\| (\w+) \| `(\w+)`( \(DEFAULT\))? \| (\d+) / (\d+) \| ([\d.]+) \| (\d+) MB \|$",
+            f.read(),
+            re.MULTILINE,
+        )
+    assert len(rows) == 12
+    for arch, name, default, resize, crop, top1, size in rows:
+        enum = torchvision.models.get_model_weights(arch)
+        found = weights.resolve(name, arch).facts()
+        assert (found["eval_resize_size"], found["eval_crop_size"]) == (int(resize), int(crop))
+        assert found["imagenet_1k_acc1"] == float(top1)
+        assert (enum[name] is enum.DEFAULT) == bool(default)
+        assert round(enum[name].meta["_file_size"]) == int(size)

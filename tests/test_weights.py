@@ -246,6 +246,11 @@ def test_offline_or_unreachable_is_one_line_naming_the_url_and_where_to_put_a_co
     assert server.requests == [f"/models/{R18_FILE}"]
     assert os.listdir(cached.parent) == []
     assert not (tmp_path / "out" / "last.pt").exists()
+    # A cache that cannot be written is said as that, before any request.
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "a_file"))
+    fails(capsys, flags, f"cannot write {tmp_path / 'a_file' / 'hub'} (Not a directory)")
+    assert len(server.requests) == 1
 
 
 DRIVER = """

@@ -214,6 +214,7 @@ def download(
     ``hash_prefix``. A cut, refused or cancelled download leaves nothing, neither under
     ``dest`` nor beside it. Raises DownloadError for what it checks, else OSError or
     urllib's errors; the caller words them."""
+    os.makedirs(os.path.dirname(dest), exist_ok=True)  # an unwritable cache: said before a byte
     request = urllib.request.Request(url, headers={"User-Agent": "torch.hub"})
     with urllib.request.urlopen(request, timeout=READ_TIMEOUT_S) as response:
         length = response.headers.get("Content-Length")
@@ -280,8 +281,18 @@ def fetch_one(weights: NamedWeights, *, stream: TextIO | None = None, cancelled=
         raise DownloadError(
             f"{weights.name}: {weights.url}: {exc}; {offline_hint(weights)}"
         ) from None
-    # URLError is an OSError; a connection cut mid-body is http.client's IncompleteRead.
-    except (OSError, http.client.HTTPException, ValueError) as exc:
+    except OSError as exc:
+        if exc.filename and not isinstance(exc, urllib.error.URLError):  # the cache, not the net
+            raise DownloadError(
+                f"{weights.name}: cannot write {exc.filename} ({exc.strerror or exc}); point "
+                "TORCH_HOME at a folder this process can write"
+            ) from None
+        raise DownloadError(
+            f"{weights.name}: could not download {weights.url} ({_reason(exc)}); "
+            f"{offline_hint(weights)}"
+        ) from None
+    # A connection cut mid-body is http.client's IncompleteRead, not an OSError.
+    except (http.client.HTTPException, ValueError) as exc:
         raise DownloadError(
             f"{weights.name}: could not download {weights.url} ({_reason(exc)}); "
             f"{offline_hint(weights)}"

@@ -7,7 +7,8 @@ make_scheduler, build_step) and ``trainer.checkpoint`` (atomic_save, export_mode
 ``main.py``, the script's own parts: ``trainer.data`` (the lists and classes a run trains on),
 ``trainer.run_dir`` (the output folder: never over an earlier run, one run at a time),
 ``trainer.launch`` (starting itself under torchrun, exit statuses), ``trainer.nodes`` (what
-every rank and node must agree on) and ``trainer.preemption`` (signals, step checkpoints).
+every rank and node must agree on), ``trainer.preemption`` (signals, step checkpoints) and
+``trainer.weights`` (torchvision's weights by name: resolved, fetched once per node).
 """
 
 from trainer.config import TrainerError

@@ -1,0 +1,396 @@
+"""WebDataset tar shards: the format, defined once, for writing and for reading.
+
+A shard set is one folder::
+
+    shard-000000.tar   samples in POSIX tar: {key}.{ext} (the image file's own bytes, never
+    shard-000000.idx   re-encoded) and {key}.cls (the label, ASCII digits); DALI's index
+    ...                (wds2idx's v1.2 format) beside each shard
+    classes.txt        label k = line k, as beside a list file
+    manifest.json      shard names, sample and byte counts, classes; written last
+
+Keys are the sample's position in the set (``000000123``), and samples are spread over the
+shards in a seeded random order, so every shard mixes the classes. The tars are plain USTAR
+with fixed owners and times (the same input gives the same bytes), readable by DALI's
+``fn.readers.webdataset``, the ``webdataset`` package and ``tar``. Each shard and its index
+are written whole or not at all (``atomic_write``) and the manifest last: a folder without a
+manifest is no shard set, and a cut run leaves no shard that looks whole.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .fileio import atomic_write, atomic_write_text
+from .lists import CLASSES_FILE, ListError, read_classes, write_classes
+
+MANIFEST = "manifest.json"
+FORMAT = "dali-resnet-trainer/webdataset-shards"
+VERSION = 1
+INDEX_VERSION = "v1.2"  # DALI's wds2idx
+LABEL_EXT = "cls"
+BLOCK = tarfile.BLOCKSIZE  # 512
+RECORD = tarfile.RECORDSIZE  # 10240: tarfile pads an archive to whole records
+SIZE_UNITS = {
+    "": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30,
+}  # fmt: skip
+
+
+class ShardError(ValueError):
+    """A shard set that cannot be read or written as asked; the message is one line."""
+
+
+def parse_size(text: str) -> int:
+    """'64MB' -> 64_000_000; also KB, GB, MiB, GiB, plain bytes (any case)."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = found.group(2).lower() if found else None
+    if found is None or unit not in SIZE_UNITS:
+        raise ValueError(f"a size such as 64MB, 1GB or 512MiB, not {text!r}")
+    size = int(float(found.group(1)) * SIZE_UNITS[unit])
+    if size < 1:
+        raise ValueError(f"a size above 0, not {text!r}")
+    return size
+
+
+def shard_name(number: int) -> str:
+    return f"shard-{number:06d}.tar"
+
+
+def index_name(tar_name: str) -> str:
+    return tar_name[: -len(".tar")] + ".idx"
+
+
+def sample_key(position: int) -> str:
+    return f"{position:09d}"
+
+
+def image_ext(path: str) -> str:
+    """The member suffix of an image: its own, lowercased (jpg, jpeg, png, ...)."""
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    return ext or "jpg"
+
+
+def _padded(size: int) -> int:
+    return -(-size // BLOCK) * BLOCK
+
+
+def member_bytes(size: int) -> int:
+    """Bytes a member of ``size`` bytes takes in a tar: a header block and its data, padded."""
+    return BLOCK + _padded(size)
+
+
+def sample_bytes(image_size: int, label: int) -> int:
+    return member_bytes(image_size) + member_bytes(len(str(label)))
+
+
+def tar_bytes(samples_bytes: int) -> int:
+    """A whole archive: its members, two zero blocks, padded to tarfile's records."""
+    return -(-(samples_bytes + 2 * BLOCK) // RECORD) * RECORD
+
+
+def plan_shards(sizes: Sequence[int], labels: Sequence[int], shard_bytes: int) -> list[range]:
+    """Consecutive runs of samples (in the order given) of about ``shard_bytes`` per tar:
+    a shard takes samples while it stays within the size, and at least one."""
+    plan, start, used = [], 0, 0
+    for i, (size, label) in enumerate(zip(sizes, labels, strict=True)):
+        need = sample_bytes(size, label)
+        if i > start and tar_bytes(used + need) > shard_bytes:
+            plan.append(range(start, i))
+            start, used = i, 0
+        used += need
+    if len(sizes) > start:
+        plan.append(range(start, len(sizes)))
+    return plan
+
+
+@dataclass(frozen=True)
+class ShardSample:
+    key: str
+    path: str  # the image file to copy in
+    label: int
+
+
+def _member(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mode = 0o444
+    info.mtime = 0  # the same input, the same bytes
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def write_shard(tar_path: str, samples: Sequence[ShardSample]) -> tuple[int, int]:
+    """Write one shard and its DALI index beside it, each whole or not at all; returns
+    (samples, bytes of the tar). An image that cannot be read raises OSError naming it."""
+    index_lines: list[str] = []
+
+    def write(f) -> None:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for sample in samples:
+                with open(sample.path, "rb") as image:
+                    data = image.read()
+                components = []
+                for ext, payload in (
+                    (image_ext(sample.path), data),
+                    (LABEL_EXT, str(sample.label).encode("ascii")),
+                ):
+                    name = f"{sample.key}.{ext}"
+                    components.append(f"{ext} {tar.offset + BLOCK} {len(payload)} {name}")
+                    tar.addfile(_member(name, len(payload)), io.BytesIO(payload))
+                index_lines.append(" ".join(components))
+
+    atomic_write(tar_path, write)
+    # The index after its tar: an index names offsets in a tar that is whole.
+    text = f"{INDEX_VERSION} {len(index_lines)}\n" + "\n".join(index_lines) + "\n"
+    atomic_write_text(
+        os.path.join(os.path.dirname(tar_path), index_name(os.path.basename(tar_path))), text
+    )
+    return len(samples), os.path.getsize(tar_path)
+
+
+def write_manifest(
+    out_dir: str,
+    *,
+    shards: Sequence[dict],
+    class_names: Sequence[str] | None,
+    num_classes: int,
+    seed: int,
+    source: str,
+) -> str:
+    """classes.txt (when the classes have names) and then manifest.json, the set's last file."""
+    if class_names is not None:
+        write_classes(os.path.join(out_dir, CLASSES_FILE), class_names)
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "num_samples": sum(s["samples"] for s in shards),
+        "num_classes": num_classes,
+        "classes": CLASSES_FILE if class_names is not None else None,
+        "seed": seed,
+        "source": source,
+        "shards": list(shards),
+    }
+    path = os.path.join(out_dir, MANIFEST)
+    atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
+    return path
+
+
+def manifest_path(path: str) -> str | None:
+    """The manifest of ``path`` (a shard folder or its manifest.json), None for anything else."""
+    if os.path.isdir(path):
+        path = os.path.join(path, MANIFEST)
+    return path if os.path.basename(path) == MANIFEST and os.path.isfile(path) else None
+
+
+def read_manifest(path: str) -> dict:
+    """A shard set's manifest, checked; ShardError naming the file otherwise."""
+    found = manifest_path(path)
+    if found is None:
+        raise ShardError(f"{path}: no {MANIFEST} (not a shard folder written by make_shards.py)")
+    try:
+        with open(found, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ShardError(f"{found}: not a readable manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ShardError(f"{found}: not a manifest of make_shards.py (format {FORMAT!r})")
+    if manifest.get("version") != VERSION:
+        raise ShardError(
+            f"{found}: manifest version {manifest.get('version')!r}, this reader knows {VERSION}"
+        )
+    return manifest
+
+
+def manifest_classes(path: str, manifest: dict) -> list[str] | None:
+    """The class names of a shard set (its classes.txt), None when it has none."""
+    if not manifest.get("classes"):
+        return None
+    folder = os.path.dirname(manifest_path(path) or path)
+    try:
+        return read_classes(os.path.join(folder, manifest["classes"]))
+    except (OSError, ListError) as exc:
+        raise ShardError(f"{os.path.join(folder, manifest['classes'])}: {exc}") from None
+
+
+# --- writing a set: tools/make_shards.py -------------------------------------------------
+
+DEFAULT_SHARD_SIZE = "256MB"
+SHARD_FILE = re.compile(r"^shard-\d{6}\.(tar|idx)$")
+
+
+@dataclass
+class ShardsReport:
+    out_dir: str
+    manifest: str
+    shards: int
+    samples: int
+    bytes: int
+    kept: int  # shards a cut run had written whole, kept as they were
+    excluded: list  # (path, reason) left out by --verify
+    classes: int
+
+
+def _write_task(task: tuple[str, list[ShardSample]]) -> tuple[str, int, int]:
+    tar_path, samples = task
+    count, size = write_shard(tar_path, samples)
+    return os.path.basename(tar_path), count, size
+
+
+def make_shards(
+    list_file: str,
+    *,
+    out_dir: str,
+    shard_bytes: int,
+    seed: int = 0,
+    workers: int | None = None,
+    verify: bool = False,
+    overwrite: bool = False,
+    on_excluded=None,
+    on_progress=None,
+) -> ShardsReport:
+    """Write the samples of ``list_file`` as a shard set in ``out_dir`` (see the module doc).
+
+    The order is a permutation of the list by ``seed``; shards are cut from it at about
+    ``shard_bytes`` each and written by ``workers`` processes. ``verify`` decodes every image
+    first (``scan.verify_images``) and leaves out the ones that fail, reported through
+    ``on_excluded(path, reason)``. ``on_progress(shards_done, shards, bytes_done, bytes)``
+    after each shard. A set already in ``out_dir`` (its manifest) is refused without
+    ``overwrite``; shards that a cut run wrote whole for the same plan are kept.
+    """
+    import numpy as np
+
+    from .common import check_files_exist
+    from .lists import classes_beside, read_table
+    from .scan import verify_images
+
+    list_file = os.fspath(list_file)
+    out_dir = os.fspath(out_dir)
+    classes_file = classes_beside(list_file)
+    class_names = read_classes(classes_file) if classes_file else None
+    table = read_table(list_file, num_classes=len(class_names) if class_names else None)
+    if len(table) == 0:
+        raise ShardError(f"{list_file}: no samples to write")
+    num_classes = len(class_names) if class_names else int(table.labels.max()) + 1
+    old = os.path.join(out_dir, MANIFEST)
+    if os.path.exists(old) and not overwrite:
+        raise ShardError(
+            f"{old}: a shard set is already there; choose another --out-dir, or --overwrite "
+            "to replace it"
+        )
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ShardError(f"--out-dir {out_dir} is a file, not a folder")
+    check_files_exist(table, list_file=list_file)  # missing or empty: named with file:line
+    paths = table.paths()
+    labels = table.labels
+    excluded: list[tuple[str, str]] = []
+    if verify:
+        excluded = verify_images(paths, workers=workers)
+        for path, reason in excluded:
+            if on_excluded is not None:
+                on_excluded(path, reason)
+    bad = {path for path, _ in excluded}
+    keep = np.array([i for i, path in enumerate(paths) if path not in bad], dtype=np.int64)
+    if len(keep) == 0:
+        raise ShardError(f"{list_file}: every image failed --verify; nothing to write")
+    order = keep[np.random.default_rng(seed).permutation(len(keep))]
+    sizes = [os.path.getsize(paths[i]) for i in order]
+    ordered_labels = [int(labels[i]) for i in order]
+    plan = plan_shards(sizes, ordered_labels, shard_bytes)
+
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(old):  # --overwrite: the old set is no set from here on
+        os.remove(old)
+    planned = {shard_name(n) for n in range(len(plan))}
+    planned |= {index_name(name) for name in planned}
+    for name in os.listdir(out_dir):  # shards of a cut run's other plan, or of the old set
+        if SHARD_FILE.match(name) and name not in planned:
+            os.remove(os.path.join(out_dir, name))
+
+    tasks, shards, kept = [], [], 0
+    total_bytes = 0
+    for number, run in enumerate(plan):
+        name = shard_name(number)
+        expected = tar_bytes(sum(sample_bytes(sizes[p], ordered_labels[p]) for p in run))
+        total_bytes += expected
+        shards.append(
+            {"name": name, "index": index_name(name), "samples": len(run), "bytes": expected}
+        )
+        tar_path = os.path.join(out_dir, name)
+        whole = (
+            not overwrite
+            and os.path.isfile(os.path.join(out_dir, index_name(name)))
+            and os.path.isfile(tar_path)
+            and os.path.getsize(tar_path) == expected
+        )
+        if whole:
+            kept += 1
+            continue
+        samples = [ShardSample(sample_key(p), paths[order[p]], ordered_labels[p]) for p in run]
+        tasks.append((tar_path, samples))
+
+    to_write = {os.path.basename(tar_path) for tar_path, _ in tasks}
+    done_shards = kept
+    done_bytes = sum(s["bytes"] for s in shards if s["name"] not in to_write)
+
+    def finished(name: str, size: int) -> None:
+        nonlocal done_shards, done_bytes
+        done_shards += 1
+        done_bytes += size
+        if on_progress is not None:
+            on_progress(done_shards, len(plan), done_bytes, total_bytes)
+
+    workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))
+    if workers == 1:
+        for task in tasks:
+            name, _, size = _write_task(task)
+            finished(name, size)
+    else:
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from multiprocessing import get_context
+
+        from .scan import _ignore_interrupt
+
+        # spawn: the caller may hold threads that fork would copy mid-lock (as --verify)
+        with ProcessPoolExecutor(
+            max_workers=workers, mp_context=get_context("spawn"), initializer=_ignore_interrupt
+        ) as pool:
+            futures = [pool.submit(_write_task, task) for task in tasks]
+            try:
+                for future in as_completed(futures):
+                    name, _, size = future.result()
+                    finished(name, size)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    for shard in shards:  # what was written is what was planned, to the byte
+        actual = os.path.getsize(os.path.join(out_dir, shard["name"]))
+        if actual != shard["bytes"]:
+            raise ShardError(
+                f"{os.path.join(out_dir, shard['name'])}: {actual} bytes written, "
+                f"{shard['bytes']} planned (an image changed while it was read?)"
+            )
+    manifest = write_manifest(
+        out_dir,
+        shards=shards,
+        class_names=class_names,
+        num_classes=num_classes,
+        seed=seed,
+        source=os.path.abspath(list_file),
+    )
+    return ShardsReport(
+        out_dir=out_dir,
+        manifest=manifest,
+        shards=len(plan),
+        samples=len(order),
+        bytes=total_bytes,
+        kept=kept,
+        excluded=excluded,
+        classes=num_classes,
+    )

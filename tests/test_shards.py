@@ -1,0 +1,186 @@
+"""tools/make_shards.py and pipelines/shards.py: list files -> WebDataset tar shards, read back
+by DALI's own reader (CPU) and by the webdataset package, as they are."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+
+from pipelines.lists import read_list, write_list
+from pipelines.shards import MANIFEST, parse_size, read_manifest, tar_bytes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location(
+        "make_shards_cli", os.path.join(REPO, "tools", "make_shards.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+make_shards_main = _load_cli()
+
+
+def members(tar_path) -> dict[str, bytes]:
+    with tarfile.open(tar_path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def shard_set(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards") / "set"
+    assert make_shards_main([tiny_data.train_list, "--out-dir", str(out), "--shard-size", "150KB",
+                             "--workers", "2"]) == 0  # fmt: skip
+    return out
+
+
+def test_every_sample_once_as_its_own_bytes_classes_mixed(shard_set, tiny_data):
+    manifest = read_manifest(str(shard_set))
+    samples = read_list(tiny_data.train_list)
+    assert manifest["num_samples"] == len(samples) == 120 and manifest["num_classes"] == 10
+    assert len(manifest["shards"]) > 2
+    want = sorted((digest(open(s.path, "rb").read()), s.label) for s in samples)  # noqa: SIM115
+    got, keys = [], []
+    for shard in manifest["shards"]:
+        tar_path = shard_set / shard["name"]
+        assert os.path.getsize(tar_path) == shard["bytes"] <= parse_size("150KB")
+        content = members(tar_path)
+        images = {k: v for k, v in content.items() if not k.endswith(".cls")}
+        assert len(images) == shard["samples"]
+        labels = [int(content[k.rsplit(".", 1)[0] + ".cls"]) for k in images]
+        got += [(digest(data), label) for data, label in zip(images.values(), labels, strict=True)]
+        keys += [k.rsplit(".", 1)[0] for k in images]
+        assert len(set(labels)) >= 5  # a seeded random order: every shard mixes the classes
+    assert sorted(got) == want  # the files' own bytes, each once, with its label
+    assert keys == [f"{i:09d}" for i in range(120)]
+    assert (shard_set / "classes.txt").read_text() == open(  # noqa: SIM115
+        os.path.join(os.path.dirname(tiny_data.train_list), "classes.txt")
+    ).read()
+
+
+def test_the_index_is_dalis_own_and_dali_and_webdataset_read_the_shards(shard_set):
+    manifest = read_manifest(str(shard_set))
+    first = shard_set / manifest["shards"][0]["name"]
+    # DALI's wds2idx (installed with the wheel) writes the very same index.
+    wds2idx = os.path.join(os.path.dirname(sys.executable), "wds2idx")
+    subprocess.run([wds2idx, str(first), str(shard_set.parent / "ref.idx")], check=True,
+                   capture_output=True)  # fmt: skip
+    assert (shard_set.parent / "ref.idx").read_text() == (
+        shard_set / manifest["shards"][0]["index"]
+    ).read_text()
+
+    from nvidia.dali import fn, pipeline_def
+
+    paths = [str(shard_set / s["name"]) for s in manifest["shards"]]
+    indexes = [str(shard_set / s["index"]) for s in manifest["shards"]]
+
+    @pipeline_def(batch_size=manifest["num_samples"], num_threads=1, device_id=None)
+    def read():
+        image, label = fn.readers.webdataset(
+            paths=paths, index_paths=indexes, ext=["jpg;jpeg;png", "cls"],
+            missing_component_behavior="error",
+        )  # fmt: skip
+        return fn.decoders.image(image, device="cpu"), label
+
+    pipe = read()
+    pipe.build()
+    images, labels = pipe.run()
+    dali_labels = [int(bytes(np.asarray(labels[i]))) for i in range(len(labels))]
+    assert len(dali_labels) == 120 and all(np.asarray(images[i]).shape[2] == 3 for i in range(3))
+
+    import webdataset
+
+    dataset = (
+        webdataset.WebDataset(paths, shardshuffle=False)
+        .decode("pil")
+        .to_tuple("jpg;jpeg;png", "cls")
+    )
+    read_back = [label for _, label in dataset]
+    assert read_back == dali_labels  # both read the same samples in the same (file) order
+
+
+def test_the_same_input_gives_the_same_bytes_and_a_cut_run_is_finished(
+    shard_set, tiny_data, tmp_path, capsys
+):
+    out = tmp_path / "again"
+    flags = [tiny_data.train_list, "--out-dir", str(out), "--shard-size", "150KB", "--workers", "1"]
+    assert make_shards_main(flags) == 0
+    names = sorted(os.listdir(shard_set))
+    assert sorted(os.listdir(out)) == names
+    assert all((out / n).read_bytes() == (shard_set / n).read_bytes() for n in names)
+    # A run cut short: no manifest yet, one shard never written, one cut mid-write (an
+    # atomic write leaves only its temporary file, but a tar copied in by hand may be short).
+    (out / MANIFEST).unlink()
+    (out / "shard-000001.tar").unlink()
+    with open(out / "shard-000002.tar", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(Exception):  # noqa: B017 - no manifest: no shard set to read
+        read_manifest(str(out))
+    capsys.readouterr()
+    assert make_shards_main(flags) == 0
+    shards = len(read_manifest(str(out))["shards"])
+    assert f"wrote {shards} shards ({shards - 2} kept from an earlier, cut run)" in (
+        capsys.readouterr().out
+    )
+    assert all((out / n).read_bytes() == (shard_set / n).read_bytes() for n in names)
+
+
+def test_a_finished_set_is_never_replaced_without_overwrite(shard_set, tiny_data, capsys):
+    before = (shard_set / MANIFEST).read_bytes()
+    flags = [tiny_data.train_list, "--out-dir", str(shard_set), "--workers", "1"]
+    assert make_shards_main(flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"error: {shard_set / MANIFEST}: a shard set is already there; choose another "
+        "--out-dir, or --overwrite to replace it"
+    )
+    assert (shard_set / MANIFEST).read_bytes() == before
+
+
+def test_bad_input_is_one_line(tiny_data, tmp_path, capsys, make_image):
+    missing = tmp_path / "gone.jpg"
+    make_image(missing)
+    listed = tmp_path / "list.txt"
+    write_list(listed, [(str(missing), 0), (str(tmp_path / "other.jpg"), 1)])
+    assert make_shards_main([str(listed), "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other.jpg: image file listed at " in err[0] and "list.txt:" in err[0]
+    assert not (tmp_path / "out" / MANIFEST).exists()
+    with pytest.raises(SystemExit):
+        make_shards_main([str(listed), "--out-dir", str(tmp_path / "o"), "--shard-size", "big"])
+    assert "a size such as 64MB" in capsys.readouterr().err
+
+
+def test_verify_leaves_out_and_names_what_fails(tmp_path, capsys, make_image):
+    good = [make_image(tmp_path / f"c{k % 2}" / f"{k}.jpg") for k in range(6)]
+    bad = tmp_path / "c1" / "cut.jpg"
+    bad.write_bytes(open(good[1], "rb").read()[:300])  # noqa: SIM115 - a truncated JPEG
+    listed = tmp_path / "list.txt"
+    write_list(listed, [(p, k % 2) for k, p in enumerate(good)] + [(str(bad), 1)])
+    out = tmp_path / "out"
+    assert make_shards_main([str(listed), "--out-dir", str(out), "--verify", "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert f"excluded: {bad}: " in printed and "1 excluded by --verify" in printed
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["num_samples"] == 6 and manifest["classes"] is None  # no classes.txt
+    assert manifest["num_classes"] == 2
+
+
+def test_shard_sizes_are_planned_to_the_byte():
+    assert parse_size("64MB") == 64_000_000 and parse_size("512MiB") == 512 * 2**20
+    assert tar_bytes(0) == 10240  # an empty archive: two zero blocks, padded to a record

@@ -6,7 +6,8 @@ A shard set is one folder::
     shard-000000.idx   re-encoded) and {key}.cls (the label, ASCII digits); DALI's index
     ...                (wds2idx's v1.2 format) beside each shard
     classes.txt        label k = line k, as beside a list file
-    manifest.json      shard names, sample and byte counts, classes; written last
+    manifest.json      shard names, sample and byte counts, every sample's label (a line per
+                       shard), classes; written last
 
 Keys are the sample's position in the set (``000000123``), and samples are spread over the
 shards in a seeded random order, so every shard mixes the classes. The tars are plain USTAR
@@ -175,10 +176,13 @@ def write_manifest(
         "classes": CLASSES_FILE if class_names is not None else None,
         "seed": seed,
         "source": source,
-        "shards": list(shards),
     }
+    # One line a shard: a reader learns every label from this one file (DALI's index holds
+    # where each label lies, not its value, and one read per sample is what shards avoid).
+    head = json.dumps(manifest, indent=1)[:-2]
+    rows = ",\n".join("  " + json.dumps(shard, separators=(",", ":")) for shard in shards)
     path = os.path.join(out_dir, MANIFEST)
-    atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
+    atomic_write_text(path, f'{head},\n "shards": [\n{rows}\n ]\n}}\n')
     return path
 
 
@@ -320,7 +324,13 @@ def make_shards(
         expected = tar_bytes(sum(sample_bytes(sizes[p], ordered_labels[p]) for p in run))
         total_bytes += expected
         shards.append(
-            {"name": name, "index": index_name(name), "samples": len(run), "bytes": expected}
+            {
+                "name": name,
+                "index": index_name(name),
+                "samples": len(run),
+                "bytes": expected,
+                "labels": [ordered_labels[p] for p in run],
+            }
         )
         tar_path = os.path.join(out_dir, name)
         whole = (

@@ -63,6 +63,7 @@ def test_every_sample_once_as_its_own_bytes_classes_mixed(shard_set, tiny_data):
         images = {k: v for k, v in content.items() if not k.endswith(".cls")}
         assert len(images) == shard["samples"]
         labels = [int(content[k.rsplit(".", 1)[0] + ".cls"]) for k in images]
+        assert labels == shard["labels"]  # the manifest holds them too, in order
         got += [(digest(data), label) for data, label in zip(images.values(), labels, strict=True)]
         keys += [k.rsplit(".", 1)[0] for k in images]
         assert len(set(labels)) >= 5  # a seeded random order: every shard mixes the classes

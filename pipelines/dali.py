@@ -142,15 +142,16 @@ def _normalize_args(*, image_size: int, image_dtype) -> dict:
 
 def read_batches(source, *, cycle: str | None = None):
     """``(encoded files, labels)`` of the batches ``source`` yields: each batch a list of
-    uint8 path arrays and an int64 label array, read by ``fn.io.file.read``."""
-    paths, labels = fn.external_source(
+    uint8 arrays and an int64 label array. The arrays are paths, read by ``fn.io.file.read``,
+    or (``source.reads_files`` False: a tar shard's samples) the encoded images themselves."""
+    data, labels = fn.external_source(
         source=source,
         num_outputs=2,
         batch=True,
         dtype=[types.UINT8, types.INT64],
         cycle=cycle,
     )
-    return fn.io.file.read(paths), labels
+    return (fn.io.file.read(data) if source.reads_files else data), labels
 
 
 def _train_graph(
@@ -330,6 +331,8 @@ class PathBatches:
     per pass.
     """
 
+    reads_files = True  # the arrays are paths for fn.io.file.read
+
     def __init__(self, table: SampleTable, indices: np.ndarray, batch_size: int):
         self.table = table
         self.indices = indices
@@ -343,6 +346,20 @@ class PathBatches:
             last = first + self.batch_size
             bounds = zip(starts[first:last].tolist(), ends[first:last].tolist(), strict=True)
             yield [blob[a:b] for a, b in bounds], labels[self.indices[first:last], None]
+
+
+class ShardBatches(PathBatches):
+    """PathBatches for a shard set (``pipelines.shards.ShardTable``): each sample is its
+    image's bytes, a view of its memory-mapped shard (external_source copies it into the
+    pipeline), in the same plan and batches as a list's."""
+
+    reads_files = False
+
+    def __iter__(self):
+        labels = self.table.labels
+        for first in range(0, len(self.indices), self.batch_size):
+            chunk = self.indices[first : first + self.batch_size]
+            yield [np.asarray(self.table.view(int(i))) for i in chunk], labels[chunk, None]
 
 
 class DaliLoader(common.ShardedLoader):
@@ -388,7 +405,9 @@ class DaliLoader(common.ShardedLoader):
             graph_extra["auto_augment"] = self.auto_augment
         return pipeline(
             **graph_extra,
-            source=PathBatches(self.table, indices, self.batch_size),
+            source=(ShardBatches if hasattr(self.table, "view") else PathBatches)(
+                self.table, indices, self.batch_size
+            ),
             image_size=self.image_size,
             decode_device=self.decode_device,
             to_gpu=to_gpu,
@@ -471,12 +490,17 @@ class DaliLoader(common.ShardedLoader):
         def pass_paths():  # all of this rank's files of the pass, decoded only if needed
             return (self.table.path(int(i)) for i in indices)
 
+        def sources(chosen):  # (name, path or, for a shard's sample, its bytes)
+            return ((self.table.path(int(i)), self.table.source(int(i))) for i in chosen)
+
         named = next((p for p in itertools.chain(window, pass_paths()) if p in message), None)
         if named is not None:
             return ImageError(f"{named}: DALI failed on this image: {_last_lines(message)}")
         # Not named by DALI: look among the batches in flight with a full decode, then, by
         # header only (16 bytes a file), through all of this rank's files of the pass.
-        found = first_problem(window) or first_problem(pass_paths(), decode=False)
+        found = first_problem(sources(indices[first:last])) or first_problem(
+            sources(indices), decode=False
+        )
         if found is not None:
             path, why = found
             return ImageError(f"{path}: {why} (DALI said: {_last_lines(message)})")

@@ -22,6 +22,7 @@ importing it.
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import zlib
@@ -45,10 +46,18 @@ def dali_readable_header(head: bytes) -> bool:
     )
 
 
-def header_problem(path: str) -> str | None:
+def _binary(source):
+    """``source`` opened for reading bytes: a path, or an image's bytes themselves (a sample
+    of a tar shard). Every check here takes either."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        return io.BytesIO(source)
+    return open(source, "rb")  # noqa: SIM115 - the caller's with-block closes it
+
+
+def header_problem(path) -> str | None:
     """Why DALI cannot read ``path``, judged from its first 16 bytes (None: no problem)."""
     try:
-        with open(path, "rb") as f:
+        with _binary(path) as f:
             head = f.read(16)
     except OSError as e:
         return f"cannot be read ({e.strerror})"
@@ -79,15 +88,15 @@ def _pil_format(path: str) -> str | None:
     Image = _pil_image()
 
     try:
-        with Image.open(path) as image:
+        with _binary(path) as f, Image.open(f) as image:
             return image.format
     except Exception:  # not an image PIL knows, or unreadable: either way, no format
         return None
 
 
-def png_problem(path: str) -> str | None:
+def png_problem(path) -> str | None:
     """A PNG's chunk structure: every chunk whole, its CRC right, ``IEND`` at the end."""
-    with open(path, "rb") as f:
+    with _binary(path) as f:
         if f.read(8) != PNG_SIGNATURE:
             return None  # not a PNG: nothing to check here
         while True:
@@ -105,7 +114,7 @@ def png_problem(path: str) -> str | None:
                 return None
 
 
-def open_rgb(path: str):
+def open_rgb(path):
     """Decode one file fully to an RGB PIL image, the way DALI's decoders do.
 
     Grayscale, palette, CMYK and alpha images convert to RGB (alpha dropped, as DALI does);
@@ -120,6 +129,8 @@ def open_rgb(path: str):
     import numpy as np
 
     Image = _pil_image()
+    if isinstance(path, bytes | bytearray | memoryview):  # a sample of a tar shard
+        path = io.BytesIO(path)
     with Image.open(path) as im:
         problem = tiff_problem(im)
         if problem is not None:
@@ -218,14 +229,14 @@ def tiff_problem(image) -> str | None:
     return None
 
 
-def decode_problem(path: str) -> str | None:
+def decode_problem(path) -> str | None:
     """Decode ``path`` fully as the PIL loaders do; None when it decodes, else why not."""
     from PIL import ImageFile
 
     Image = _pil_image()
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode grey
     try:
-        with Image.open(path) as image:
+        with _binary(path) as f, Image.open(f) as image:
             # open_rgb refuses the first too; said plainly here
             problem = tiff_problem(image) or exif_problem(image)
         if problem is not None:
@@ -238,9 +249,10 @@ def decode_problem(path: str) -> str | None:
     return None
 
 
-def image_problem(path: str, *, decode: bool = True) -> str | None:
+def image_problem(path, *, decode: bool = True) -> str | None:
     """Why the loaders cannot use ``path`` (None: they can). ``decode=False`` reads the header
-    alone (16 bytes), for checks that must stay cheap on a million files."""
+    alone (16 bytes), for checks that must stay cheap on a million files. ``path`` may be the
+    image's bytes instead (a sample of a tar shard)."""
     problem = header_problem(path)
     if problem is None and decode:
         try:
@@ -251,9 +263,11 @@ def image_problem(path: str, *, decode: bool = True) -> str | None:
 
 
 def first_problem(paths, *, decode: bool = True) -> tuple[str, str] | None:
-    """The first of ``paths`` that ``image_problem`` rejects, and why; None if none is."""
+    """The first of ``paths`` that ``image_problem`` rejects, and why; None if none is.
+    An item may be a pair (name, the image's bytes): a sample of a tar shard."""
     for path in paths:
-        problem = image_problem(os.fspath(path), decode=decode)
+        name, source = path if isinstance(path, tuple) else (os.fspath(path), os.fspath(path))
+        problem = image_problem(source, decode=decode)
         if problem is not None:
-            return os.fspath(path), problem
+            return name, problem
     return None

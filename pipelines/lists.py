@@ -137,6 +137,11 @@ class SampleTable:
     def path(self, index: int) -> str:
         return self.path_bytes(index).tobytes().decode("utf-8", "surrogateescape")
 
+    def source(self, index: int) -> str:
+        """What the loaders decode for sample ``index``: its path (a shard set's table gives
+        the image's bytes instead, see ``pipelines.shards.ShardTable``)."""
+        return self.path(index)
+
     def paths(self, start: int = 0, stop: int | None = None) -> list[str]:
         """Paths ``start:stop`` as strings, decoded in one go."""
         stop = len(self) if stop is None else min(stop, len(self))
@@ -339,8 +344,10 @@ def read_classes(classes_file: str | os.PathLike) -> list[str]:
 
 
 def classes_beside(list_file: str | os.PathLike) -> str | None:
-    """The ``classes.txt`` in the list file's folder, or None when there is none."""
-    candidate = os.path.join(os.path.dirname(os.path.abspath(list_file)), CLASSES_FILE)
+    """The ``classes.txt`` in the list file's folder (in the folder itself for a shard set's
+    folder), or None when there is none."""
+    folder = list_file if os.path.isdir(list_file) else os.path.dirname(os.path.abspath(list_file))
+    candidate = os.path.join(os.path.abspath(folder), CLASSES_FILE)
     return candidate if os.path.isfile(candidate) else None
 
 

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from . import common
+from . import common, shards
 from .lists import classes_beside, read_classes, read_table
 
 BACKENDS = ("dali", "pil", "pil-gpu")
@@ -34,6 +34,9 @@ def build_loader(
     auto_augment: str = "none",
 ):
     """A loader for one rank: iterate it for one epoch of ``(images, labels)``.
+
+    ``list_file``: a list file, or a shard set of ``tools/make_shards.py`` (its folder or
+    manifest.json), read with the same plan and semantics (``pipelines.shards``).
 
     images: ``(B, 3, image_size, image_size)``, channels_last memory, ``dtype``, on ``device``;
     labels: int64 ``(B,)`` on ``device``. The loader has ``len()`` (steps this epoch on this
@@ -76,14 +79,23 @@ def build_loader(
         raise ValueError(f"num_threads must be >= 1 for DALI, >= 0 for PIL; got {num_threads}")
     if prefetch < 1:
         raise ValueError(f"prefetch must be >= 1, got {prefetch}")
-    if num_classes is None:
-        classes_file = classes_beside(list_file)
-        if classes_file is not None:
-            num_classes = len(read_classes(classes_file))
-    table = read_table(list_file, num_classes=num_classes)
-    if check_files:
-        k, n = check_split if check_split is not None else (rank, world_size)
-        common.check_files_exist(table, list_file=list_file, rank=k, world_size=n)
+    if shards.manifest_path(list_file) is not None:
+        # A shard set (its folder or manifest.json): the same plan and semantics, each
+        # sample read from its tar at the offset DALI's index gives.
+        if num_classes is None:
+            num_classes = shards.read_manifest(list_file).get("num_classes")
+        table = shards.read_shard_table(list_file, num_classes=num_classes)
+        if check_files:  # one stat a shard: every rank checks them all
+            shards.check_shards(table, list_file)
+    else:
+        if num_classes is None:
+            classes_file = classes_beside(list_file)
+            if classes_file is not None:
+                num_classes = len(read_classes(classes_file))
+        table = read_table(list_file, num_classes=num_classes)
+        if check_files:
+            k, n = check_split if check_split is not None else (rank, world_size)
+            common.check_files_exist(table, list_file=list_file, rank=k, world_size=n)
 
     shared = dict(
         list_file=list_file,

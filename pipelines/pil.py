@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import common
 from .lists import ImageError, SampleTable
+from .shards import ShardTable
 
 
 def train_transform(
@@ -225,16 +226,20 @@ class ListDataset(Dataset):
         # copy each (about 100 MB per worker for ImageNet's 1.28M-line list).
         if not hasattr(self, "_shared_table"):
             table = self.table
-            self._shared_table = tuple(
-                _shared_array(a) for a in (table.blob, table.offsets, table.labels)
-            )
+            if isinstance(table, ShardTable):  # a shard set: its arrays, and its few names
+                meta = (table.folder, table.shard_names, table.ext_names)
+                self._shared_table = (meta, tuple(_shared_array(a) for a in table.arrays()))
+            else:
+                arrays = (table.blob, table.offsets, table.labels)
+                self._shared_table = (None, tuple(_shared_array(a) for a in arrays))
         state = {k: v for k, v in self.__dict__.items() if k != "_shared_table"}
         state.update(table=self._shared_table, transforms={})
         return state
 
     def __setstate__(self, state: dict) -> None:
-        blob, offsets, labels = (t.numpy() for t in state["table"])
-        state["table"] = SampleTable(blob, offsets, labels)
+        meta, shared = state["table"]
+        arrays = [t.numpy() for t in shared]
+        state["table"] = ShardTable(*meta, *arrays) if meta else SampleTable(*arrays)
         self.__dict__.update(state)
 
     def transform(self, image, size: int):
@@ -249,7 +254,7 @@ class ListDataset(Dataset):
         index, epoch, size = key
         path, label = self.table.path(index), int(self.table.labels[index])
         try:
-            image = common.open_rgb(path)
+            image = common.open_rgb(self.table.source(index))  # a shard's sample: its bytes
         except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, ...: name the file
             raise ImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
         if not self.random:

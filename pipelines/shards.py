@@ -27,6 +27,8 @@ import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from .fileio import atomic_write, atomic_write_text
 from .lists import CLASSES_FILE, ListError, read_classes, write_classes
 
@@ -404,3 +406,188 @@ def make_shards(
         excluded=excluded,
         classes=num_classes,
     )
+
+
+# --- reading a set: the loaders' ShardTable ----------------------------------------------
+
+
+class ShardTable:
+    """The samples of a shard set, as a loader holds them; in the loaders' eyes a
+    ``SampleTable`` (``len``, ``labels``, ``path(i)``, ``paths(a, b)``, ``source(i)``) whose
+    "path" of a sample is its name in the set, ``DIR/shard-000003.tar:000000123.jpg`` (what
+    an error names), and whose ``source(i)`` is the image's bytes, read from its shard at the
+    offset DALI's index gives (the shards are memory-mapped, each on first use, in each
+    process).
+
+    Arrays, one entry a sample: ``shard_of`` (int32), ``offsets`` and ``sizes`` (int64, the
+    image member's data in its tar), ``labels`` (int64), ``exts`` (uint8, into
+    ``ext_names``). Sample i is the set's key i: keys run in order through the shards.
+    """
+
+    def __init__(
+        self,
+        folder: str,
+        shard_names: Sequence[str],
+        ext_names: Sequence[str],
+        shard_of: np.ndarray,
+        offsets: np.ndarray,
+        sizes: np.ndarray,
+        labels: np.ndarray,
+        exts: np.ndarray,
+    ):
+        self.folder = folder
+        self.shard_names = list(shard_names)
+        self.ext_names = list(ext_names)
+        self.shard_of = shard_of
+        self.offsets = offsets
+        self.sizes = sizes
+        self.labels = labels
+        self.exts = exts
+        self._maps: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (self.shard_of, self.offsets, self.sizes, self.labels, self.exts)
+        return sum(a.nbytes for a in arrays)
+
+    def shard_path(self, shard: int) -> str:
+        return os.path.join(self.folder, self.shard_names[shard])
+
+    def path(self, index: int) -> str:
+        shard, ext = int(self.shard_of[index]), self.ext_names[int(self.exts[index])]
+        return f"{self.shard_path(shard)}:{sample_key(index)}.{ext}"
+
+    def paths(self, start: int = 0, stop: int | None = None) -> list[str]:
+        stop = len(self) if stop is None else min(stop, len(self))
+        return [self.path(i) for i in range(start, stop)]
+
+    def _map(self, shard: int) -> np.ndarray:
+        found = self._maps.get(shard)
+        if found is None:
+            found = self._maps[shard] = np.memmap(self.shard_path(shard), dtype=np.uint8, mode="r")
+        return found
+
+    def view(self, index: int) -> np.ndarray:
+        """The image's bytes as a uint8 view of its memory-mapped shard (no copy)."""
+        start = int(self.offsets[index])
+        return self._map(int(self.shard_of[index]))[start : start + int(self.sizes[index])]
+
+    def source(self, index: int) -> bytes:
+        """The image's bytes (what ``imagecheck`` and ``open_rgb`` take instead of a path)."""
+        return self.view(index).tobytes()
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        return (self.shard_of, self.offsets, self.sizes, self.labels, self.exts)
+
+    def __getstate__(self) -> dict:
+        # Memory maps are this process's: another one maps the shards again on first use.
+        return {k: v for k, v in self.__dict__.items() if k != "_maps"} | {"_maps": {}}
+
+
+def _parse_index(path: str, expected: int) -> tuple[list[tuple[str, int, int]], str | None]:
+    """(image ext, offset, size) of each sample of DALI's index ``path``; or a problem."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = f.readline().split()
+            lines = f.read().splitlines()
+    except OSError as exc:
+        return [], f"cannot be read ({exc.strerror})"
+    except UnicodeDecodeError:
+        return [], "is not a DALI index (not text)"
+    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
+        return [], f"is not a DALI index of version {INDEX_VERSION}"
+    if int(head[1]) != expected or len(lines) != expected:
+        return [], f"indexes {len(lines)} samples, the manifest {expected}"
+    samples = []
+    for number, line in enumerate(lines, 2):
+        fields = line.split(" ")
+        image = next(
+            (fields[i : i + 3] for i in range(0, len(fields) - 3, 4) if fields[i] != LABEL_EXT),
+            None,
+        )
+        if image is None or not (image[1].isdigit() and image[2].isdigit()):
+            return [], f"line {number} names no image member"
+        samples.append((image[0], int(image[1]), int(image[2])))
+    return samples, None
+
+
+def read_shard_table(path: str, *, num_classes: int | None = None) -> ShardTable:
+    """The ShardTable of the shard set at ``path`` (its folder or manifest.json), from the
+    manifest and the index files alone: no read of a shard. ShardError, one line naming the
+    file, for a manifest that does not match its shards; ListError for a label outside
+    ``[0, num_classes)``."""
+    manifest = read_manifest(path)
+    folder = os.path.dirname(os.path.abspath(manifest_path(path)))
+    shard_names, ext_names = [], []
+    columns: dict[str, list] = {"shard": [], "offset": [], "size": [], "label": [], "ext": []}
+    for number, shard in enumerate(manifest.get("shards") or []):
+        where = os.path.join(folder, MANIFEST)
+        try:
+            name, index, count, labels = (
+                shard["name"], shard["index"], int(shard["samples"]), list(shard["labels"])
+            )  # fmt: skip
+        except (KeyError, TypeError, ValueError):
+            raise ShardError(f"{where}: shard entry {number + 1} is incomplete") from None
+        if len(labels) != count:
+            raise ShardError(f"{where}: {name} has {count} samples but {len(labels)} labels")
+        samples, problem = _parse_index(os.path.join(folder, index), count)
+        if problem is not None:
+            raise ShardError(
+                f"{os.path.join(folder, index)}: {problem}; the manifest does not match its "
+                "shards (write the set again with make_shards.py)"
+            )
+        shard_names.append(name)
+        for (ext, offset, size), label in zip(samples, labels, strict=True):
+            if ext not in ext_names:
+                ext_names.append(ext)
+            columns["shard"].append(number)
+            columns["offset"].append(offset)
+            columns["size"].append(size)
+            columns["label"].append(label)
+            columns["ext"].append(ext_names.index(ext))
+    if not shard_names:
+        raise ShardError(f"{os.path.join(folder, MANIFEST)}: the set holds no shards")
+    table = ShardTable(
+        folder,
+        shard_names,
+        ext_names,
+        np.asarray(columns["shard"], dtype=np.int32),
+        np.asarray(columns["offset"], dtype=np.int64),
+        np.asarray(columns["size"], dtype=np.int64),
+        np.asarray(columns["label"], dtype=np.int64),
+        np.asarray(columns["ext"], dtype=np.uint8),
+    )
+    limit = num_classes if num_classes is not None else manifest.get("num_classes")
+    if limit is not None:
+        outside = np.flatnonzero((table.labels < 0) | (table.labels >= int(limit)))
+        if len(outside):
+            first = int(outside[0])
+            raise ListError(
+                f"{table.path(first)}: label {int(table.labels[first])} is outside "
+                f"[0, {int(limit)})"
+            )
+    return table
+
+
+def check_shards(table: ShardTable, manifest_file: str) -> None:
+    """Every shard there, of the size its manifest gives: a missing or truncated shard is
+    one line naming it, before the first step (one stat a shard)."""
+    manifest = read_manifest(manifest_file)
+    sizes = {s["name"]: int(s["bytes"]) for s in manifest["shards"]}
+    for number in range(len(table.shard_names)):
+        path = table.shard_path(number)
+        expected = sizes[table.shard_names[number]]
+        try:
+            actual = os.path.getsize(path)
+        except OSError as exc:
+            raise ShardError(
+                f"{path}: shard listed in {MANIFEST} cannot be read ({exc.strerror})"
+            ) from None
+        if actual != expected:
+            raise ShardError(
+                f"{path}: {actual} bytes, its manifest says {expected}: a truncated or "
+                "replaced shard (copy it again, or write the set again with make_shards.py)"
+            )

@@ -185,3 +185,174 @@ def test_verify_leaves_out_and_names_what_fails(tmp_path, capsys, make_image):
 def test_shard_sizes_are_planned_to_the_byte():
     assert parse_size("64MB") == 64_000_000 and parse_size("512MiB") == 512 * 2**20
     assert tar_bytes(0) == 10240  # an empty archive: two zero blocks, padded to a record
+
+
+# --- reading: every backend, the semantics of lists ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ordered_list(shard_set, tiny_data, tmp_path_factory):
+    """A list file of the shard set's own samples in the set's order (matched by bytes), with
+    its classes.txt: what the loaders must read identically from the shards."""
+    import shutil
+
+    from pipelines.shards import read_shard_table
+
+    table = read_shard_table(str(shard_set))
+    by_bytes = {}
+    for sample in read_list(tiny_data.train_list):
+        with open(sample.path, "rb") as f:
+            by_bytes[f.read()] = sample.path
+    folder = tmp_path_factory.mktemp("ordered")
+    listed = folder / "Train.txt"
+    write_list(listed, [(by_bytes[table.source(i)], int(table.labels[i])) for i in range(120)])
+    shutil.copy(shard_set / "classes.txt", folder / "classes.txt")
+    return listed
+
+
+@pytest.mark.parametrize("backend", ["dali", "pil"])
+def test_shards_give_the_very_batches_of_the_same_list(shard_set, ordered_list, backend):
+    import torch
+
+    from pipelines import build_loader
+
+    for train in (True, False):
+        batches = []
+        for source in (ordered_list, shard_set):
+            loader = build_loader(
+                str(source), train=train, backend=backend, batch_size=16, image_size=32,
+                num_threads=1, seed=3, world_size=2, rank=1,
+            )  # fmt: skip
+            if train:
+                loader.set_epoch(2)
+            batches.append([(x.clone(), y.clone()) for x, y in loader])
+        assert len(batches[0]) == len(batches[1]) > 0
+        for (x0, y0), (x1, y1) in zip(*batches, strict=True):
+            assert torch.equal(x0, x1) and torch.equal(y0, y1)
+
+
+def broken_copy(shard_set, tmp_path, damage) -> str:
+    import shutil
+
+    out = tmp_path / "set"
+    shutil.copytree(shard_set, out)
+    damage(out)
+    return str(out)
+
+
+def test_a_missing_or_truncated_shard_or_a_wrong_index_is_one_line_at_start(shard_set, tmp_path):
+    from pipelines import build_loader
+    from pipelines.shards import ShardError
+
+    def build(path):
+        return build_loader(path, train=True, backend="dali", batch_size=8, image_size=32)
+
+    gone = broken_copy(shard_set, tmp_path / "a", lambda d: (d / "shard-000001.tar").unlink())
+    with pytest.raises(ShardError, match=r"shard-000001.tar: shard listed in manifest.json "):
+        build(gone)
+    cut = broken_copy(
+        shard_set, tmp_path / "b", lambda d: os.truncate(d / "shard-000002.tar", 5000)
+    )
+    with pytest.raises(ShardError, match=r"shard-000002.tar: 5000 bytes, its manifest says "):
+        build(cut)
+
+    def drop_a_line(d):
+        lines = (d / "shard-000000.idx").read_text().splitlines()
+        (d / "shard-000000.idx").write_text("\n".join(lines[:-1]) + "\n")
+
+    other = broken_copy(shard_set, tmp_path / "c", drop_a_line)
+    with pytest.raises(ShardError, match=r"shard-000000.idx: .* the manifest does not match"):
+        build(other)
+
+
+@pytest.mark.parametrize("backend", ["dali", "pil"])
+def test_a_corrupt_image_inside_a_shard_is_named_with_its_member(shard_set, tmp_path, backend):
+    from pipelines import ImageError, build_loader
+    from pipelines.shards import read_shard_table
+
+    table = read_shard_table(str(shard_set))
+    victim = 40  # its bytes overwritten in place: the shard keeps its size, the JPEG breaks
+    name = table.path(victim).split(os.sep)[-1]
+
+    def corrupt(d):
+        with open(d / name.split(":")[0], "r+b") as f:
+            f.seek(int(table.offsets[victim]) + 20)
+            f.write(b"\x00" * int(table.sizes[victim] - 40))
+
+    broken = broken_copy(shard_set, tmp_path, corrupt)
+    loader = build_loader(
+        broken, train=False, backend=backend, batch_size=8, image_size=32, num_threads=1
+    )
+    with pytest.raises(ImageError) as failed:
+        for _ in loader:
+            pass
+    assert str(failed.value).startswith(os.path.join(broken, name) + ": ")
+
+
+# --- the trainer on shards -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def val_set(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("val_shards") / "set"
+    flags = [tiny_data.val_list, "--out-dir", str(out), "--shard-size", "100KB", "--workers", "1"]
+    assert make_shards_main(flags) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_two_ranks_train_from_shards_and_resume_mid_epoch_bit_for_bit(
+    shard_set, val_set, tiny_data, tmp_path
+):
+    import signal
+
+    from test_trainer import (
+        assert_same_weights,
+        read_metrics,
+        run,
+        start,
+        tiny_flags,
+        torchrun,
+        wait_for_line,
+    )
+
+    def flags(out, *extra):
+        return tiny_flags(
+            tiny_data, out, "--train-list", str(shard_set), "--val-list", str(val_set),
+            "--epochs", "2", "--log-interval", "1", *extra,
+        )  # fmt: skip
+
+    reference = tmp_path / "reference"
+    done = run(torchrun(2) + flags(reference), cwd=tmp_path)
+    assert "120 train / 40 val images" in done.stdout
+    assert read_metrics(reference)[-1]["val_top1"] is not None
+    out = tmp_path / "stopped"
+    proc = start(torchrun(2) + flags(out), cwd=tmp_path)
+    wait_for_line(proc, "epoch 2/2 step 2/7")
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    resumed = run(torchrun(2) + flags(out, "--resume", "auto"), cwd=tmp_path)
+    assert "resuming epoch 2 at step" in resumed.stdout
+    assert_same_weights(out, reference)
+
+
+def test_the_trainer_names_a_missing_shard_in_one_line(shard_set, val_set, tmp_path, capsys):
+    from test_trainer_faults import fails
+
+    broken = broken_copy(shard_set, tmp_path, lambda d: (d / "shard-000000.tar").unlink())
+    flags = [*base_flags_for(broken, val_set, tmp_path / "out")]
+    fails(capsys, flags, f"{broken}/shard-000000.tar: shard listed in manifest.json")
+    folder = tmp_path / "not_a_set"
+    folder.mkdir()
+    fails(
+        capsys, base_flags_for(folder, val_set, tmp_path / "o2"), "a folder without manifest.json"
+    )
+
+
+def base_flags_for(train, val, out) -> list[str]:
+    return [
+        "--train-list", str(train), "--val-list", str(val), "--arch", "resnet18",
+        "--image-size", "32", "--batch-size", "8", "--epochs", "1", "--workers", "1",
+        "--output-dir", str(out),
+    ]  # fmt: skip

@@ -151,7 +151,7 @@ def read_batches(source, *, cycle: str | None = None):
         dtype=[types.UINT8, types.INT64],
         cycle=cycle,
     )
-    return (fn.io.file.read(data) if source.reads_files else data), labels
+    return (fn.io.file.read(data) if getattr(source, "reads_files", True) else data), labels
 
 
 def _train_graph(

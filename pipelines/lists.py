@@ -40,9 +40,15 @@ def missing_file(path: str, kind: str, missing: str) -> str:
     ``missing`` when nothing is there; for a folder (often the image tree itself, passed where
     its lists belong) that it is one, and what makes the lists from it."""
     if os.path.isdir(path):
+        shards = (
+            "; a shard set of tools/make_shards.py, also taken, holds manifest.json"
+            if kind == "list"
+            else ""
+        )
         return (
             f"a folder, not a {kind} file (tools/make_lists.py FOLDER --out-dir DIR writes "
-            "DIR/Train.txt, DIR/Test.txt and DIR/classes.txt for a folder of class folders)"
+            f"DIR/Train.txt, DIR/Test.txt and DIR/classes.txt for a folder of class "
+            f"folders{shards})"
         )
     return missing
 

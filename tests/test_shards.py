@@ -346,7 +346,10 @@ def test_the_trainer_names_a_missing_shard_in_one_line(shard_set, val_set, tmp_p
     folder = tmp_path / "not_a_set"
     folder.mkdir()
     fails(
-        capsys, base_flags_for(folder, val_set, tmp_path / "o2"), "a folder without manifest.json"
+        capsys,
+        base_flags_for(folder, val_set, tmp_path / "o2"),
+        "a folder, not a list file",
+        "holds manifest.json",
     )
 
 

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 
 from pipelines.lists import CLASSES_FILE, VAL_LIST, classes_beside, missing_file, read_classes
-from pipelines.shards import MANIFEST, manifest_path
+from pipelines.shards import manifest_path
 from trainer import dist
 from trainer.config import Config, TrainerError
 from trainer.model import first_difference
@@ -55,11 +55,6 @@ def resolve_data(cfg: Config, info: dist.DistInfo) -> DataSpec:
     train_list = prepare_demo_data(info) if demo else cfg.train_list
     shard_set = manifest_path(train_list) is not None  # make_shards.py's folder or manifest
     if not (shard_set or os.path.isfile(train_list)):  # before "no classes.txt beside it"
-        if os.path.isdir(train_list):
-            raise TrainerError(
-                f"--train-list {train_list}: a folder without {MANIFEST}: give a list file, "
-                "or a shard set written by tools/make_shards.py"
-            )
         raise TrainerError(
             f"--train-list {train_list}: {missing_file(train_list, 'list', 'no such file')}"
         )

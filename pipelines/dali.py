@@ -50,6 +50,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from . import common
 from .imagecheck import first_problem
 from .lists import ImageError, SampleTable
+from .shards import ShardTable
 
 # DALI 2.4 has no BFLOAT16 (types.DALIDataType lists FLOAT, FLOAT16, ...), so a bfloat16
 # batch is emitted in another float type and cast in torch. On the GPU: FLOAT16, half of
@@ -405,7 +406,7 @@ class DaliLoader(common.ShardedLoader):
             graph_extra["auto_augment"] = self.auto_augment
         return pipeline(
             **graph_extra,
-            source=(ShardBatches if hasattr(self.table, "view") else PathBatches)(
+            source=(ShardBatches if isinstance(self.table, ShardTable) else PathBatches)(
                 self.table, indices, self.batch_size
             ),
             image_size=self.image_size,

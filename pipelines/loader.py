@@ -82,11 +82,10 @@ def build_loader(
     if shards.manifest_path(list_file) is not None:
         # A shard set (its folder or manifest.json): the same plan and semantics, each
         # sample read from its tar at the offset DALI's index gives.
-        if num_classes is None:
-            num_classes = shards.read_manifest(list_file).get("num_classes")
         table = shards.read_shard_table(list_file, num_classes=num_classes)
+        num_classes = table.num_classes  # the manifest's, unless given
         if check_files:  # one stat a shard: every rank checks them all
-            shards.check_shards(table, list_file)
+            shards.check_shards(table)
     else:
         if num_classes is None:
             classes_file = classes_beside(list_file)

@@ -214,17 +214,6 @@ def read_manifest(path: str) -> dict:
     return manifest
 
 
-def manifest_classes(path: str, manifest: dict) -> list[str] | None:
-    """The class names of a shard set (its classes.txt), None when it has none."""
-    if not manifest.get("classes"):
-        return None
-    folder = os.path.dirname(manifest_path(path) or path)
-    try:
-        return read_classes(os.path.join(folder, manifest["classes"]))
-    except (OSError, ListError) as exc:
-        raise ShardError(f"{os.path.join(folder, manifest['classes'])}: {exc}") from None
-
-
 # --- writing a set: tools/make_shards.py -------------------------------------------------
 
 DEFAULT_SHARD_SIZE = "256MB"
@@ -243,10 +232,9 @@ class ShardsReport:
     classes: int
 
 
-def _write_task(task: tuple[str, list[ShardSample]]) -> tuple[str, int, int]:
-    tar_path, samples = task
-    count, size = write_shard(tar_path, samples)
-    return os.path.basename(tar_path), count, size
+def _write_task(task: tuple[str, list[ShardSample]]) -> int:
+    """Write one planned shard (in a worker process); its bytes."""
+    return write_shard(*task)[1]
 
 
 def make_shards(
@@ -270,8 +258,6 @@ def make_shards(
     after each shard. A set already in ``out_dir`` (its manifest) is refused without
     ``overwrite``; shards that a cut run wrote whole for the same plan are kept.
     """
-    import numpy as np
-
     from .common import check_files_exist
     from .lists import classes_beside, read_table
     from .scan import verify_images
@@ -280,9 +266,8 @@ def make_shards(
     out_dir = os.fspath(out_dir)
     classes_file = classes_beside(list_file)
     class_names = read_classes(classes_file) if classes_file else None
+    # An empty list is read_table's EmptyListError, naming the file.
     table = read_table(list_file, num_classes=len(class_names) if class_names else None)
-    if len(table) == 0:
-        raise ShardError(f"{list_file}: no samples to write")
     num_classes = len(class_names) if class_names else int(table.labels.max()) + 1
     old = os.path.join(out_dir, MANIFEST)
     if os.path.exists(old) and not overwrite:
@@ -351,7 +336,7 @@ def make_shards(
     done_shards = kept
     done_bytes = sum(s["bytes"] for s in shards if s["name"] not in to_write)
 
-    def finished(name: str, size: int) -> None:
+    def finished(size: int) -> None:
         nonlocal done_shards, done_bytes
         done_shards += 1
         done_bytes += size
@@ -361,8 +346,7 @@ def make_shards(
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))
     if workers == 1:
         for task in tasks:
-            name, _, size = _write_task(task)
-            finished(name, size)
+            finished(_write_task(task))
     else:
         from concurrent.futures import ProcessPoolExecutor, as_completed
         from multiprocessing import get_context
@@ -376,8 +360,7 @@ def make_shards(
             futures = [pool.submit(_write_task, task) for task in tasks]
             try:
                 for future in as_completed(futures):
-                    name, _, size = future.result()
-                    finished(name, size)
+                    finished(future.result())
             except BaseException:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
@@ -422,6 +405,8 @@ class ShardTable:
     Arrays, one entry a sample: ``shard_of`` (int32), ``offsets`` and ``sizes`` (int64, the
     image member's data in its tar), ``labels`` (int64), ``exts`` (uint8, into
     ``ext_names``). Sample i is the set's key i: keys run in order through the shards.
+    ``shard_bytes``: each shard's size as the manifest gives it (``check_shards``);
+    ``num_classes``: the set's (the manifest's, unless the reader gave one).
     """
 
     def __init__(
@@ -434,8 +419,13 @@ class ShardTable:
         sizes: np.ndarray,
         labels: np.ndarray,
         exts: np.ndarray,
+        *,
+        shard_bytes: Sequence[int] = (),
+        num_classes: int | None = None,
     ):
         self.folder = folder
+        self.shard_bytes = list(shard_bytes)
+        self.num_classes = num_classes
         self.shard_names = list(shard_names)
         self.ext_names = list(ext_names)
         self.shard_of = shard_of
@@ -536,6 +526,7 @@ def read_shard_table(path: str, *, num_classes: int | None = None) -> ShardTable
     manifest = read_manifest(path)
     folder = os.path.dirname(os.path.abspath(manifest_path(path)))
     shard_names: list[str] = []
+    shard_bytes: list[int] = []
     ext_names: list[str] = []
     parts: dict[str, list[np.ndarray]] = {
         k: [] for k in ("shard", "offset", "size", "label", "ext")
@@ -543,8 +534,9 @@ def read_shard_table(path: str, *, num_classes: int | None = None) -> ShardTable
     where = os.path.join(folder, MANIFEST)
     for number, shard in enumerate(manifest.get("shards") or []):
         try:
-            name, index, count, labels = (
-                shard["name"], shard["index"], int(shard["samples"]), shard["labels"]
+            name, index, count, size, labels = (
+                shard["name"], shard["index"], int(shard["samples"]), int(shard["bytes"]),
+                shard["labels"],
             )  # fmt: skip
             labels = np.asarray(labels, dtype=np.int64).reshape(-1)
         except (KeyError, TypeError, ValueError):
@@ -559,6 +551,7 @@ def read_shard_table(path: str, *, num_classes: int | None = None) -> ShardTable
             )
         exts, offsets, sizes = parsed
         shard_names.append(name)
+        shard_bytes.append(size)
         codes = {}
         for ext in set(exts):
             if ext not in ext_names:
@@ -573,13 +566,15 @@ def read_shard_table(path: str, *, num_classes: int | None = None) -> ShardTable
         parts["label"].append(labels)
     if not shard_names:
         raise ShardError(f"{where}: the set holds no shards")
+    limit = num_classes if num_classes is not None else manifest.get("num_classes")
     table = ShardTable(
         folder,
         shard_names,
         ext_names,
         *(np.concatenate(parts[k]) for k in ("shard", "offset", "size", "label", "ext")),
+        shard_bytes=shard_bytes,
+        num_classes=None if limit is None else int(limit),
     )
-    limit = num_classes if num_classes is not None else manifest.get("num_classes")
     if limit is not None:
         outside = np.flatnonzero((table.labels < 0) | (table.labels >= int(limit)))
         if len(outside):
@@ -591,14 +586,11 @@ def read_shard_table(path: str, *, num_classes: int | None = None) -> ShardTable
     return table
 
 
-def check_shards(table: ShardTable, manifest_file: str) -> None:
+def check_shards(table: ShardTable) -> None:
     """Every shard there, of the size its manifest gives: a missing or truncated shard is
     one line naming it, before the first step (one stat a shard)."""
-    manifest = read_manifest(manifest_file)
-    sizes = {s["name"]: int(s["bytes"]) for s in manifest["shards"]}
-    for number in range(len(table.shard_names)):
+    for number, expected in enumerate(table.shard_bytes):
         path = table.shard_path(number)
-        expected = sizes[table.shard_names[number]]
         try:
             actual = os.path.getsize(path)
         except OSError as exc:

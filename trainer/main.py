@@ -556,17 +556,15 @@ def wrap_for_epoch(cfg: Config, info: dist.DistInfo, training: Training, epoch: 
         param.requires_grad_(not frozen or name in training.head)
     training.frozen_modules = [
         module
-        for module in bare.modules()
-        if frozen
-        and isinstance(module, nn.modules.batchnorm._BatchNorm)
+        for module in (bare.modules() if frozen else ())
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
         and not any(p.requires_grad for p in module.parameters(recurse=False))
     ]
     if training.frozen is not None:
-        say = (
+        dist.print0(
             f"epoch {epoch + 1}: the whole model trains from here (--freeze-backbone-epochs "
             f"{cfg.freeze_backbone_epochs})"
         )
-        dist.print0(say)
     elif frozen:
         last = min(cfg.freeze_backbone_epochs, cfg.epochs)
         epochs = f"epoch {last}" if last == epoch + 1 else f"epochs {epoch + 1}-{last}"

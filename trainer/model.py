@@ -1,8 +1,9 @@
 """Build a torchvision classifier by name, fit its head, load weights, wrap for DDP.
 
 Nothing here downloads: models are built with ``weights=None`` and weights come from a local
-file (torchvision's named weights are fetched into torch's cache by ``trainer.weights``). The head is sized at construction (``num_classes=``), which every torchvision
-classification model accepts, so no per-architecture code knows where the head lives.
+file (torchvision's named weights are fetched into torch's cache by ``trainer.weights``). The
+head is sized at construction (``num_classes=``), which every torchvision classification model
+accepts, so no per-architecture code knows where the head lives.
 """
 
 from __future__ import annotations

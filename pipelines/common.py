@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 import os
 import stat
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
+from . import s3
 from .imagecheck import open_rgb  # noqa: F401  (the loaders' one decode, re-exported here)
 from .lists import SampleTable, sample_line
 
@@ -114,6 +116,9 @@ def check_files_exist(
     much as an epoch; that is ``tools/make_lists.py --verify``.
     """
     checked = check_slice(len(table), rank=rank, world_size=world_size)
+    if len(checked) and s3.is_url(table.path(checked.start)):
+        _check_objects_exist(table, list_file=list_file, checked=checked)
+        return checked
     # Decoded a block at a time: a few MB of strings at once, never the whole list's.
     block = 1 << 16
     for start in range(checked.start, checked.stop, block):
@@ -130,6 +135,26 @@ def check_files_exist(
                 why = "is empty" if stat.S_ISREG(st.st_mode) else "is not a regular file"
                 raise ValueError(f"{path}: image file listed at {where} {why}")
     return checked
+
+
+def _check_objects_exist(table: SampleTable, *, list_file: str, checked: range) -> None:
+    """``check_files_exist`` for a list of s3:// URLs: no request per object (a HEAD per
+    image would cost as much as reading it), but a listing of each folder the slice's URLs
+    lie in, a thousand objects a request, several folders at once."""
+    urls = table.paths(checked.start, checked.stop)
+    folders = sorted({s3.dirname(url) + "/" for url in urls if s3.is_url(url)})
+    sizes: dict[str, int] = {}
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        for listing in pool.map(lambda folder: list(s3.list_objects(folder)), folders):
+            sizes.update((url, size) for url, size, _ in listing)
+    for offset, url in enumerate(urls):
+        size = sizes.get(url) if s3.is_url(url) else None
+        if size is None or size == 0:
+            where = _where_listed(list_file, checked.start + offset)
+            why = "is an empty object" if size == 0 else "cannot be read (no such object)"
+            if not s3.is_url(url):
+                why = "is not an s3:// URL, in a list whose images are in a bucket"
+            raise FileNotFoundError(f"{url}: image listed at {where} {why}")
 
 
 def _where_listed(list_file: str, index: int) -> str:

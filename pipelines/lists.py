@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import io
 import itertools
 import os
 import re
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .fileio import atomic_write, atomic_write_text
+from . import s3
+from .fileio import atomic_write
 
 CLASSES_FILE = "classes.txt"
 TRAIN_LIST = "Train.txt"
@@ -39,7 +41,7 @@ def missing_file(path: str, kind: str, missing: str) -> str:
     """What to say after ``path:`` when a ``kind`` file ("list", "classes") is not a file:
     ``missing`` when nothing is there; for a folder (often the image tree itself, passed where
     its lists belong) that it is one, and what makes the lists from it."""
-    if os.path.isdir(path):
+    if not s3.is_url(path) and os.path.isdir(path):
         shards = (
             "; a shard set of tools/make_shards.py, also taken, holds manifest.json"
             if kind == "list"
@@ -82,8 +84,7 @@ def _parse_line(raw: str, where: str) -> tuple[str, int] | None:
 
 def _numbered_lines(path: str) -> list[tuple[int, str]]:
     """(line number, line) pairs; a decode error names ``file:line`` like any other."""
-    with open(path, "rb") as f:
-        data = f.read()
+    data = _read_bytes(path)
     try:
         # utf-8-sig: a file saved by an editor that writes a byte-order mark reads cleanly.
         text = data.decode("utf-8-sig")
@@ -94,6 +95,24 @@ def _numbered_lines(path: str) -> list[tuple[int, str]]:
     if lines[-1] == "":  # the newline that ends the last line starts no new one
         lines.pop()
     return list(enumerate(lines, start=1))
+
+
+def _read_bytes(path: str) -> bytes:
+    if s3.is_url(path):
+        return s3.read_bytes(path)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _is_file(path: str) -> bool:
+    return s3.is_file(path) if s3.is_url(path) else os.path.isfile(path)
+
+
+def list_folder(list_file: str) -> str:
+    """The folder (or s3:// prefix) that the list's relative paths start from."""
+    if s3.is_url(list_file):
+        return s3.dirname(list_file)
+    return os.path.dirname(os.path.abspath(list_file))
 
 
 class SampleTable:
@@ -144,9 +163,11 @@ class SampleTable:
         return self.path_bytes(index).tobytes().decode("utf-8", "surrogateescape")
 
     def source(self, index: int) -> str:
-        """What the loaders decode for sample ``index``: its path (a shard set's table gives
-        the image's bytes instead, see ``pipelines.shards.ShardTable``)."""
-        return self.path(index)
+        """What the loaders decode for sample ``index``: its path, or for an s3:// URL the
+        object's bytes (a shard set's table gives the image's bytes too, see
+        ``pipelines.shards.ShardTable``)."""
+        path = self.path(index)
+        return s3.read_bytes(path) if s3.is_url(path) else path
 
     def paths(self, start: int = 0, stop: int | None = None) -> list[str]:
         """Paths ``start:stop`` as strings, decoded in one go."""
@@ -161,6 +182,12 @@ class SampleTable:
 
 
 def _join_path(base_dir: str, path: str) -> str:
+    """``path`` of a list in ``base_dir``, absolute and normalized; an s3:// URL stays one,
+    and a relative path in a list in a bucket is a URL under the list's prefix."""
+    if s3.is_url(path):
+        return s3.join(path)
+    if s3.is_url(base_dir):
+        return s3.join(base_dir, path)
     full = path if os.path.isabs(path) else os.path.join(base_dir, path)
     return os.path.normpath(full)
 
@@ -177,7 +204,7 @@ def _check_line(where: str, label: int, num_classes: int | None) -> None:
 
 def _read_lines_checked(list_file: str, num_classes: int | None) -> list[tuple[str, int]]:
     """Line by line with line numbers: the reference parser, and the one that names errors."""
-    base = os.path.dirname(os.path.abspath(list_file))
+    base = list_folder(list_file)
     pairs: list[tuple[str, int]] = []
     for lineno, raw in _numbered_lines(list_file):
         where = f"{list_file}:{lineno}"
@@ -218,10 +245,9 @@ def read_table(list_file: str | os.PathLike, *, num_classes: int | None = None) 
     line-by-line parser instead, which raises naming ``file:line``.
     """
     list_file = os.fspath(list_file)
-    if not os.path.isfile(list_file):
+    if not _is_file(list_file):
         raise ListError(f"{list_file}: {missing_file(list_file, 'list', 'list file not found')}")
-    with open(list_file, "rb") as f:
-        data = f.read()
+    data = _read_bytes(list_file)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -258,7 +284,7 @@ def _fast_table(text: str, list_file: str, num_classes: int | None) -> SampleTab
         return None
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
-    base = os.path.join(os.path.dirname(os.path.abspath(list_file)), "")  # ends in "/"
+    base = os.path.join(list_folder(list_file), "")  # ends in "/"
     encoded, lengths, labels = [], [], []
     start = 0
     while start < len(text):
@@ -282,11 +308,15 @@ def _fast_table(text: str, list_file: str, num_classes: int | None) -> SampleTab
             return None
         if num_classes is not None and int(chunk_labels.max()) >= num_classes:
             return None
-        paths = [f[0] if f[0].startswith("/") else base + f[0] for f in fields]
+        paths = [f[0] if f[0].startswith(("/", s3.SCHEME)) else base + f[0] for f in fields]
         # normpath only where it can change something ("." and ".." parts, doubled or
-        # trailing slashes): it is the slowest step, and most lists need it on no line.
+        # trailing slashes): it is the slowest step, and most lists need it on no line. An
+        # s3:// URL's "//" is its own; s3.join normalizes the rest of it.
         paths = [
-            os.path.normpath(p) if ("/." in p or "//" in p or p.endswith("/")) else p for p in paths
+            (s3.join(p) if p.startswith(s3.SCHEME) else os.path.normpath(p))
+            if ("/." in p or "//" in p.removeprefix(s3.SCHEME) or p.endswith("/"))
+            else p
+            for p in paths
         ]
         chunk_encoded, chunk_lengths = _encode_paths(paths)
         encoded.append(chunk_encoded)
@@ -326,7 +356,7 @@ def read_classes(classes_file: str | os.PathLike) -> list[str]:
     are ignored; a blank line between names (which would shift every later label) and a
     repeated name are errors naming ``file:line``."""
     classes_file = os.fspath(classes_file)
-    if not os.path.isfile(classes_file):
+    if not _is_file(classes_file):
         why = missing_file(classes_file, "classes", "classes file not found")
         raise ListError(f"{classes_file}: {why}")
     numbered = _numbered_lines(classes_file)
@@ -352,6 +382,12 @@ def read_classes(classes_file: str | os.PathLike) -> list[str]:
 def classes_beside(list_file: str | os.PathLike) -> str | None:
     """The ``classes.txt`` in the list file's folder (in the folder itself for a shard set's
     folder), or None when there is none."""
+    list_file = os.fspath(list_file)
+    if s3.is_url(list_file):
+        # A list file is an object; a shard set's prefix is none.
+        folder = s3.dirname(list_file) if s3.is_file(list_file) else list_file
+        candidate = s3.join(folder, CLASSES_FILE)
+        return candidate if s3.is_file(candidate) else None
     folder = list_file if os.path.isdir(list_file) else os.path.dirname(os.path.abspath(list_file))
     candidate = os.path.join(os.path.abspath(folder), CLASSES_FILE)
     return candidate if os.path.isfile(candidate) else None
@@ -381,7 +417,7 @@ def write_list(
     Returns the number of lines written.
     """
     list_file = os.fspath(list_file)
-    base = os.path.dirname(os.path.abspath(list_file))
+    base = os.path.dirname(os.path.abspath(list_file)) if not s3.is_url(list_file) else ""
     count = 0
     # One abspath/relpath per folder, not per file: at ~10 us a call they were half of
     # make_lists' time on ImageNet (1.28M files in 1000 folders). folder -> "its/path/" as
@@ -390,6 +426,8 @@ def write_list(
     base_names = set(base.split(os.sep))
 
     def list_path(path: str) -> str:
+        if s3.is_url(path):  # a URL is written as it is
+            return path
         folder, name = os.path.split(path)
         # Not a file's name, or maybe the list's folder or one above it (relpath gives "."
         # or ".."): the slow way.
@@ -413,8 +451,18 @@ def write_list(
             count += 1
 
     # A path that cannot be written raises mid-way: atomic_write leaves no half list behind.
-    atomic_write(list_file, write)
+    write_file(list_file, write)
     return count
+
+
+def write_file(path: str, write) -> None:
+    """``atomic_write``, or for an s3:// URL one put of the whole object (whole or nothing)."""
+    if not s3.is_url(path):
+        atomic_write(path, write)
+        return
+    buffer = io.BytesIO()
+    write(buffer)
+    s3.write_bytes(path, buffer.getvalue())
 
 
 _NEEDS_ESCAPE = re.compile(r"\\*#")  # backslashes (or none), then "#": one more backslash
@@ -439,4 +487,5 @@ def write_classes(classes_file: str | os.PathLike, names: Sequence[str]) -> None
     # A line starting with "#" is a comment, so a name starting with "#" (or with
     # backslashes and then "#") is written with one more backslash, which reading drops.
     lines = ("\\" + name if _NEEDS_ESCAPE.match(name) else name for name in names)
-    atomic_write_text(classes_file, "".join(f"{line}\n" for line in lines))
+    text = "".join(f"{line}\n" for line in lines)
+    write_file(classes_file, lambda f: f.write(text.encode("utf-8")))

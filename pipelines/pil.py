@@ -41,7 +41,7 @@ import torch
 import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import common
+from . import common, s3
 from .lists import ImageError, SampleTable
 from .shards import ShardTable
 
@@ -227,7 +227,7 @@ class ListDataset(Dataset):
         if not hasattr(self, "_shared_table"):
             table = self.table
             if isinstance(table, ShardTable):  # a shard set: its arrays, and its few names
-                meta = (table.folder, table.shard_names, table.ext_names)
+                meta = (table.folder, table.shard_names, table.ext_names, table.origin)
                 self._shared_table = (meta, tuple(_shared_array(a) for a in table.arrays()))
             else:
                 arrays = (table.blob, table.offsets, table.labels)
@@ -239,7 +239,10 @@ class ListDataset(Dataset):
     def __setstate__(self, state: dict) -> None:
         meta, shared = state["table"]
         arrays = [t.numpy() for t in shared]
-        state["table"] = ShardTable(*meta, *arrays) if meta else SampleTable(*arrays)
+        if meta:
+            state["table"] = ShardTable(*meta[:3], *arrays, origin=meta[3])
+        else:
+            state["table"] = SampleTable(*arrays)
         self.__dict__.update(state)
 
     def transform(self, image, size: int):
@@ -255,6 +258,8 @@ class ListDataset(Dataset):
         path, label = self.table.path(index), int(self.table.labels[index])
         try:
             image = common.open_rgb(self.table.source(index))  # a shard's sample: its bytes
+        except s3.S3Error as e:  # an object it could not fetch: already one line naming it
+            raise ImageError(str(e)) from e
         except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, ...: name the file
             raise ImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
         if not self.random:

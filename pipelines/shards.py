@@ -23,12 +23,14 @@ import io
 import json
 import os
 import re
+import sys
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from . import s3
 from .fileio import atomic_write, atomic_write_text
 from .lists import CLASSES_FILE, ListError, read_classes, write_classes
 
@@ -189,7 +191,16 @@ def write_manifest(
 
 
 def manifest_path(path: str) -> str | None:
-    """The manifest of ``path`` (a shard folder or its manifest.json), None for anything else."""
+    """The manifest of ``path`` (a shard folder or its manifest.json), None for anything else.
+    For an s3:// URL, the manifest's URL (a request or two: the object itself, then
+    ``URL/manifest.json``)."""
+    if s3.is_url(path):
+        if s3.basename(path) == MANIFEST:
+            return path if s3.is_file(path) else None
+        if s3.key_of(path).rstrip("/") and s3.is_file(path):  # a list file, say
+            return None
+        found = s3.join(path, MANIFEST)
+        return found if s3.is_file(found) else None
     if os.path.isdir(path):
         path = os.path.join(path, MANIFEST)
     return path if os.path.basename(path) == MANIFEST and os.path.isfile(path) else None
@@ -201,8 +212,13 @@ def read_manifest(path: str) -> dict:
     if found is None:
         raise ShardError(f"{path}: no {MANIFEST} (not a shard folder written by make_shards.py)")
     try:
-        with open(found, encoding="utf-8") as f:
-            manifest = json.load(f)
+        if s3.is_url(found):
+            manifest = json.loads(s3.read_bytes(found))
+        else:
+            with open(found, encoding="utf-8") as f:
+                manifest = json.load(f)
+    except s3.S3Error:
+        raise
     except (OSError, ValueError) as exc:
         raise ShardError(f"{found}: not a readable manifest ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -422,8 +438,12 @@ class ShardTable:
         *,
         shard_bytes: Sequence[int] = (),
         num_classes: int | None = None,
+        origin: str | None = None,
     ):
         self.folder = folder
+        # Where the set lives when that is not ``folder``: the s3:// prefix of a set read
+        # from the node's cache (``fetch_shard_set``). Errors name it.
+        self.origin = origin
         self.shard_bytes = list(shard_bytes)
         self.num_classes = num_classes
         self.shard_names = list(shard_names)
@@ -448,7 +468,10 @@ class ShardTable:
 
     def path(self, index: int) -> str:
         shard, ext = int(self.shard_of[index]), self.ext_names[int(self.exts[index])]
-        return f"{self.shard_path(shard)}:{sample_key(index)}.{ext}"
+        where = (
+            s3.join(self.origin, self.shard_names[shard]) if self.origin else self.shard_path(shard)
+        )
+        return f"{where}:{sample_key(index)}.{ext}"
 
     def paths(self, start: int = 0, stop: int | None = None) -> list[str]:
         stop = len(self) if stop is None else min(stop, len(self))
@@ -522,7 +545,15 @@ def read_shard_table(path: str, *, num_classes: int | None = None) -> ShardTable
     """The ShardTable of the shard set at ``path`` (its folder or manifest.json), from the
     manifest and the index files alone: no read of a shard. ShardError, one line naming the
     file, for a manifest that does not match its shards; ListError for a label outside
-    ``[0, num_classes)``."""
+    ``[0, num_classes)``.
+
+    A set in a bucket (``s3://...``) is read from the node's copy, fetched first
+    (``fetch_shard_set``); its samples are named by their URL."""
+    if s3.is_url(path):
+        local = fetch_shard_set(path, log=lambda line: print(line, file=sys.stderr, flush=True))
+        table = read_shard_table(local, num_classes=num_classes)
+        table.origin = s3.dirname(manifest_path(path) or path)
+        return table
     manifest = read_manifest(path)
     folder = os.path.dirname(os.path.abspath(manifest_path(path)))
     shard_names: list[str] = []
@@ -602,3 +633,113 @@ def check_shards(table: ShardTable) -> None:
                 f"{path}: {actual} bytes, its manifest says {expected}: a truncated or "
                 "replaced shard (copy it again, or write the set again with make_shards.py)"
             )
+
+
+# --- a set in a bucket: the node's copy --------------------------------------------------
+
+CACHE_ENV = "DALI_RESNET_TRAINER_CACHE"
+ETAGS = ".etags.json"
+
+
+def cache_root() -> str:
+    """Where sets from buckets are copied: ``$DALI_RESNET_TRAINER_CACHE``, else
+    ``$XDG_CACHE_HOME/dali-resnet-trainer`` (``~/.cache/dali-resnet-trainer``): a local disk
+    of each node."""
+    found = os.environ.get(CACHE_ENV)
+    if found:
+        return found
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "dali-resnet-trainer")
+
+
+def fetch_shard_set(url: str, *, cache_dir: str | None = None, log=None) -> str:
+    """Copy the shard set at ``url`` (an s3:// prefix or its manifest.json) to this node's
+    cache, and return the local folder.
+
+    Why a copy: every epoch reads the whole set in a fresh global order (a batch of 256 from
+    a thousand shards touches over 200 of them), so the shards are read at random offsets,
+    which a local disk serves and an object store, a request per sample, does not. The copy
+    is the one sequential read of each shard, in parallel, once per node; later runs (and
+    the other ranks of the node) find it there. A shard is fetched again when its ETag in
+    the bucket changed (a set written again). The ranks of a node take a lock on the folder:
+    the first fetches, the others wait and then find everything in place. Start-up reads the
+    manifest, one listing per thousand objects, and the shards not yet here; never a request
+    per sample. ``log(line)``: progress, only from the one process that fetches.
+    """
+    import fcntl
+    import shutil
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    manifest_url = manifest_path(url)
+    if manifest_url is None:
+        raise ShardError(f"{url}: no {MANIFEST} (not a shard set written by make_shards.py)")
+    prefix = s3.dirname(manifest_url)
+    bucket, key = s3.split(prefix)
+    local = os.path.join(cache_dir or cache_root(), "s3", bucket, *key.split("/"))
+    try:
+        os.makedirs(local, exist_ok=True)
+    except OSError as exc:
+        raise ShardError(
+            f"{local}: cannot make the cache folder for {url} ({exc.strerror}); set "
+            f"{CACHE_ENV} to a writable local folder"
+        ) from None
+    with open(os.path.join(local, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        manifest = read_manifest(manifest_url)
+        listing = {s3.basename(u): (size, etag) for u, size, etag in s3.list_objects(prefix + "/")}
+        try:
+            with open(os.path.join(local, ETAGS), encoding="utf-8") as f:
+                have = json.load(f)
+        except (OSError, ValueError):
+            have = {}
+        wanted: list[tuple[str, int, str]] = []
+        names = [CLASSES_FILE] if CLASSES_FILE in listing else []
+        for shard in manifest.get("shards") or []:
+            names += [str(shard.get("name")), str(shard.get("index"))]
+            if shard.get("name") in listing and listing[shard["name"]][0] != shard.get("bytes"):
+                raise ShardError(
+                    f"{s3.join(prefix, shard['name'])}: {listing[shard['name']][0]} bytes, its "
+                    f"manifest says {shard.get('bytes')}: a truncated or replaced shard (write "
+                    "the set again with make_shards.py)"
+                )
+        for name in names:
+            if name not in listing:
+                raise ShardError(
+                    f"{s3.join(prefix, name)}: listed in {MANIFEST} but not in the bucket "
+                    "(a set copied in part, or written again: write it again with make_shards.py)"
+                )
+            size, etag = listing[name]
+            path = os.path.join(local, name)
+            if have.get(name) == etag and os.path.isfile(path) and os.path.getsize(path) == size:
+                continue
+            wanted.append((name, size, etag))
+        total = sum(size for _, size, _ in wanted)
+        free = shutil.disk_usage(local).free
+        if total > free:
+            raise ShardError(
+                f"{local}: the copy of {prefix} needs {total / 1e9:.1f} GB more, the disk has "
+                f"{free / 1e9:.1f} GB free; set {CACHE_ENV} to a local folder with room"
+            )
+        if wanted:
+            start = time.monotonic()
+            if log is not None:
+                log(f"copying {len(wanted)} files ({total / 1e6:,.0f} MB) of {prefix} to {local}")
+            for name, _, _ in wanted:  # stale entries go first: a cut fetch redoes them
+                have.pop(name, None)
+            atomic_write_text(os.path.join(local, ETAGS), json.dumps(have))
+
+            def fetch(item: tuple[str, int, str]) -> tuple[str, str]:
+                s3.download(s3.join(prefix, item[0]), os.path.join(local, item[0]))
+                return item[0], item[2]
+
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                for name, etag in pool.map(fetch, wanted):
+                    have[name] = etag
+            atomic_write_text(os.path.join(local, ETAGS), json.dumps(have))
+            if log is not None:
+                seconds = time.monotonic() - start
+                log(f"copied in {seconds:.1f} s ({total / 1e6 / max(seconds, 1e-9):,.0f} MB/s)")
+        # The manifest last, as make_shards writes it: the copy is a set once it is whole.
+        atomic_write_text(os.path.join(local, MANIFEST), json.dumps(manifest))
+    return local

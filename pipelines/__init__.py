@@ -6,9 +6,9 @@ module here (``dali``, ``pil``). This package imports nothing else of the projec
 
 from __future__ import annotations
 
-from .lists import ImageError, ListError
+from .lists import FetchError, ImageError, ListError
 
-__all__ = ["BACKENDS", "ImageError", "ListError", "build_loader"]
+__all__ = ["BACKENDS", "FetchError", "ImageError", "ListError", "build_loader"]
 
 
 def __getattr__(name: str):

@@ -47,9 +47,9 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from . import common
+from . import common, s3
 from .imagecheck import first_problem
-from .lists import ImageError, SampleTable
+from .lists import FetchError, ImageError, SampleTable
 from .shards import ShardTable
 
 # DALI 2.4 has no BFLOAT16 (types.DALIDataType lists FLOAT, FLOAT16, ...), so a bfloat16
@@ -481,6 +481,12 @@ class DaliLoader(common.ShardedLoader):
             self._reusable = True
 
     def _named_error(self, error: RuntimeError, indices: np.ndarray, batches_done: int):
+        try:
+            return self._find_error(error, indices, batches_done)
+        except s3.S3Error as exc:  # the bucket, not the image: what reading it again says
+            return FetchError(str(exc))
+
+    def _find_error(self, error: RuntimeError, indices: np.ndarray, batches_done: int):
         message = str(error)
         # The batches in flight: the pipeline runs `prefetch` batches ahead of the one being
         # handed out. Their paths first, then (only now, on an error) the whole pass's.
@@ -495,6 +501,8 @@ class DaliLoader(common.ShardedLoader):
             return ((self.table.path(int(i)), self.table.source(int(i))) for i in chosen)
 
         named = next((p for p in itertools.chain(window, pass_paths()) if p in message), None)
+        if named is not None and s3.is_url(named) and s3.head(named) is None:
+            return FetchError(f"{named}: no such object (DALI said: {_last_lines(message)})")
         if named is not None:
             return ImageError(f"{named}: DALI failed on this image: {_last_lines(message)}")
         # Not named by DALI: look among the batches in flight with a full decode, then, by

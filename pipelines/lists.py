@@ -59,6 +59,11 @@ class ImageError(RuntimeError):
     """An image that a loader cannot read or decode mid-run; the message names the file."""
 
 
+class FetchError(ImageError):
+    """An image a loader could not fetch mid-run from its bucket (an endpoint gone, an object
+    deleted or forbidden): the storage's fault, not the image's. The message names the URL."""
+
+
 @dataclass(frozen=True)
 class Sample:
     path: str  # absolute, normalized

@@ -42,7 +42,7 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import common, s3
-from .lists import ImageError, SampleTable
+from .lists import FetchError, ImageError, SampleTable
 from .shards import ShardTable
 
 
@@ -259,7 +259,7 @@ class ListDataset(Dataset):
         try:
             image = common.open_rgb(self.table.source(index))  # a shard's sample: its bytes
         except s3.S3Error as e:  # an object it could not fetch: already one line naming it
-            raise ImageError(str(e)) from e
+            raise FetchError(str(e)) from e
         except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, ...: name the file
             raise ImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
         if not self.random:

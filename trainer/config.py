@@ -17,6 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipelines import paths
 from pipelines.fileio import atomic_write_text
 from pipelines.lists import CLASSES_FILE, VAL_LIST
 
@@ -505,11 +506,11 @@ def _rederive_data_files(
     old_list, new_list = from_file.get("train_list"), given.get("train_list")
     if old_list is None or new_list is None or old_list == new_list:
         return values
-    old_dir = os.path.dirname(os.path.abspath(old_list))
+    old_dir = paths.dirname(old_list)
     values = dict(values)
     for name, beside in (("val_list", VAL_LIST), ("classes", CLASSES_FILE)):
         path = from_file.get(name)
-        if name not in given and path and os.path.abspath(path) == os.path.join(old_dir, beside):
+        if name not in given and path and paths.abspath(path) == paths.join(old_dir, beside):
             del values[name]
             if name == "classes" and "num_classes" not in given:
                 values.pop("num_classes", None)  # counted from that classes.txt

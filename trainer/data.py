@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from pipelines import paths
 from pipelines.lists import CLASSES_FILE, VAL_LIST, classes_beside, missing_file, read_classes
 from pipelines.shards import manifest_path
 from trainer import dist
@@ -54,19 +55,17 @@ def resolve_data(cfg: Config, info: dist.DistInfo) -> DataSpec:
     demo = cfg.train_list is None
     train_list = prepare_demo_data(info) if demo else cfg.train_list
     shard_set = manifest_path(train_list) is not None  # make_shards.py's folder or manifest
-    if not (shard_set or os.path.isfile(train_list)):  # before "no classes.txt beside it"
+    if not (shard_set or paths.is_file(train_list)):  # before "no classes.txt beside it"
         raise TrainerError(
             f"--train-list {train_list}: {missing_file(train_list, 'list', 'no such file')}"
         )
     val_list = cfg.val_list
     if val_list is None and not shard_set:  # a shard set's val set is given, never guessed
-        beside = os.path.join(os.path.dirname(os.path.abspath(train_list)), VAL_LIST)
-        val_list = (
-            beside if os.path.isfile(beside) and beside != os.path.abspath(train_list) else None
-        )
+        beside = paths.join(paths.dirname(train_list), VAL_LIST)
+        val_list = beside if paths.is_file(beside) and beside != paths.abspath(train_list) else None
     classes_file = cfg.classes or classes_beside(train_list)
     if classes_file is not None:
-        if not os.path.isfile(classes_file):
+        if not paths.is_file(classes_file):
             why = missing_file(classes_file, "classes", "classes file not found")
             raise TrainerError(f"{classes_file}: {why}")
         class_names = read_classes(classes_file)
@@ -92,10 +91,10 @@ def resolve_data(cfg: Config, info: dist.DistInfo) -> DataSpec:
         check_val_classes(val_list, classes_beside(train_list), class_names)
     # Absolute, so the saved config.toml works from any folder.
     return DataSpec(
-        os.path.abspath(train_list),
-        os.path.abspath(val_list) if val_list else None,
+        paths.abspath(train_list),
+        paths.abspath(val_list) if val_list else None,
         class_names,
-        os.path.abspath(classes_file) if classes_file else None,
+        paths.abspath(classes_file) if classes_file else None,
         demo,
     )
 
@@ -104,7 +103,7 @@ def check_given_classes(given: str, beside: str | None, class_names: list[str]) 
     """A ``--classes`` file that names other classes than the classes.txt beside the train
     list, whose labels that one numbered: every class would be trained, scored and saved in
     model.pt under another's name (predict.py then says 'cat' for a dog), without a word."""
-    if beside is None or os.path.samefile(given, beside):
+    if beside is None or paths.samefile(given, beside):
         return
     theirs = read_classes(beside)
     if theirs != class_names:
@@ -123,7 +122,7 @@ def check_val_classes(val_list: str, train_classes: str | None, class_names: lis
     val_classes = classes_beside(val_list)
     if val_classes is None:
         return
-    if train_classes is not None and os.path.samefile(val_classes, train_classes):
+    if train_classes is not None and paths.samefile(val_classes, train_classes):
         return
     classes_file = train_classes or "--classes/--num-classes"
     val_names = read_classes(val_classes)

@@ -39,7 +39,7 @@ from torch import nn  # noqa: E402
 
 from pipelines import build_loader, tuning  # noqa: E402
 from pipelines.fileio import atomic_write_text  # noqa: E402
-from pipelines.lists import EmptyListError, ImageError, ListError  # noqa: E402
+from pipelines.lists import EmptyListError, FetchError, ImageError, ListError  # noqa: E402
 from pipelines.tuning import LoaderPlan  # noqa: E402
 from trainer import checkpoint as ckpt_io  # noqa: E402
 from trainer import dist  # noqa: E402
@@ -1003,6 +1003,14 @@ def main(argv: list[str] | None = None) -> int:
         # fault (each checks its inputs, or rank 0 decided for all), so all exit 2; rank 0
         # alone says why.
         return fail(str(exc), speak=info.is_main)
+    except FetchError as exc:
+        # The bucket failed mid-epoch (an endpoint gone, an object deleted): the rank that met
+        # it says so; nothing was saved over, and the run continues where its last
+        # checkpoint stopped once the storage is back.
+        return fail(
+            f"rank {info.rank}: {exc} (the storage failed mid-run: once it is reachable, "
+            "continue with --resume auto)"
+        )
     except ImageError as exc:
         # A bad image met mid-epoch: only the rank reading it knows, so that rank says it; its
         # exit makes torchrun stop the others.

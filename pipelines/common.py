@@ -137,16 +137,22 @@ def check_files_exist(
     return checked
 
 
-def _check_objects_exist(table: SampleTable, *, list_file: str, checked: range) -> None:
-    """``check_files_exist`` for a list of s3:// URLs: no request per object (a HEAD per
-    image would cost as much as reading it), but a listing of each folder the slice's URLs
-    lie in, a thousand objects a request, several folders at once."""
-    urls = table.paths(checked.start, checked.stop)
+def object_sizes(urls: list[str]) -> dict[str, int]:
+    """The size of every object in the folders that ``urls`` lie in (so of each of ``urls``
+    that exists): not a request per object (a HEAD per image would cost as much as reading
+    it), but a listing of each folder, a thousand objects a request, several at once."""
     folders = sorted({s3.dirname(url) + "/" for url in urls if s3.is_url(url)})
     sizes: dict[str, int] = {}
     with ThreadPoolExecutor(max_workers=16) as pool:
         for listing in pool.map(lambda folder: list(s3.list_objects(folder)), folders):
             sizes.update((url, size) for url, size, _ in listing)
+    return sizes
+
+
+def _check_objects_exist(table: SampleTable, *, list_file: str, checked: range) -> None:
+    """``check_files_exist`` for a list of s3:// URLs, from ``object_sizes``."""
+    urls = table.paths(checked.start, checked.stop)
+    sizes = object_sizes(urls)
     for offset, url in enumerate(urls):
         size = sizes.get(url) if s3.is_url(url) else None
         if size is None or size == 0:

@@ -27,6 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 
+from pipelines import paths, s3
 from pipelines.imagecheck import image_problem
 from pipelines.lists import (
     CLASSES_FILE,
@@ -35,6 +36,7 @@ from pipelines.lists import (
     Sample,
     class_name_problem,
     write_classes,
+    write_file,
     write_list,
 )
 
@@ -307,6 +309,12 @@ def split_train_val(
 def check_image(path: str) -> str | None:
     """Check ``path`` as both loaders would read it (``pipelines.imagecheck``: DALI's formats,
     PNG checksums, a full decode); None when it is usable, else the reason it is not."""
+    if s3.is_url(path):  # the object's bytes, fetched once
+        try:
+            path = s3.read_bytes(path)
+        except s3.S3Error as error:
+            return str(error).split(": ", 1)[-1]
+        return "empty file" if not path else image_problem(path)
     try:
         if os.path.getsize(path) == 0:
             return "empty file"
@@ -397,9 +405,8 @@ def _write_val_list(path: str, samples: list[Sample], *, absolute: bool, why_emp
         write_list(path, samples, absolute=absolute)
         return
     # An empty list would be a read error, so a header says why there is nothing in it.
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(f"# no validation samples: {why_empty}\n")
+    header = f"# no validation samples: {why_empty}\n".encode()
+    write_file(path, lambda f: f.write(header))
 
 
 def _require_two_classes(root: str, classes: list[str], samples: list[Sample], *, split: bool):
@@ -440,15 +447,21 @@ def make_lists(
     An empty val split still gets a ``Test.txt``, holding only a ``#`` comment saying why.
     Raises ScanError for a missing root, no class folders or no images.
     """
-    root = os.path.abspath(os.fspath(root))
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    if not os.path.isdir(root):
-        raise ScanError(f"{root}: no such folder")
+    root, out_dir = os.fspath(root), os.fspath(out_dir)
     if not 0 <= val_fraction < 1:
         raise ScanError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    notes: list[str] = []
-    split_dirs = find_split_dirs(root)
-    if split_dirs is not None:
+    if not s3.is_url(out_dir):
+        out_dir = os.path.abspath(out_dir)
+    if not s3.is_url(root):
+        root = os.path.abspath(root)
+        if not os.path.isdir(root):
+            raise ScanError(f"{root}: no such folder")
+    split_dirs = None if s3.is_url(root) else find_split_dirs(root)
+    if s3.is_url(root):  # a bucket prefix: the same layouts, from one listing
+        root = s3.join(root)
+        scanned = scan_bucket(root, out_dir=out_dir, val_fraction=val_fraction)
+        layout, classes, train, val, skipped, empty, notes, why_empty = scanned
+    elif split_dirs is not None:
         train_dir, val_dir, notes = split_dirs
         train_scan = scan_folders(train_dir)
         if not train_scan.classes:
@@ -491,6 +504,7 @@ def make_lists(
                 f"labels them (e.g. {loose[0]})"
             )
     else:
+        notes = []
         for lone in _subfolder(root, TRAIN_DIR_NAMES + VAL_DIR_NAMES):
             name = os.path.basename(lone)
             # A val-named folder alone cannot be half a split (that needs train/): a class.
@@ -511,9 +525,10 @@ def make_lists(
         classes, skipped, empty = scan.classes, scan.skipped, list(scan.empty_classes)
         train, val = scan.samples, []  # split below, once unusable files are out
         layout, why_empty = "flat", f"--val-fraction {val_fraction} left none"
+    split = layout == "split"
     if not train and not val:
         raise ScanError(f"{root}: no image files in {len(classes)} class folders")
-    _require_two_classes(root, classes, train + val, split=split_dirs is not None)
+    _require_two_classes(root, classes, train + val, split=split)
     excluded: list[tuple[str, str]] = []
     verified = 0
     if verify:
@@ -539,7 +554,7 @@ def make_lists(
             "{} classes: every image failed --verify",
         )
         # Checked again: --verify may have emptied all classes but one.
-        _require_two_classes(root, classes, train + val, split=split_dirs is not None)
+        _require_two_classes(root, classes, train + val, split=split)
     if layout == "flat":
         train, val = split_train_val(train, val_fraction=val_fraction, seed=seed)
     if not train:
@@ -556,11 +571,11 @@ def make_lists(
             "class {} has val images but none for training",
             "{} classes have val images but none for training",
         )
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    if not s3.is_url(out_dir) and os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ScanError(f"{out_dir}: --out-dir is a file, not a folder")
-    train_list = os.path.join(out_dir, TRAIN_LIST)
-    val_list = os.path.join(out_dir, VAL_LIST)
-    classes_file = os.path.join(out_dir, CLASSES_FILE)
+    train_list = paths.join(out_dir, TRAIN_LIST)
+    val_list = paths.join(out_dir, VAL_LIST)
+    classes_file = paths.join(out_dir, CLASSES_FILE)
     write_list(train_list, train, absolute=absolute)
     _write_val_list(val_list, val, absolute=absolute, why_empty=why_empty)
     write_classes(classes_file, classes)
@@ -611,3 +626,81 @@ def format_summary(report: ListsReport) -> str:
     if report.verified:
         lines.append(f"--verify: {report.verified} images checked, {len(report.excluded)} excluded")
     return "\n".join(lines)
+
+
+def scan_bucket(root: str, *, out_dir: str, val_fraction: float):
+    """``make_lists``' scan of a bucket prefix (``s3://bucket/ROOT``) of class folders: the
+    same two layouts and rules as on a disk, from one listing of the prefix (a thousand
+    objects a request), never a request per image. Returns (layout, classes, train, val,
+    skipped, empty classes, notes, why val is empty); train holds every image of a flat
+    layout (split later)."""
+    prefix = root.rstrip("/") + "/"
+    out_prefix = s3.join(out_dir).rstrip("/") + "/" if s3.is_url(out_dir) else None
+    files: list[tuple[list[str], str]] = []
+    skipped: list[tuple[str, str]] = []
+    for url, _, _ in s3.list_objects(prefix):
+        parts = url[len(prefix) :].split("/")
+        if out_prefix is not None and url.startswith(out_prefix):
+            skipped.append((url, SKIP_OUTPUT))
+        elif any(_is_hidden(p) for p in parts):
+            skipped.append((url, SKIP_HIDDEN))
+        elif len(parts) == 1:
+            skipped.append((url, SKIP_OUTSIDE))
+        elif not is_image_file(parts[-1]):
+            skipped.append((url, SKIP_NOT_IMAGE))
+        else:
+            files.append((parts, url))
+    if not files and not skipped:
+        raise ScanError(f"{root}: no objects under this prefix")
+    top = {parts[0].lower(): parts[0] for parts, _ in files}
+    train_name = top.get("train")
+    val_name = next((top[n] for n in VAL_DIR_NAMES if n in top), None)
+    # As on a disk: train/ and val/ each holding class folders, not images, make a split.
+    split = (
+        train_name is not None
+        and val_name is not None
+        and all(len(p) >= 3 for p, _ in files if p[0] in (train_name, val_name))
+    )
+
+    def classes_of(folder: str | None) -> list[str]:
+        depth = 0 if folder is None else 1
+        names = sorted({p[depth] for p, _ in files if folder is None or p[0] == folder})
+        for name in names:
+            problem = class_name_problem(name)
+            if problem is not None:
+                raise ScanError(f"{prefix}{name}/: a class folder's name {problem}")
+        return names
+
+    def samples_of(folder: str | None, classes: list[str]) -> list[Sample]:
+        depth = 0 if folder is None else 1
+        label_of = {name: k for k, name in enumerate(classes)}
+        found = []
+        for parts, url in files:
+            if folder is not None and parts[0] != folder:
+                continue
+            if parts[depth] not in label_of:
+                raise ScanError(
+                    f"{prefix}{folder}/{parts[depth]}/: class {parts[depth]!r} is not among the "
+                    f"{len(classes)} training classes"
+                )
+            found.append(Sample(url, label_of[parts[depth]]))
+        return sorted(found, key=lambda s: (s.label, s.path))
+
+    if split:
+        classes = classes_of(train_name)
+        train, val = samples_of(train_name, classes), samples_of(val_name, classes)
+        for parts, url in files:
+            if parts[0] not in (train_name, val_name):
+                skipped.append((url, SKIP_BESIDE_SPLIT))
+        used = {s.label for s in val}
+        empty = [f"{val_name}/{c}" for k, c in enumerate(classes) if k not in used]
+        return (
+            "split", classes, train, val, sorted(skipped), empty, [],
+            f"{prefix}{val_name}/ holds no images",
+        )  # fmt: skip
+    classes = classes_of(None)
+    train = samples_of(None, classes)
+    return (
+        "flat", classes, train, [], sorted(skipped), [], [],
+        f"--val-fraction {val_fraction} left none",
+    )  # fmt: skip

@@ -19,6 +19,7 @@ manifest is no shard set, and a cut run leaves no shard that looks whole.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -33,6 +34,7 @@ import numpy as np
 from . import s3
 from .fileio import atomic_write, atomic_write_text
 from .lists import CLASSES_FILE, ListError, read_classes, write_classes
+from .paths import abspath as any_abspath
 
 MANIFEST = "manifest.json"
 FORMAT = "dali-resnet-trainer/webdataset-shards"
@@ -139,8 +141,11 @@ def write_shard(tar_path: str, samples: Sequence[ShardSample]) -> tuple[int, int
     def write(f) -> None:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for sample in samples:
-                with open(sample.path, "rb") as image:
-                    data = image.read()
+                if s3.is_url(sample.path):
+                    data = s3.read_bytes(sample.path)
+                else:
+                    with open(sample.path, "rb") as image:
+                        data = image.read()
                 components = []
                 for ext, payload in (
                     (image_ext(sample.path), data),
@@ -274,12 +279,17 @@ def make_shards(
     after each shard. A set already in ``out_dir`` (its manifest) is refused without
     ``overwrite``; shards that a cut run wrote whole for the same plan are kept.
     """
-    from .common import check_files_exist
+    from .common import check_files_exist, object_sizes
     from .lists import classes_beside, read_table
     from .scan import verify_images
 
     list_file = os.fspath(list_file)
     out_dir = os.fspath(out_dir)
+    if s3.is_url(out_dir):
+        return _make_shards_in_bucket(
+            list_file, out_dir=out_dir, shard_bytes=shard_bytes, seed=seed, workers=workers,
+            verify=verify, overwrite=overwrite, on_excluded=on_excluded, on_progress=on_progress,
+        )  # fmt: skip
     classes_file = classes_beside(list_file)
     class_names = read_classes(classes_file) if classes_file else None
     # An empty list is read_table's EmptyListError, naming the file.
@@ -307,7 +317,11 @@ def make_shards(
     if len(keep) == 0:
         raise ShardError(f"{list_file}: every image failed --verify; nothing to write")
     order = keep[np.random.default_rng(seed).permutation(len(keep))]
-    sizes = [os.path.getsize(paths[i]) for i in order]
+    if s3.is_url(paths[0]):  # from the folders' listings: no request per image
+        known = object_sizes([paths[i] for i in order])
+        sizes = [known[paths[i]] for i in order]
+    else:
+        sizes = [os.path.getsize(paths[i]) for i in order]
     ordered_labels = [int(labels[i]) for i in order]
     plan = plan_shards(sizes, ordered_labels, shard_bytes)
 
@@ -393,7 +407,7 @@ def make_shards(
         class_names=class_names,
         num_classes=num_classes,
         seed=seed,
-        source=os.path.abspath(list_file),
+        source=any_abspath(list_file),
     )
     return ShardsReport(
         out_dir=out_dir,
@@ -405,6 +419,51 @@ def make_shards(
         excluded=excluded,
         classes=num_classes,
     )
+
+
+def _make_shards_in_bucket(list_file: str, *, out_dir: str, overwrite: bool, **options):
+    """``make_shards`` into a bucket: the set is written in a local staging folder (this
+    node's cache; a cut run resumes there, as on a disk), then each shard and index is
+    uploaded unless the bucket holds it already at its size, ``classes.txt`` after them and
+    ``manifest.json`` last: a prefix without a manifest is no set, so a cut upload leaves
+    none that looks whole."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    out_dir = s3.join(out_dir)
+    remote_manifest = s3.join(out_dir, MANIFEST)
+    if s3.head(remote_manifest) is not None and not overwrite:
+        raise ShardError(
+            f"{remote_manifest}: a shard set is already there; choose another --out-dir, or "
+            "--overwrite to replace it"
+        )
+    bucket, key = s3.split(out_dir)
+    staging = os.path.join(cache_root(), "staging", bucket, *key.split("/"))
+    if os.path.exists(os.path.join(staging, MANIFEST)):  # a cut upload's: its shards stay
+        os.remove(os.path.join(staging, MANIFEST))
+    report = make_shards(list_file, out_dir=staging, overwrite=False, **options)
+    with open(report.manifest, encoding="utf-8") as f:
+        manifest = json.load(f)
+    planned = [name for shard in manifest["shards"] for name in (shard["name"], shard["index"])]
+    remote = {s3.basename(u): size for u, size, _ in s3.list_objects(out_dir + "/")}
+    if overwrite and MANIFEST in remote:  # the old set is no set from here on
+        s3.client().delete_object(Bucket=bucket, Key=s3.key_of(remote_manifest))
+
+    def upload(name: str) -> None:
+        path = os.path.join(staging, name)
+        if remote.get(name) != os.path.getsize(path):
+            s3.upload(path, s3.join(out_dir, name))
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(upload, planned))
+    for name in sorted(remote):  # shards of an old set or of another plan
+        if SHARD_FILE.match(name) and name not in set(planned):
+            s3.client().delete_object(Bucket=bucket, Key=s3.key_of(s3.join(out_dir, name)))
+    if os.path.exists(os.path.join(staging, CLASSES_FILE)):
+        s3.upload(os.path.join(staging, CLASSES_FILE), s3.join(out_dir, CLASSES_FILE))
+    s3.upload(report.manifest, remote_manifest)
+    shutil.rmtree(staging, ignore_errors=True)
+    return dataclasses.replace(report, out_dir=out_dir, manifest=remote_manifest)
 
 
 # --- reading a set: the loaders' ShardTable ----------------------------------------------

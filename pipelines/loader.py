@@ -7,7 +7,7 @@ import os
 import torch
 
 from . import common, shards
-from .lists import classes_beside, read_classes, read_table
+from .lists import SampleTable, classes_beside, read_classes, read_table
 
 BACKENDS = ("dali", "pil", "pil-gpu")
 
@@ -36,7 +36,9 @@ def build_loader(
     """A loader for one rank: iterate it for one epoch of ``(images, labels)``.
 
     ``list_file``: a list file, or a shard set of ``tools/make_shards.py`` (its folder or
-    manifest.json), read with the same plan and semantics (``pipelines.shards``).
+    manifest.json), read with the same plan and semantics (``pipelines.shards``); a local
+    path or an ``s3://`` URL (``pipelines.s3``). Or a table already read (a SampleTable or
+    ShardTable, e.g. a ``ShardTable.subset``).
 
     images: ``(B, 3, image_size, image_size)``, channels_last memory, ``dtype``, on ``device``;
     labels: int64 ``(B,)`` on ``device``. The loader has ``len()`` (steps this epoch on this
@@ -63,6 +65,13 @@ def build_loader(
     every file (nodes may hold their own copies; one missing only on node 1 but in a node-0
     rank's slice would otherwise be met mid-epoch, whenever node 1 first reads it).
     """
+    given_table = list_file if isinstance(list_file, SampleTable | shards.ShardTable) else None
+    if given_table is not None:  # read already (tools/predict.py's items): named by where
+        list_file = (
+            given_table.origin or given_table.folder
+            if isinstance(given_table, shards.ShardTable)
+            else "the given samples"
+        )
     list_file = os.fspath(list_file)
     device = common.resolve_device(device)
     common.check_args(
@@ -79,7 +88,11 @@ def build_loader(
         raise ValueError(f"num_threads must be >= 1 for DALI, >= 0 for PIL; got {num_threads}")
     if prefetch < 1:
         raise ValueError(f"prefetch must be >= 1, got {prefetch}")
-    if shards.manifest_path(list_file) is not None:
+    if given_table is not None:
+        table = given_table
+        if num_classes is None and isinstance(table, shards.ShardTable):
+            num_classes = table.num_classes
+    elif shards.manifest_path(list_file) is not None:
         # A shard set (its folder or manifest.json): the same plan and semantics, each
         # sample read from its tar at the offset DALI's index gives.
         table = shards.read_shard_table(list_file, num_classes=num_classes)

@@ -227,7 +227,7 @@ class ListDataset(Dataset):
         if not hasattr(self, "_shared_table"):
             table = self.table
             if isinstance(table, ShardTable):  # a shard set: its arrays, and its few names
-                meta = (table.folder, table.shard_names, table.ext_names, table.origin)
+                meta = (table.folder, table.shard_names, table.ext_names, table.origin, table.keys)
                 self._shared_table = (meta, tuple(_shared_array(a) for a in table.arrays()))
             else:
                 arrays = (table.blob, table.offsets, table.labels)
@@ -240,7 +240,7 @@ class ListDataset(Dataset):
         meta, shared = state["table"]
         arrays = [t.numpy() for t in shared]
         if meta:
-            state["table"] = ShardTable(*meta[:3], *arrays, origin=meta[3])
+            state["table"] = ShardTable(*meta[:3], *arrays, origin=meta[3], keys=meta[4])
         else:
             state["table"] = SampleTable(*arrays)
         self.__dict__.update(state)

@@ -498,11 +498,14 @@ class ShardTable:
         shard_bytes: Sequence[int] = (),
         num_classes: int | None = None,
         origin: str | None = None,
+        keys: np.ndarray | None = None,
     ):
         self.folder = folder
         # Where the set lives when that is not ``folder``: the s3:// prefix of a set read
         # from the node's cache (``fetch_shard_set``). Errors name it.
         self.origin = origin
+        # Each sample's key in the set, where it is not its position (a ``subset``).
+        self.keys = keys
         self.shard_bytes = list(shard_bytes)
         self.num_classes = num_classes
         self.shard_names = list(shard_names)
@@ -530,7 +533,19 @@ class ShardTable:
         where = (
             s3.join(self.origin, self.shard_names[shard]) if self.origin else self.shard_path(shard)
         )
-        return f"{where}:{sample_key(index)}.{ext}"
+        key = index if self.keys is None else int(self.keys[index])
+        return f"{where}:{sample_key(key)}.{ext}"
+
+    def subset(self, indices) -> ShardTable:
+        """The samples ``indices`` (in that order) of this set, still named by their keys."""
+        indices = np.asarray(indices, dtype=np.int64)
+        keys = indices if self.keys is None else self.keys[indices]
+        return ShardTable(
+            self.folder, self.shard_names, self.ext_names,
+            *(array[indices] for array in self.arrays()),
+            shard_bytes=self.shard_bytes, num_classes=self.num_classes, origin=self.origin,
+            keys=keys,
+        )  # fmt: skip
 
     def paths(self, start: int = 0, stop: int | None = None) -> list[str]:
         stop = len(self) if stop is None else min(stop, len(self))

@@ -48,12 +48,15 @@ import torch
 import torchvision
 from torch import nn
 
-from pipelines import build_loader, tuning
+from pipelines import build_loader, s3, tuning
+from pipelines import paths as paths_
+from pipelines.common import object_sizes
 from pipelines.imagecheck import header_problem
 from pipelines.lists import (
     EmptyListError,
     ImageError,
     ListError,
+    SampleTable,
     classes_beside,
     format_line,
     read_classes,
@@ -62,6 +65,7 @@ from pipelines.lists import (
     write_list,
 )
 from pipelines.scan import IMAGE_EXTENSIONS, is_image_file
+from pipelines.shards import ShardTable, manifest_path, read_shard_table
 from trainer import config
 from trainer import weights as named_weights
 from trainer.dist import usable_cpus
@@ -274,10 +278,21 @@ def _matching_archs(state_dict, num_classes: int, names: list[str]) -> list[str]
 
 @dataclass(frozen=True)
 class Item:
-    """One image to predict: the path as the user gave or listed it, and its label if known."""
+    """One image to predict: the path as the user gave or listed it (a file, an s3:// URL,
+    or a shard set's sample name), and its label if known. A shard set's sample also holds
+    the set's table and its index there: its bytes are read from the set."""
 
     path: str
     label: int | None = None
+    table: ShardTable | None = None
+    index: int = 0
+
+    def source(self):
+        """What ``open_rgb`` takes: the path, or the image's bytes (a shard's sample, an
+        object in a bucket)."""
+        if self.table is not None:
+            return self.table.source(self.index)
+        return s3.read_bytes(self.path) if s3.is_url(self.path) else self.path
 
 
 def _walk_images(folder: str, others: Counter | None = None) -> list[str]:
@@ -337,17 +352,30 @@ def collect_inputs(
     """
     items: list[Item] = []
     for path in paths:
-        if os.path.isdir(path):
+        if manifest_path(path) is not None:  # a shard set: its folder, manifest or prefix
+            table = read_shard_table(path)
+            if score_labels:
+                _check_list_labels(path, table, class_names)
+            items.extend(
+                Item(table.path(i), int(table.labels[i]), table, i) for i in range(len(table))
+            )
+        elif s3.is_url(path) and not path.lower().endswith(LIST_SUFFIX) and not s3.is_file(path):
+            found = [u for u, _, _ in s3.list_objects(path.rstrip("/") + "/")]
+            images = [u for u in found if is_image_file(u) and "/." not in u[len(path) :]]
+            if not found:
+                on_skip(path, "not found")
+            items.extend(Item(u) for u in images)
+        elif os.path.isdir(path):
             others: Counter = Counter()
             items.extend(Item(p) for p in _walk_images(path, others))
             if others and notes is not None:
                 notes.append(_others_note(path, others))
-        elif path.lower().endswith(LIST_SUFFIX) and os.path.isfile(path):
+        elif path.lower().endswith(LIST_SUFFIX) and paths_.is_file(path):
             table = read_table(path)
             if score_labels:
                 _check_list_labels(path, table, class_names)
             items.extend(Item(table.path(i), int(table.labels[i])) for i in range(len(table)))
-        elif os.path.lexists(path):
+        elif s3.is_url(path) or os.path.lexists(path):
             items.append(Item(path))
         else:
             on_skip(path, "not found")
@@ -365,9 +393,10 @@ def _check_list_labels(path: str, table, class_names: Sequence[str]) -> None:
     outside = (table.labels >= len(class_names)).nonzero()[0]
     if len(outside):
         index = int(outside[0])
-        line = sample_line(path, index)
+        line = sample_line(path, index) if isinstance(table, SampleTable) else None
+        where = f"{path}:{line}" if line is not None else table.path(index)
         raise ListError(
-            f"{path}:{line}: label {int(table.labels[index])} is outside [0, "
+            f"{where}: label {int(table.labels[index])} is outside [0, "
             f"{len(class_names)}): the model has {len(class_names)} classes"
         )
 
@@ -378,7 +407,8 @@ def lists_without_classes(paths: Iterable[str]) -> list[str]:
     return [
         p
         for p in paths
-        if p.lower().endswith(LIST_SUFFIX) and os.path.isfile(p) and classes_beside(p) is None
+        if (p.lower().endswith(LIST_SUFFIX) and paths_.is_file(p) or manifest_path(p) is not None)
+        and classes_beside(p) is None
     ]
 
 
@@ -403,9 +433,22 @@ def _file_problem(path: str) -> str | None:
 def check_files(
     items: Sequence[Item], *, on_skip: Callable[[str, str], None], threads: int = CHECK_THREADS
 ) -> list[Item]:
-    """The items whose files pass ``_file_problem``; the others reported through ``on_skip``."""
+    """The items whose files pass ``_file_problem``; the others reported through ``on_skip``.
+    A shard set's samples were checked with their set (``check_shards``); objects in a
+    bucket by the listings of their folders (not a request each)."""
+    urls = [item.path for item in items if item.table is None and s3.is_url(item.path)]
+    sizes = object_sizes(urls) if urls else {}
+
+    def problem(item: Item) -> str | None:
+        if item.table is not None:
+            return None
+        if s3.is_url(item.path):
+            size = sizes.get(item.path)
+            return "no such object" if size is None else ("is empty" if size == 0 else None)
+        return _file_problem(item.path)
+
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        problems = list(pool.map(lambda item: _file_problem(item.path), items))
+        problems = list(pool.map(problem, items))
     kept = []
     for item, problem in zip(items, problems, strict=True):
         if problem is None:
@@ -523,8 +566,9 @@ class Predictor:
         with tempfile.TemporaryDirectory(prefix="predict-") as scratch:
             while pending:
                 done, error = self._predict_batches(pending, scratch, predicted)
-                if error is None:
-                    break
+                if error is None:  # all of them, or the run of them read from one source
+                    pending = pending[done:]
+                    continue
                 summary.loader_restarts += 1
                 rest = pending[done:]
                 culprit = _named_item(str(error), rest)
@@ -547,16 +591,23 @@ class Predictor:
     def _predict_batches(
         self, items: Sequence[Item], scratch: str, on_prediction: Callable[[Prediction], None]
     ) -> tuple[int, ImageError | None]:
-        """Predict ``items`` in order until the end or the loader's first ImageError.
+        """Predict ``items`` in order until the end of their first run from one source (files,
+        or one shard set) or the loader's first ImageError.
 
-        Returns how many were predicted and the error (None at the end).
+        Returns how many were predicted and the error (None: no error).
         """
-        list_file = os.path.join(scratch, "items.txt")
-        # Absolute paths, so the loader's error messages name files as _named_item looks for
-        # them; label 0 stands in for "unknown": the loader's labels are not used here.
-        write_list(list_file, ((item.path, item.label or 0) for item in items), absolute=True)
+        table = items[0].table
+        run = next((i for i, item in enumerate(items) if item.table is not table), len(items))
+        items = items[:run]
+        if table is not None:  # a shard set's samples: read from the set
+            source = table.subset([item.index for item in items])
+        else:
+            source = os.path.join(scratch, "items.txt")
+            # Absolute paths, so the loader's error messages name files as _named_item looks
+            # for them; label 0 stands in for "unknown": the loader's labels are not used.
+            write_list(source, ((item.path, item.label or 0) for item in items), absolute=True)
         loader = build_loader(
-            list_file,
+            source,
             train=False,
             backend=self.backend,
             batch_size=self.batch_size,
@@ -599,14 +650,19 @@ def _named_item(message: str, items: Sequence[Item]) -> int | None:
     as its traceback's last line, which may start with the exception's qualified name.
     """
     for index, item in enumerate(items):
-        if os.path.abspath(item.path) + ": " in message:
+        if _absolute(item.path) + ": " in message:
             return index
     return None
 
 
+def _absolute(path: str) -> str:
+    """The name a loader gives ``path``: absolute, or a URL or shard sample as it is."""
+    return path if s3.is_url(path) or ".tar:" in path else os.path.abspath(path)
+
+
 def _reason(message: str, path: str) -> str:
     """What the loader's error says after ``PATH: ``, on one line."""
-    named = os.path.abspath(path) + ": "
+    named = _absolute(path) + ": "
     text = message.split(named, 1)[1] if named in message else message
     return " ".join(text.split())
 
@@ -697,7 +753,7 @@ def _check_images(
         if len(images) == max_images:
             break
         try:
-            images.append(transform(open_rgb(item.path)))
+            images.append(transform(open_rgb(item.source())))
         except Exception as exc:  # PIL raises many types for a bad file; it names none
             problems[item.path] = f"cannot be decoded ({type(exc).__name__}: {exc})"
     for path in given_order:

@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 if __package__ in (None, ""):
@@ -50,7 +51,7 @@ from benchmarks.cli import (  # noqa: E402
     positive_int,
     sigterm_as_exit,
 )
-from pipelines import build_loader  # noqa: E402
+from pipelines import build_loader, paths, s3  # noqa: E402
 from pipelines.common import check_files_exist  # noqa: E402
 from pipelines.fileio import OVERWRITE_HELP, OutputFileError, check_output_file  # noqa: E402
 from pipelines.lists import (  # noqa: E402
@@ -64,6 +65,7 @@ from pipelines.lists import (  # noqa: E402
     read_table,
     write_list,
 )
+from pipelines.shards import ShardTable, check_shards, manifest_path, read_shard_table  # noqa: E402
 from pipelines.tuning import LoaderPlan, plan_loader  # noqa: E402
 from trainer import dist  # noqa: E402
 from trainer import metrics as run_metrics  # noqa: E402
@@ -617,9 +619,10 @@ def run(args: argparse.Namespace) -> dict:
         dist.cleanup_distributed()
 
 
-def _resolve_list(args) -> list[Sample]:
+def _resolve_list(args) -> list[Sample] | ShardTable:
     """The user's list, parsed against the class count and every file checked, before it is
-    repeated or measured: a bad line or a missing image is named at its ``--list`` line."""
+    repeated or measured: a bad line or a missing image is named at its ``--list`` line.
+    A shard set (``--list`` its folder, manifest or s3:// prefix) is its table, checked."""
     if args.list is None:
         from pipelines.demo import default_demo_root, ensure_demo_data
 
@@ -628,7 +631,13 @@ def _resolve_list(args) -> list[Sample]:
         demo = ensure_demo_data(default_demo_root(), preset="default")
         args.list = demo.train_list
         dist.print0(f"no --list: using the demo data's {args.list} (photo-sized JPEGs)")
-    if not os.path.isfile(args.list):
+    if manifest_path(args.list) is not None:  # a shard set: its folder, manifest or prefix
+        table = read_shard_table(args.list, num_classes=args.num_classes)
+        if args.num_classes is None:
+            args.num_classes = table.num_classes or int(table.labels.max()) + 1
+        check_shards(table)
+        return table
+    if not paths.is_file(args.list):
         why = missing_file(args.list, "list", "no such file")
         raise BenchmarkInputError(f"--list {args.list}: {why}")
     if args.num_classes is None:
@@ -670,24 +679,34 @@ def _run(args, info: dist.DistInfo, variants: list[Variant], modes: list[str], w
     steps_per_epoch = len(samples) // step_samples
     measured_list, list_note = args.list, f"{steps_per_epoch} steps per epoch"
     entries = len(samples)
+
+    def repeated(entries: int, name: str):
+        """The same images repeated to ``entries``: a list file, or a shard set's subset."""
+        if isinstance(samples, ShardTable):
+            return samples.subset(np.arange(entries) % len(samples))
+        return write_repeated_list(samples, entries, workdir, name)
+
     if loader_modes and steps_per_epoch < needed_steps:
         entries = needed_steps * step_samples
-        measured_list = write_repeated_list(samples, entries, workdir, "repeated.txt")
+        measured_list = repeated(entries, "repeated.txt")
         list_note = (
             f"{len(samples)} entries give {steps_per_epoch} steps per epoch, fewer than the "
-            f"{needed_steps} warm-up + windows need: measured on {measured_list}, the same "
+            f"{needed_steps} warm-up + windows need: measured on "
+            f"{measured_list if isinstance(measured_list, str) else 'its samples'}, the same "
             f"images repeated to {entries} entries ({needed_steps} steps, one epoch)"
         )
     boundary_mode = "train" if "train" in modes else "loader"
     boundary_list = None
     if loader_modes and args.boundaries > 0:
         # A short epoch, so several natural epoch ends cost few steps; the images are the same.
-        boundary_list = write_repeated_list(
-            samples, args.boundary_steps * step_samples, workdir, "boundary.txt"
-        )
+        boundary_list = repeated(args.boundary_steps * step_samples, "boundary.txt")
 
+    if isinstance(samples, ShardTable):
+        files = [samples.shard_path(k) for k in range(len(samples.shard_names))]
+    else:  # objects in a bucket have no page cache to warm (a shard set's copy does)
+        files = [s.path for s in samples if not s3.is_url(s.path)]
     if args.warm_cache and info.local_rank == 0:
-        warm_page_cache([s.path for s in samples])
+        warm_page_cache(files)
     dist.barrier()
     dist.print0(
         f"benchmark: {len(samples)} images from {args.list} ({list_note}), {info.world_size} "
@@ -726,10 +745,10 @@ def _run(args, info: dist.DistInfo, variants: list[Variant], modes: list[str], w
         sync(device)
 
     settings = {
-        "list": os.path.abspath(args.list),
+        "list": paths.abspath(args.list),
         "num_images": len(samples),
         "measured_list_entries": entries,
-        "list_repeated": measured_list != args.list,
+        "list_repeated": measured_list is not args.list,
         "arch": args.arch,
         "num_classes": args.num_classes,
         "batch_size_per_gpu": args.batch_size,

@@ -220,15 +220,8 @@ def upload(path: str, url: str) -> None:
 
 
 def download(url: str, path: str) -> None:
-    """Download ``url`` to the local ``path``, whole or not at all (a temp file beside it,
-    renamed into place)."""
+    """Download ``url`` to the local ``path``, whole or not at all (``atomic_write``)."""
+    from .fileio import atomic_write
+
     bucket, key = split(url)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.part{os.getpid()}")
-    try:
-        _request(url, lambda: client().download_file(bucket, key, tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _request(url, lambda: atomic_write(path, lambda f: client().download_fileobj(bucket, key, f)))

@@ -20,6 +20,12 @@ the demo list itself, each case in a fresh process so that its max RSS is its ow
   batches; ``table_mb``: the train loader's compact list (paths and labels).
 
 Only as many steps of each epoch run as are timed, so the script takes about a minute.
+
+``--shards`` measures shard sets too (``tools/make_shards.py``'s format): the demo lists
+written as shard sets, and long sets of the same lengths whose shards repeat those shards'
+real images (each long shard is a link to a demo shard, its DALI index and manifest entry
+listing that shard's members again and again): ``parse_s`` is then ``read_shard_table``
+(manifest + indexes) and ``check_s`` ``check_shards`` (a stat a shard).
 """
 
 from __future__ import annotations
@@ -129,6 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--json", help="also write the settings and results to this JSON file (default: none)"
     )
+    p.add_argument(
+        "--shards",
+        action="store_true",
+        help="also measure shard sets of the same samples (default: lists only)",
+    )
+    p.add_argument(
+        "--shard-samples",
+        type=positive_int,
+        default=1250,
+        help="samples per shard of the long sets, ImageNet's at ~100 KB an image in 128 MB "
+        "shards (default: %(default)s)",
+    )
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--case", nargs=3, metavar=("NAME", "TRAIN", "VAL"), help=argparse.SUPPRESS)
     return p
@@ -146,6 +164,41 @@ def write_long_list(source: str, target: str, lines: int) -> None:
     ]
     with open(target, "w", encoding="utf-8") as f:
         f.write("".join(block[i % len(block)] for i in range(lines)))
+
+
+def write_long_shard_set(source: str, target: str, samples: int, per_shard: int) -> None:
+    """A shard set of ``samples`` samples in shards of ``per_shard`` that repeat the real
+    images of the shard set ``source``: long shard k is a link to source shard k mod n, and
+    its index and manifest entry list that shard's members (offsets, sizes, labels) again and
+    again. What start-up reads (manifest, indexes) is a real set's size; no image is copied."""
+    from pipelines import shards
+
+    manifest = shards.read_manifest(source)
+    small = manifest["shards"]
+    os.makedirs(target, exist_ok=True)
+    entries = []
+    for number, start in enumerate(range(0, samples, per_shard)):
+        count = min(per_shard, samples - start)
+        origin = small[number % len(small)]
+        with open(os.path.join(source, origin["index"]), encoding="utf-8") as f:
+            lines = f.read().splitlines()[1:]
+        name = shards.shard_name(number)
+        link = os.path.join(target, name)
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(os.path.join(os.path.abspath(source), origin["name"]), link)
+        rows = [lines[i % len(lines)] for i in range(count)]
+        with open(os.path.join(target, shards.index_name(name)), "w", encoding="utf-8") as f:
+            f.write(f"{shards.INDEX_VERSION} {count}\n" + "\n".join(rows) + "\n")
+        labels = [origin["labels"][i % len(lines)] for i in range(count)]
+        entries.append(
+            {"name": name, "index": shards.index_name(name), "samples": count,
+             "bytes": origin["bytes"], "labels": labels}
+        )  # fmt: skip
+    shards.write_manifest(
+        target, shards=entries, class_names=shards.read_classes(os.path.join(source, CLASSES_FILE)),
+        num_classes=manifest["num_classes"], seed=0, source=source,
+    )  # fmt: skip
 
 
 def max_rss_mb() -> float:
@@ -171,17 +224,24 @@ def measure_case(args, train_list: str, val_list: str) -> dict:
         seed=0,
         dtype=torch.float32,
     )
+    from pipelines import shards
+
     out: dict = {"rss_after_imports_mb": round(max_rss_mb())}
+    shard_set = shards.manifest_path(train_list) is not None
     start = time.perf_counter()
-    table = read_table(train_list)
+    table = shards.read_shard_table(train_list) if shard_set else read_table(train_list)
     out["parse_s"] = time.perf_counter() - start
     out["train_samples"] = len(table)
     start = time.perf_counter()
-    checked = common.check_files_exist(
-        table, list_file=train_list, rank=args.rank, world_size=args.world_size
-    )
+    if shard_set:  # a stat a shard, every rank all of them
+        shards.check_shards(table)
+        out["files_checked"] = len(table.shard_names)
+    else:
+        checked = common.check_files_exist(
+            table, list_file=train_list, rank=args.rank, world_size=args.world_size
+        )
+        out["files_checked"] = len(checked)
     out["check_s"] = time.perf_counter() - start
-    out["files_checked"] = len(checked)
     del table
 
     start = time.perf_counter()
@@ -248,10 +308,10 @@ def run_case(args, name: str, train_list: str, val_list: str) -> dict:
 def markdown(results: dict, args) -> str:
     names = list(results)
     rows = [
-        ("train list lines", "train_samples", "{:,}"),
-        ("list parse (s)", "parse_s", "{:.2f}"),
-        ("file check, this rank's share (s)", "check_s", "{:.2f}"),
-        ("files checked by this rank", "files_checked", "{:,}"),
+        ("train samples", "train_samples", "{:,}"),
+        ("list parse, or manifest + indexes (s)", "parse_s", "{:.2f}"),
+        ("file check, this rank's share, or every shard (s)", "check_s", "{:.2f}"),
+        ("files (or shards) checked by this rank", "files_checked", "{:,}"),
         ("build_loader train (s)", "build_train_s", "{:.2f}"),
         ("build_loader val (s)", "build_val_s", "{:.2f}"),
         ("lists' digests for the node check (s)", "digest_s", "{:.2f}"),
@@ -393,10 +453,41 @@ def measure(args, data_column: str) -> dict:
             f"in {time.perf_counter() - start:.1f} s",
             flush=True,
         )
-        return {
+        results = {
             data_column: run_case(args, "data", small_train, small_val),
             f"{args.train_size:,}-line list": run_case(args, "long", big_train, big_val),
         }
+        if args.shards:
+            sets = write_work_shards(args, work, small_train, small_val)
+            results["shards of the --data list" if "--data" in data_column else "demo shards"] = (
+                run_case(args, "data-shards", sets["small_train"], sets["small_val"])
+            )
+            results[f"{args.train_size:,}-sample shard set"] = run_case(
+                args, "long-shards", sets["big_train"], sets["big_val"]
+            )
+        return results
+
+
+def write_work_shards(args, work: str, small_train: str, small_val: str) -> dict[str, str]:
+    """Shard sets of the --data lists (make_shards, shards of ~1 MB so that each holds a few
+    dozen images), and long sets repeating them (``write_long_shard_set``)."""
+    from pipelines.shards import make_shards
+
+    start = time.perf_counter()
+    sets = {}
+    for name, source, lines in (
+        ("train", small_train, args.train_size),
+        ("val", small_val, args.val_size),
+    ):
+        small = os.path.join(work, f"shards-{name}")
+        make_shards(
+            source, out_dir=small, shard_bytes=1_000_000, workers=args.threads, overwrite=True
+        )
+        big = os.path.join(work, f"long-shards-{name}")
+        write_long_shard_set(small, big, lines, args.shard_samples)
+        sets[f"small_{name}"], sets[f"big_{name}"] = small, big
+    print(f"wrote the shard sets to {work} in {time.perf_counter() - start:.1f} s", flush=True)
+    return sets
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ manifest is no shard set, and a cut run leaves no shard that looks whole.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -238,6 +239,9 @@ def read_manifest(path: str) -> dict:
 # --- writing a set: tools/make_shards.py -------------------------------------------------
 
 DEFAULT_SHARD_SIZE = "256MB"
+# Shards a process keeps open at once (reading a set of thousands, each batch from hundreds):
+# well below the usual limit of 1,024 open files, and enough that most reads find theirs.
+OPEN_SHARDS = 256
 SHARD_FILE = re.compile(r"^shard-\d{6}\.(tar|idx)$")
 
 
@@ -474,8 +478,11 @@ class ShardTable:
     ``SampleTable`` (``len``, ``labels``, ``path(i)``, ``paths(a, b)``, ``source(i)``) whose
     "path" of a sample is its name in the set, ``DIR/shard-000003.tar:000000123.jpg`` (what
     an error names), and whose ``source(i)`` is the image's bytes, read from its shard at the
-    offset DALI's index gives (the shards are memory-mapped, each on first use, in each
-    process).
+    offset DALI's index gives: one ``pread`` a sample, through a few open files per process.
+    Not memory maps: the pages of a mapped shard count in the process's RSS as they are read,
+    up to the whole set's size over an epoch (1.36 GB max RSS at 20 steps of a
+    1.28M-sample set, against 1.16 GB for its list), where read pages stay the kernel's
+    page cache.
 
     Arrays, one entry a sample: ``shard_of`` (int32), ``offsets`` and ``sizes`` (int64, the
     image member's data in its tar), ``labels`` (int64), ``exts`` (uint8, into
@@ -515,7 +522,7 @@ class ShardTable:
         self.sizes = sizes
         self.labels = labels
         self.exts = exts
-        self._maps: dict[int, np.ndarray] = {}
+        self._files: dict[int, int] = {}  # shard -> open file descriptor, least recent first
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -551,27 +558,43 @@ class ShardTable:
         stop = len(self) if stop is None else min(stop, len(self))
         return [self.path(i) for i in range(start, stop)]
 
-    def _map(self, shard: int) -> np.ndarray:
-        found = self._maps.get(shard)
-        if found is None:
-            found = self._maps[shard] = np.memmap(self.shard_path(shard), dtype=np.uint8, mode="r")
-        return found
-
-    def view(self, index: int) -> np.ndarray:
-        """The image's bytes as a uint8 view of its memory-mapped shard (no copy)."""
-        start = int(self.offsets[index])
-        return self._map(int(self.shard_of[index]))[start : start + int(self.sizes[index])]
+    def _file(self, shard: int) -> int:
+        fd = self._files.pop(shard, None)
+        if fd is None:
+            if len(self._files) >= OPEN_SHARDS:  # the least recently read one goes
+                os.close(self._files.pop(next(iter(self._files))))
+            fd = os.open(self.shard_path(shard), os.O_RDONLY)
+        self._files[shard] = fd  # now the most recent
+        return fd
 
     def source(self, index: int) -> bytes:
         """The image's bytes (what ``imagecheck`` and ``open_rgb`` take instead of a path)."""
-        return self.view(index).tobytes()
+        shard, start, size = (
+            int(self.shard_of[index]), int(self.offsets[index]), int(self.sizes[index])
+        )  # fmt: skip
+        data = os.pread(self._file(shard), size, start)
+        if len(data) != size:  # cut short since check_shards saw it whole
+            raise OSError(f"{self.path(index)}: the shard ends inside this member (truncated?)")
+        return data
+
+    def view(self, index: int) -> np.ndarray:
+        """The image's bytes as a uint8 array (what DALI's external_source takes)."""
+        return np.frombuffer(self.source(index), dtype=np.uint8)
+
+    def close(self) -> None:
+        while self._files:
+            os.close(self._files.popitem()[1])
+
+    def __del__(self):
+        with contextlib.suppress(Exception):  # at interpreter exit os may be gone
+            self.close()
 
     def arrays(self) -> tuple[np.ndarray, ...]:
         return (self.shard_of, self.offsets, self.sizes, self.labels, self.exts)
 
     def __getstate__(self) -> dict:
-        # Memory maps are this process's: another one maps the shards again on first use.
-        return {k: v for k, v in self.__dict__.items() if k != "_maps"} | {"_maps": {}}
+        # Open files are this process's: another one opens the shards again on first use.
+        return {k: v for k, v in self.__dict__.items() if k != "_files"} | {"_files": {}}
 
 
 def _parse_index(path: str, expected: int):

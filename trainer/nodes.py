@@ -19,6 +19,9 @@ import os
 import socket
 from dataclasses import asdict
 
+import numpy as np
+
+from pipelines.shards import ShardTable
 from trainer import checkpoint as ckpt_io
 from trainer import dist
 from trainer.config import Config, RankError, TrainerError
@@ -82,6 +85,15 @@ def list_digest(loader, *, chunk: int = 65536) -> tuple[int, str, str] | None:
     labels = table.labels
     if len(table) == 0:
         return 0, hashlib.sha1(labels.tobytes()).hexdigest(), hashlib.sha1().hexdigest()
+    if isinstance(table, ShardTable):
+        # A shard set: its shards' and members' names and where each sample lies in them,
+        # whatever folder (or cache) holds the copy; arrays, not 1.28M formatted names.
+        names = hashlib.sha1("\0".join(table.shard_names + ["|"] + table.ext_names).encode())
+        for array in (table.shard_of, table.offsets, table.sizes, table.exts):
+            names.update(np.ascontiguousarray(array).tobytes())
+        if table.keys is not None:
+            names.update(np.ascontiguousarray(table.keys).tobytes())
+        return len(labels), hashlib.sha1(labels.tobytes()).hexdigest(), names.hexdigest()
     # The folder every path lies in ("/data/flowers/" for a copy of a class-per-folder tree),
     # cut at a "/" so that a name is never split: the common prefix of all paths is the
     # common prefix of the first and the last in sorted order.

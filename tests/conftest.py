@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -102,10 +103,8 @@ class S3Server:
 
         bucket, prefix = s3.split(url)
         client = s3.client()
-        try:
+        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
             client.create_bucket(Bucket=bucket)
-        except client.exceptions.BucketAlreadyOwnedByYou:
-            pass
         for dirpath, _, files in os.walk(folder):
             for name in files:
                 path = os.path.join(dirpath, name)

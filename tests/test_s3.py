@@ -301,3 +301,28 @@ def test_an_endpoint_lost_mid_epoch_is_one_line_and_resume_continues(
         assert [m["epoch"] for m in read_metrics(tmp_path / "out")] == [1, 2]
     finally:
         server.process.kill()
+
+
+def test_the_data_sources_benchmark_reads_the_same_images_four_ways(
+    s3_env, tiny_data, tmp_path, capsys
+):
+    import json
+
+    from benchmarks import data_sources
+
+    out = tmp_path / "sources.json"
+    cache = os.environ.get("DALI_RESNET_TRAINER_CACHE")
+    argv = [
+        "--list", tiny_data.train_list, "--s3-url", "s3://sources-bench/run", "--batch-size",
+        "8", "--image-size", "32", "--threads", "1", "--iters", "2", "--repeats", "2",
+        "--warmup", "1", "--shard-size", "100KB", "--json", str(out),
+    ]  # fmt: skip
+    assert data_sources.main(argv) == 0
+    table = capsys.readouterr().out
+    rows = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ")]
+    assert rows == ["| source", "| files", "| local shards", "| s3 shards", "| s3 files"]
+    results = json.loads(out.read_text())["results"]
+    for name in data_sources.SOURCES:
+        assert len(results[name]["loader_windows"]) == 2
+        assert results[name]["loader_images_per_sec"] > 0
+    assert os.environ.get("DALI_RESNET_TRAINER_CACHE") == cache  # the run's own, then gone

@@ -256,3 +256,32 @@ def test_scale_run_names_the_list_lengths_and_keeps_its_json(tiny_data, tmp_path
     assert imagenet_scale.main(argv) == 2
     assert "scale.json exists: choose another name or pass --overwrite" in capsys.readouterr().err
     assert json.loads(out.read_text()) == result
+
+
+def test_scale_measures_shard_sets_that_repeat_real_images(tiny_data, tmp_path, capsys):
+    from benchmarks import imagenet_scale
+    from pipelines.shards import read_shard_table
+
+    work = tmp_path / "work"
+    argv = ["--data", tiny_data.root, "--work-dir", str(work), *SMALL_RUN, "--shards"]
+    assert imagenet_scale.main([*argv, "--shard-samples", "30"]) == 0
+    table = capsys.readouterr().out
+    assert (
+        "| --data list (120 lines) | 400-line list | shards of the --data list | 400-sample shard set |"
+        in table
+    )
+    assert "| train samples | 120 | 400 | 120 | 400 |" in table
+    long_set = read_shard_table(str(work / "long-shards-train"))
+    small_set = read_shard_table(str(work / "shards-train"))
+    assert len(long_set) == 400 and len(long_set.shard_names) == 14  # 13 x 30 + 10
+    # Each long shard repeats the members of a real one: the same bytes, the same labels.
+    for i in (0, 29, 30, 399):
+        shard = int(long_set.shard_of[i])
+        origin = os.path.realpath(long_set.shard_path(shard))
+        j = next(
+            k for k in range(len(small_set))
+            if os.path.realpath(small_set.shard_path(int(small_set.shard_of[k]))) == origin
+            and small_set.offsets[k] == long_set.offsets[i]
+        )  # fmt: skip
+        assert long_set.source(i) == small_set.source(j)
+        assert long_set.labels[i] == small_set.labels[j]

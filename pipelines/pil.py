@@ -145,9 +145,15 @@ def main_module_hidden() -> Iterator[None]:
 _MAIN_HIDDEN_LOCK = threading.Lock()
 
 
-def bind_to_rank(rank_pid: int, _worker_id: int) -> None:
+AWS_PREFIX = "AWS_"  # the standard variables boto3 reads (pipelines.s3)
+
+
+def bind_to_rank(rank_pid: int, aws_env: dict[str, str], _worker_id: int) -> None:
     """A worker's first act (``worker_init_fn``): it lives and ends with its rank.
 
+    - It reads buckets as its rank does: the rank's AWS variables when the loader was built
+      (credentials, endpoint, region) replace those of the forkserver, which copied its
+      environment when it started, maybe before the rank set them.
     - It ends when the rank ends. DataLoader's own check (is my parent still the process that
       started me?) cannot see the rank from a forkserver worker, whose parent is the server,
       and the server lives as long as any worker does: a rank killed (torchrun ending a
@@ -159,6 +165,9 @@ def bind_to_rank(rank_pid: int, _worker_id: int) -> None:
       ignores SIGINT, and SIGTERM from anyone but its rank (DataLoader's ``terminate()``,
       which must still end it, or the rank's exit would wait on it forever).
     """
+    for name in [k for k in os.environ if k.startswith(AWS_PREFIX)]:
+        os.environ.pop(name)
+    os.environ.update(aws_env)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     watchers = [_exit_when_gone]
     if hasattr(signal, "sigwaitinfo"):  # not on macOS, where any SIGTERM ends a worker
@@ -335,7 +344,11 @@ class PilLoader(common.ShardedLoader):
             persistent_workers=num_workers > 0,
             prefetch_factor=self.prefetch if num_workers > 0 else None,
             multiprocessing_context=worker_context() if num_workers > 0 else None,
-            worker_init_fn=functools.partial(bind_to_rank, os.getpid()),
+            worker_init_fn=functools.partial(
+                bind_to_rank,
+                os.getpid(),
+                {k: v for k, v in os.environ.items() if k.startswith(AWS_PREFIX)},
+            ),
             # The loader draws its workers' base seed from this, not from the global RNG.
             generator=torch.Generator().manual_seed(common.derived_seed(self.seed, self.rank)),
         )
@@ -361,7 +374,9 @@ class PilLoader(common.ShardedLoader):
             # DataLoader re-raises a worker's error with the worker's traceback in its message;
             # the last line is ours and names the file.
             last = str(e).strip().splitlines()[-1]
-            raise ImageError(re.sub(r"^([\w.]+\.)?ImageError: ", "", last)) from e
+            fetch = re.match(r"^([\w.]+\.)?FetchError: ", last)  # the bucket's fault, kept so
+            kind = FetchError if fetch or isinstance(e, FetchError) else ImageError
+            raise kind(re.sub(r"^([\w.]+\.)?(Image|Fetch)Error: ", "", last)) from e
         except Exception:
             self._stop_workers()
             raise

@@ -198,8 +198,8 @@ def test_the_trainer_says_a_missing_bucket_in_one_line(bucket, tmp_path, capsys)
 
 @pytest.mark.slow
 def test_two_ranks_train_resume_and_predict_from_a_bucket(bucket, tiny_data, tmp_path):
-    """Train from the shard set in the bucket (validating on the list of URLs), stop mid-epoch
-    with SIGTERM, resume: the weights of an uninterrupted run, bit for bit. Then predict on
+    """Train from the shard set in the bucket (validating on the list of URLs), kill a rank
+    mid-epoch, resume: the weights of an uninterrupted run, bit for bit. Then predict on
     the bucket's val list: the run's own val top-1. No secret lands in any file."""
     from test_trainer import (
         assert_same_weights,
@@ -208,6 +208,7 @@ def test_two_ranks_train_resume_and_predict_from_a_bucket(bucket, tiny_data, tmp
         tiny_flags,
         torchrun,
         wait_for_line,
+        worker_pids,
     )
 
     def flags(out, *extra):
@@ -219,14 +220,18 @@ def test_two_ranks_train_resume_and_predict_from_a_bucket(bucket, tiny_data, tmp
     reference = tmp_path / "reference"
     done = run(torchrun(2) + flags(reference), cwd=tmp_path)
     assert "120 train / 40 val images" in done.stdout
-    out = tmp_path / "stopped"
-    proc = start(torchrun(2) + flags(out), cwd=tmp_path)
-    wait_for_line(proc, "epoch 2/2 step 2/7")
-    proc.send_signal(signal.SIGTERM)
+    # kill -9 of a rank (tests/test_shards.py stops its run with SIGTERM): the run resumes
+    # from its last step checkpoint.
+    out = tmp_path / "killed"
+    proc = start(torchrun(2) + flags(out, "--checkpoint-every", "2"), cwd=tmp_path)
+    wait_for_line(proc, "epoch 2/2 step 5/7")
+    os.kill(worker_pids(proc)[0], signal.SIGKILL)
     proc.communicate(timeout=120)
     assert proc.returncode != 0
-    resumed = run(torchrun(2) + flags(out, "--resume", "auto"), cwd=tmp_path)
-    assert "resuming epoch 2 at step" in resumed.stdout
+    resumed = run(
+        torchrun(2) + flags(out, "--checkpoint-every", "2", "--resume", "auto"), cwd=tmp_path
+    )
+    assert "resuming epoch 2 at step 5" in resumed.stdout, resumed.stdout  # after step 4
     assert_same_weights(out, reference)
 
     # Predictions on the bucket's val list are those on its local copy, line for line.

@@ -73,10 +73,14 @@ def client():
         raise S3Error(
             "s3:// URLs need boto3: pip install 'dali-resnet-trainer[s3]' (or pip install boto3)"
         ) from None
+    # Retried with backoff: a throttled (503 SlowDown) or dropped request is routine at scale,
+    # and a dead endpoint fails in seconds, not never. AWS_MAX_ATTEMPTS and AWS_RETRY_MODE,
+    # the standard variables, say otherwise where they are set.
+    retries = {"mode": os.environ.get("AWS_RETRY_MODE", "standard")}
+    if "AWS_MAX_ATTEMPTS" not in os.environ:
+        retries["max_attempts"] = 5
     config = Config(
-        # Retried with backoff: a throttled (503 SlowDown) or dropped request is routine at
-        # scale. A dead endpoint fails in about a minute, not never.
-        retries={"max_attempts": 5, "mode": "standard"},
+        retries=retries,
         connect_timeout=10,
         read_timeout=60,
         # Enough for the threads that fetch a shard set or check a list's objects at once.

@@ -240,6 +240,12 @@ class Config:
     )
     eval_only: bool = _opt(False, "evaluate the --resume / --pretrained weights once and exit")
     log_interval: int = _opt(20, "steps between training log lines")
+    tensorboard: bool = _opt(
+        False,
+        "also write TensorBoard event files into OUTPUT_DIR/tensorboard (rank 0; needs the "
+        "tensorboard extra): loss, lr, img/s/gpu and data wait per log interval, val figures "
+        "per epoch, the config",
+    )
     processes: int | None = _opt(
         None,
         "processes to start when run without torchrun (default: one per visible GPU, 1 without "

@@ -355,8 +355,12 @@ def train_one_epoch(
     clip_grad_norm: float | None = None,
     batch_transform: Callable | None = None,
     frozen_modules: Iterable[nn.Module] = (),
+    on_log: Callable[..., None] | None = None,
 ) -> dict[str, float]:
     """Train over one epoch of ``loader``; returns the epoch's figures, identical on all ranks.
+
+    ``on_log(epoch=, step=, figures=)``: called at each log line with what it prints (loss,
+    lr, images_per_sec_per_gpu, data_wait), host floats already synced for the line.
 
     ``frozen_modules``: modules kept in eval mode while the rest trains (a frozen backbone's
     BatchNorm layers, whose statistics must stay the pretrained ones).
@@ -461,6 +465,16 @@ def train_one_epoch(
                 + f"img/s/gpu {window_images / elapsed:.1f} data-wait {window_wait / elapsed:.0%} "
                 f"eta epoch {format_duration(epoch_left)} run {format_duration(run_left)}"
             )
+            if on_log is not None:
+                on_log(
+                    epoch=epoch,
+                    step=step,
+                    figures={
+                        "loss": mean_loss, "lr": lr,
+                        "images_per_sec_per_gpu": window_images / elapsed,
+                        "data_wait": window_wait / elapsed,
+                    },
+                )  # fmt: skip
             window_loss.zero_()
             window_steps = window_images = 0
             window_wait = 0.0

@@ -100,6 +100,7 @@ from trainer.run_dir import (  # noqa: E402
     lock_output_dir,
     unlock_output_dir,
 )
+from trainer.tensorboard import Curves, check_available  # noqa: E402
 
 MAX_WARMUP_FRACTION = 0.25  # of the run's epochs
 
@@ -253,6 +254,7 @@ class Training:
     head: frozenset = frozenset()  # the classifier's parameter names (model.head_tensor_names)
     frozen: bool | None = None  # the backbone frozen (--freeze-backbone-epochs); None: unwrapped
     frozen_modules: list = field(default_factory=list)  # its BatchNorm layers, kept in eval
+    curves: Curves | None = None  # --tensorboard's writer (rank 0)
 
     def __post_init__(self) -> None:
         if self.bare is None:
@@ -638,6 +640,7 @@ def fit(
             clip_grad_norm=cfg.clip_grad_norm or None,
             batch_transform=training.batch_transform,
             frozen_modules=training.frozen_modules,
+            on_log=training.curves.log_window if training.curves else None,
         )
         # One set of BatchNorm statistics for evaluation and the checkpoint, whatever the rank.
         # The EMA's too, validated or not: without validation model.pt is the EMA's weights.
@@ -670,6 +673,8 @@ def fit(
             "elapsed": training.elapsed_before + time.perf_counter() - start_time,
         }
         end_epoch(cfg, training, data, record)
+        if training.curves is not None:
+            training.curves.log_epoch(record)
         if control is not None:  # a signal during the last steps or evaluation stops here
             control.after_epoch(saved=os.path.join(cfg.output_dir, ckpt_io.LAST))
     if control is not None:
@@ -738,6 +743,7 @@ def save_position(
 def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) -> None:
     """Everything after the ranks are up: data, model, resume, then train or evaluate."""
     check_same_command(cfg, info)
+    check_available(cfg)  # --tensorboard without its package: one line, before any work
     # Rank 0 alone owns the output folder (other nodes may not even see it).
     decided_by_main(info, lambda: check_output_dir(cfg))
     # Every rank reads its own lists and classes file (on another node, its own copies): a
@@ -906,7 +912,18 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
             )  # fmt: skip
 
         control.save = save
-    fit(cfg, info, data, training, (train_loader, val_loader), control)
+    training.curves = Curves(
+        cfg,
+        is_main=info.is_main,
+        first_step=training.start_epoch * len(train_loader) + training.start_step,
+        steps_per_epoch=len(train_loader),
+    )
+    try:
+        fit(cfg, info, data, training, (train_loader, val_loader), control)
+    except BaseException:
+        training.curves.close()  # what was written stays; a resume continues the curves
+        raise
+    training.curves.close(cfg, best_top1=training.best_top1 if val_loader else None)
 
     if info.is_main:
         export = os.path.join(cfg.output_dir, ckpt_io.EXPORT)

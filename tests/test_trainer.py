@@ -93,6 +93,9 @@ def test_two_ranks_learn(trained):
         assert 0.0 <= record["data_wait_fraction"] <= 1.0
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
     assert max(m["val_top1"] for m in metrics) > 30.0  # 10 classes: chance is 10%
+    # The first batch as the model saw it, drawn once by rank 0 (matplotlib is in the test extra).
+    assert (out / "train_batch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert proc.stdout.count("the first batch as the model sees it:") == 1
     assert metrics[-1]["val_top5"] >= metrics[-1]["val_top1"]
     # The lr of each epoch's last optimizer step (28 steps, 7 of warmup): the warmup's peak,
     # then the cosine's last value, one step short of 0.

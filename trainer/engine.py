@@ -356,11 +356,14 @@ def train_one_epoch(
     batch_transform: Callable | None = None,
     frozen_modules: Iterable[nn.Module] = (),
     on_log: Callable[..., None] | None = None,
+    on_first_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> dict[str, float]:
     """Train over one epoch of ``loader``; returns the epoch's figures, identical on all ranks.
 
     ``on_log(epoch=, step=, figures=)``: called at each log line with what it prints (loss,
     lr, images_per_sec_per_gpu, data_wait), host floats already synced for the line.
+    ``on_first_batch(images, labels)``: called once with the pass's first batch as the loader
+    gave it (the run's ``train_batch.png``).
 
     ``frozen_modules``: modules kept in eval mode while the rest trains (a frozen backbone's
     BatchNorm layers, whose statistics must stay the pretrained ones).
@@ -415,6 +418,8 @@ def train_one_epoch(
         waited = time.perf_counter() - fetch_start
         data_wait += waited
         window_wait += waited
+        if on_first_batch is not None and step == start_step:
+            on_first_batch(images, labels)
         # Optimizer steps of grad_accum_steps batches; an epoch's last may have fewer.
         group_start = step - step % grad_accum_steps
         micro_steps = min(grad_accum_steps, steps - group_start)

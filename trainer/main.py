@@ -45,6 +45,7 @@ from trainer import checkpoint as ckpt_io  # noqa: E402
 from trainer import dist  # noqa: E402
 from trainer import metrics as run_metrics  # noqa: E402
 from trainer import weights as named_weights  # noqa: E402
+from trainer.batch_picture import TRAIN_BATCH, draw_batch  # noqa: E402
 from trainer.config import (  # noqa: E402
     Config,
     RankError,
@@ -641,6 +642,9 @@ def fit(
             batch_transform=training.batch_transform,
             frozen_modules=training.frozen_modules,
             on_log=training.curves.log_window if training.curves else None,
+            on_first_batch=first_batch_picture(cfg, info, data, train_loader)
+            if epoch == 0 and start_step == 0
+            else None,
         )
         # One set of BatchNorm statistics for evaluation and the checkpoint, whatever the rank.
         # The EMA's too, validated or not: without validation model.pt is the EMA's weights.
@@ -679,6 +683,24 @@ def fit(
             control.after_epoch(saved=os.path.join(cfg.output_dir, ckpt_io.LAST))
     if control is not None:
         control.in_training = False
+
+
+def first_batch_picture(cfg: Config, info: dist.DistInfo, data: DataSpec, train_loader):
+    """Rank 0 of a run starting at its first step: a callback drawing that first batch into
+    ``train_batch.png`` (what the model sees; ``tools/show_batch.py`` draws any), or None."""
+    if not info.is_main:
+        return None
+
+    def draw(images: torch.Tensor, labels: torch.Tensor) -> None:
+        path = os.path.join(cfg.output_dir, TRAIN_BATCH)
+        title = f"first training batch of rank 0: {cfg.loader}, {train_loader.image_size} px"
+        try:
+            draw_batch(images, labels, data.class_names, path, title=title, max_images=32)
+        except run_metrics.PlotUnavailable:
+            return  # no matplotlib: the run goes on without the picture
+        dist.print0(f"the first batch as the model sees it: {path}")
+
+    return draw
 
 
 def final_weights(training: Training, records: list[dict]) -> tuple[nn.Module, str]:

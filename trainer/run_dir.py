@@ -13,7 +13,9 @@ import shutil
 
 from trainer import checkpoint as ckpt_io
 from trainer import metrics as run_metrics
+from trainer.batch_picture import TRAIN_BATCH
 from trainer.config import Config, TrainerError
+from trainer.tensorboard import FOLDER as TENSORBOARD_DIR
 
 CONFIG_FILE = "config.toml"
 EVAL_FILE = "eval.json"
@@ -122,9 +124,12 @@ def check_output_dir(cfg: Config) -> None:
             for name in (*found, CONFIG_FILE):
                 if os.path.exists(os.path.join(cfg.output_dir, name)):
                     os.remove(os.path.join(cfg.output_dir, name))
-            for name in os.listdir(cfg.output_dir):  # the old run's evaluations
-                if name.startswith("eval-") and os.path.isdir(os.path.join(cfg.output_dir, name)):
-                    shutil.rmtree(os.path.join(cfg.output_dir, name))
+            for name in os.listdir(cfg.output_dir):  # the old run's evaluations and curves
+                old = os.path.join(cfg.output_dir, name)
+                if (name.startswith("eval-") or name == TENSORBOARD_DIR) and os.path.isdir(old):
+                    shutil.rmtree(old)
+            if os.path.exists(os.path.join(cfg.output_dir, TRAIN_BATCH)):
+                os.remove(os.path.join(cfg.output_dir, TRAIN_BATCH))
     ckpt_io.check_writable(cfg.output_dir)
 
 

@@ -681,7 +681,7 @@ def read_shard_table(path: str, *, num_classes: int | None = None) -> ShardTable
         shard_names.append(name)
         shard_bytes.append(size)
         codes = {}
-        for ext in set(exts):
+        for ext in sorted(set(exts)):  # sorted: the same codes in every process
             if ext not in ext_names:
                 ext_names.append(ext)
             codes[ext] = ext_names.index(ext)

@@ -359,3 +359,27 @@ def base_flags_for(train, val, out) -> list[str]:
         "--image-size", "32", "--batch-size", "8", "--epochs", "1", "--workers", "1",
         "--output-dir", str(out),
     ]  # fmt: skip
+
+
+def test_every_process_reads_a_set_with_the_same_codes(shard_set):
+    """The node check compares the ranks' digests of the set: the codes of its image kinds
+    (.jpg, .png) must not follow a process's string hashing (PYTHONHASHSEED)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from pipelines.shards import read_shard_table; "
+        "t = read_shard_table(sys.argv[1]); print(t.ext_names, t.exts.tobytes().hex())"
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    seen = {
+        subprocess.run(
+            [sys.executable, "-c", script, str(shard_set)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONHASHSEED": str(seed), "PYTHONPATH": repo},
+            check=True,
+        ).stdout  # fmt: skip
+        for seed in range(6)
+    }
+    assert len(seen) == 1 and "png" in seen.pop()  # two kinds, one order in every process

@@ -167,27 +167,31 @@ def test_a_checkpoint_write_that_fails_half_way_keeps_the_previous_one(tmp_path)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("loader", ["dali", "pil"])
-def test_progressive_resize_validates_at_the_image_size(tiny_data, tmp_path, loader):
+def test_progressive_resize_validates_at_the_image_size(tiny_data, tmp_path, loader, monkeypatch):
     """Training crops grow 24 -> 32 px; validation runs at --image-size 32 every epoch: the
-    last epoch's val figures are those of --eval-only on the saved weights at 32 px."""
+    last epoch's val figures are those of --eval-only on the saved weights at 32 px. Both
+    runs in this process (no bit-for-bit comparison with another process here)."""
     import json
 
-    from test_trainer import MAIN, read_metrics, run, tiny_flags
+    from test_trainer import read_metrics, tiny_flags
 
+    from trainer.main import main
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
     out = tmp_path / "run"
     flags = tiny_flags(
         tiny_data, out, "--epochs", "2", "--progressive-resize", "24:32:1", "--loader", loader,
         "--ema-decay", "0",
     )  # fmt: skip
-    run([sys.executable, MAIN, *flags], cwd=tmp_path)
+    assert main(flags) in (0, None)
     last = read_metrics(out)[-1]
     assert [m["train_image_size"] for m in read_metrics(out)] == [24, 32]
     evaluated = tmp_path / "eval"
-    run(
-        [sys.executable, MAIN, *tiny_flags(tiny_data, evaluated, "--eval-only", "--resume",
-         str(out / "last.pt"), "--loader", loader)],
-        cwd=tmp_path,
-    )  # fmt: skip
+    eval_flags = tiny_flags(
+        tiny_data, evaluated, "--eval-only", "--resume", str(out / "last.pt"), "--loader", loader
+    )
+    assert main(eval_flags) in (0, None)
     with open(evaluated / "eval.json") as f:
         one = json.load(f)
     assert one["val_top1"] == pytest.approx(last["val_top1"], abs=1e-6)

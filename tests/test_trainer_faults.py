@@ -696,7 +696,9 @@ def test_a_step_checkpoint_resumes_mid_epoch_only_on_its_own_list_and_epochs(
         stderr=subprocess.PIPE,
         text=True,
     )
+    first_run = []
     for line in proc.stdout:
+        first_run.append(line)
         if "epoch 2/2 step 3/" in line:
             break
     proc.send_signal(signal.SIGTERM)
@@ -724,6 +726,14 @@ def test_a_step_checkpoint_resumes_mid_epoch_only_on_its_own_list_and_epochs(
     assert "resuming epoch 2 at step" not in printed
     assert "on a train list of other images, labels or order: epoch 2 restarts" in printed
     assert "lr schedule set to the start of epoch 2" in printed
+
+    # The restarted epoch's first step applies the lr of the epoch's first step, as the first
+    # run's did: not the lr of the step the checkpoint was saved at.
+    def first_step_lr(lines) -> str:
+        line = next(x for x in lines if x.startswith("epoch 2/2 step 1/"))
+        return line.split(" lr ")[1].split()[0]
+
+    assert first_step_lr(printed.splitlines()) == first_step_lr(first_run)
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
 

@@ -254,6 +254,15 @@ class ShardedLoader:
         """What a pass needs beyond its position to continue exactly (None: nothing)."""
         return None
 
+    def graph(self) -> dict:
+        """What shapes the training pass that ``state()`` belongs to: a saved state restores
+        into a pass of the same graph only (a resume compares the two)."""
+        return {
+            "backend": type(self).__name__,
+            "auto_augment": self.auto_augment,
+            "image_size": self.image_size,
+        }
+
     def pass_indices(self) -> np.ndarray:
         """The list indices this rank reads in the current pass, in order (int64)."""
         if self.train:

@@ -427,6 +427,11 @@ class DaliLoader(common.ShardedLoader):
             checkpoint=checkpoint,
         )
 
+    def graph(self) -> dict:
+        # Where the JPEGs decode changes the operators (the mixed decoder, or the CPU one and
+        # a copy to the GPU): DALI's saved state fits the graph that saved it only.
+        return {**super().graph(), "decode": self.decode_device}
+
     def state(self) -> bytes | None:
         """The training pipeline's random generators after the batches handed out so far
         (DALI accounts for the ones prefetched beyond them); None outside a training pass."""

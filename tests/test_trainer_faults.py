@@ -718,6 +718,20 @@ def test_a_step_checkpoint_resumes_mid_epoch_only_on_its_own_list_and_epochs(
     write_list(reordered, samples[::-1], absolute=True)
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
+    # The position saved by a graph that this start does not build (a rank whose
+    # --dali-decode auto resolved to GPU decode on the machine that saved it): never restored
+    # into the CPU-decode graph here; the epoch restarts.
+    other_graph = tmp_path / "other_graph"
+    shutil.copytree(run, other_graph)
+    edited = torch.load(other_graph / "last.pt", map_location="cpu", weights_only=True)
+    assert edited["ranks"][0]["loader_graph"]["decode"] == "cpu"
+    edited["ranks"][0]["loader_graph"]["decode"] = "mixed"
+    torch.save(edited, other_graph / "last.pt")
+    assert main([*flags, "--output-dir", str(other_graph), "--resume", "auto"]) == 0
+    printed = capsys.readouterr().out
+    assert "with another loader graph on rank 0" in printed, printed
+    assert "epoch 2 restarts from its first step" in printed
+    assert "resuming epoch 2 at step" not in printed
     resumed = [*flags, "--output-dir", str(copy), "--resume", "auto", "--train-list", str(moved)]
     assert main(resumed) == 0
     assert f"resuming epoch 2 at step {step + 1}" in capsys.readouterr().out

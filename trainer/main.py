@@ -326,8 +326,16 @@ def resume_training(
     batch_size: int,
     loader: str,
     train_digest: Callable[[], tuple],
+    loader_graph: dict | None = None,
 ) -> None:
-    """Load a checkpoint into the bare model and the optimizer, scheduler and scaler."""
+    """Load a checkpoint into the bare model and the optimizer, scheduler and scaler.
+
+    A mid-epoch position is resumed there only when its loader state can be restored: the
+    same ranks, batch, list and ``--loader``, and on every rank the same loader graph
+    (``loader_graph``, this start's: DALI's decode placement, automatic augmentation, crop
+    size). ``--dali-decode auto`` may resolve otherwise on another machine; a DALI state
+    restored into another graph would draw other samples' augmentations, or fail. Otherwise
+    the epoch restarts from its first step, with one note."""
     training.start_epoch, training.best_top1, notes = ckpt_io.restore_training_state(
         checkpoint,
         model=training.model,
@@ -354,7 +362,16 @@ def resume_training(
         # of this list and repeat others. A moved copy of the same list continues exactly.
         saved_list = position.get("train_list")
         same_list = saved_list is None or tuple(saved_list) == tuple(train_digest())
-        if same and same_loader and same_list:
+        # Each rank's own graph against the one it saved; every rank must agree (a
+        # collective: all ranks reach it, the checkpoint being rank 0's for all).
+        saved_ranks = checkpoint.get("ranks") or []
+        saved_graph = (
+            saved_ranks[info.rank].get("loader_graph") if info.rank < len(saved_ranks) else None
+        )
+        own_same = saved_graph is None or loader_graph is None or saved_graph == loader_graph
+        same_graphs = dist.all_gather_objects(own_same if same_loader else True)
+        same_graph = all(same_graphs)
+        if same and same_loader and same_list and same_graph:
             training.start_step = int(position["step"])
             training.rank_state = checkpoint["ranks"][info.rank]
             training.progress = training.rank_state["progress"]
@@ -376,6 +393,12 @@ def resume_training(
                 now += f" ({training.optimizer_steps_per_epoch})"
             if not same_list:
                 now += " on a train list of other images, labels or order"
+            if not same_graph:
+                rank = same_graphs.index(False)
+                now += (
+                    f" with another loader graph on rank {rank} (its decode placement, "
+                    "augmentation or crop size differs from the one that saved the position)"
+                )
             where = (
                 f"; saved mid-epoch on {saved_as}, now {now}: epoch "
                 f"{training.start_epoch + 1} restarts from its first step"
@@ -735,6 +758,7 @@ def save_position(
     """
     rank_state = {
         "loader": train_loader.state(),
+        "loader_graph": train_loader.graph(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(info.device) if info.device.type == "cuda" else None,
         "progress": progress(),
@@ -898,6 +922,7 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
             batch_size=cfg.batch_size,
             loader=cfg.loader,
             train_digest=train_digest,
+            loader_graph=train_loader.graph(),
         )
     del checkpoint  # its tensors are in the model now; free the CPU copy
     # compile and DDP after loading, so the checkpoint's bare names match the bare model.

@@ -71,6 +71,7 @@ from trainer import dist  # noqa: E402
 from trainer import metrics as run_metrics  # noqa: E402
 from trainer.config import TrainerError  # noqa: E402
 from trainer.engine import build_step  # noqa: E402
+from trainer.model import model_gflops  # noqa: E402
 
 BACKENDS = ("pil", "pil-gpu", "dali")
 MODES = ("loader", "train", "synthetic")
@@ -371,6 +372,8 @@ def _plan(variant: Variant, args, info: dist.DistInfo) -> LoaderPlan:
             variant.hw_decoder_load if variant.hw_decoder_load is not None else args.hw_decoder_load
         ),
         prefetch=variant.prefetch if variant.prefetch is not None else args.prefetch,
+        physical_cores_per_rank=dist.physical_cores_per_rank(info.local_world_size),
+        model_gflops=model_gflops(args.arch),
     )
 
 

@@ -33,6 +33,17 @@ MIXED_MAX_THREADS = 8
 # keep up with training (16 threads decoded ~7,500 img/s, about 1.9x what resnet50 consumes);
 # with fewer the GPU's decoders are the faster path by far (loader 14,573 img/s at 8 threads).
 CPU_DECODE_MIN_THREADS = 16
+# --dali-decode auto on a GPU decodes on the host only when the host's cores decode faster,
+# by HOST_DECODE_MARGIN, than the model trains. Measured: 16 threads of the H100 host decoded
+# 7,491 img/s (loader alone, resnet50 crops), 468 a core; resnet50 trained at 3,969 img/s
+# (the synthetic ceiling). Reasoned, not measured: another model trains at that rate times
+# resnet50's FLOPs over its own (torchvision's weights metadata), so resnet18 (1.8 GFLOPs)
+# needs ~8,900 img/s, more than 16 cores decode; and the rate counts physical cores: a
+# hardware thread's sibling adds little to JPEG decoding.
+HOST_DECODE_IMAGES_PER_CORE = 7491 / 16
+RESNET50_IMAGES_PER_SEC = 3969
+RESNET50_GFLOPS = 4.089
+HOST_DECODE_MARGIN = 1.5  # 16 cores for resnet50: 1.89x, and CPU decode won there (by 1%)
 DEFAULT_PREFETCH = 2
 
 
@@ -71,11 +82,16 @@ def plan_loader(
     threads: int | None = None,
     hw_decoder_load: float | None = None,
     prefetch: int | None = None,
+    physical_cores_per_rank: int | None = None,
+    model_gflops: float | None = None,
 ) -> LoaderPlan:
     """Concrete loader settings for one rank; ``None``/``"auto"`` mean "choose for me".
 
     cores_per_rank: the CPU cores this rank may use (its share of the node's usable cores);
     cores_reason: how that was worked out, e.g. "16 usable cores / 8 ranks on this node".
+    physical_cores_per_rank: the same share counted in physical cores (hardware threads of
+    one core counted once; None: taken as ``cores_per_rank``). model_gflops: the model's
+    forward GFLOPs per image (None: taken as resnet50's). Both decide ``auto``'s placement.
     """
     reasons: list[str] = []
     prefetch = DEFAULT_PREFETCH if prefetch is None else prefetch
@@ -92,18 +108,27 @@ def plan_loader(
         if not cuda:
             decode = "cpu"
             reasons.append("decode: auto = cpu without a GPU")
-        elif planned_threads >= CPU_DECODE_MIN_THREADS:
-            decode = "cpu"
-            reasons.append(
-                f"decode: auto = cpu, {planned_threads} threads/GPU decode on the host faster "
-                "than training consumes (H100 resnet50: 3,934 vs 3,896 img/s mixed)"
-            )
         else:
-            decode = "mixed"
-            reasons.append(
-                f"decode: auto = mixed (GPU), {planned_threads} threads/GPU are fewer than the "
-                f"{CPU_DECODE_MIN_THREADS} host decode needs to keep up"
+            physical = physical_cores_per_rank or planned_threads
+            cores = min(planned_threads, physical)
+            host = cores * HOST_DECODE_IMAGES_PER_CORE
+            gflops = model_gflops or RESNET50_GFLOPS
+            needed = RESNET50_IMAGES_PER_SEC * RESNET50_GFLOPS / gflops
+            model = f"a {gflops:.1f}-GFLOP model" if model_gflops else "resnet50 (assumed)"
+            why = (
+                f"{cores} physical cores/GPU decode ~{host:,.0f} img/s; {model} trains at "
+                f"~{needed:,.0f} img/s on an H100"
             )
+            if host >= HOST_DECODE_MARGIN * needed:
+                decode = "cpu"
+                reasons.append(
+                    f"decode: auto = cpu, {why} (host decode >= {HOST_DECODE_MARGIN:g}x)"
+                )
+            else:
+                decode = "mixed"
+                reasons.append(
+                    f"decode: auto = mixed (GPU), {why} (host decode < {HOST_DECODE_MARGIN:g}x)"
+                )
     if threads is None:
         threads = cores_per_rank
         if decode == "mixed" and threads > MIXED_MAX_THREADS:

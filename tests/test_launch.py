@@ -267,6 +267,27 @@ def test_plan_decodes_on_host_with_16_cores_per_gpu():
     assert p.dali_options() == {}
 
 
+def test_auto_decode_counts_physical_cores_and_the_models_appetite():
+    from trainer.model import model_gflops
+
+    resnet50, resnet18 = model_gflops("resnet50"), model_gflops("resnet18")
+    assert (resnet50, resnet18) == (pytest.approx(4.089), pytest.approx(1.814))
+    # A DGX H100: 224 hardware threads, 112 physical cores, 8 GPUs: 28 threads, 14 cores a GPU.
+    dgx = dict(cores_per_rank=28, physical_cores_per_rank=14)
+    assert plan(**dgx, model_gflops=resnet50).decode == "cpu"  # ~6,550 decoded vs ~3,970 trained
+    small = plan(**dgx, model_gflops=resnet18)  # resnet18 trains ~2.3x faster: the GPU decodes
+    assert small.decode == "mixed" and "14 physical cores/GPU" in small.describe()
+    # Hardware threads alone are not cores: 16 threads on 8 physical cores decode on the GPU.
+    assert plan(cores_per_rank=16, physical_cores_per_rank=8).decode == "mixed"
+    # A model of unknown cost is taken as resnet50, and the start line says so.
+    assert "resnet50 (assumed)" in plan(cores_per_rank=16).describe()
+
+
+def test_physical_cores_are_at_most_the_usable_cpus():
+    assert 1 <= dist.physical_cores() <= dist.usable_cpus()
+    assert dist.physical_cores_per_rank(1000) == 1
+
+
 def test_plan_respects_what_the_user_gave():
     p = plan(cores_per_rank=64, dali_decode="mixed", threads=12, hw_decoder_load=0.5, prefetch=3)
     assert (p.decode, p.threads, p.hw_decoder_load, p.prefetch) == ("mixed", 12, 0.5, 3)

@@ -47,6 +47,31 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
+def physical_cores() -> int:
+    """The physical cores among the usable CPUs: hardware threads of one core (SMT siblings)
+    counted once, from Linux's topology files; the usable CPUs where they are missing."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(usable_cpus())
+    cores = set()
+    for cpu in cpus:
+        base = f"/sys/devices/system/cpu/cpu{cpu}/topology"
+        try:
+            with open(f"{base}/core_id") as f:
+                core = f.read().strip()
+            with open(f"{base}/physical_package_id") as f:
+                package = f.read().strip()
+        except OSError:
+            return usable_cpus()
+        cores.add((package, core))
+    return max(1, len(cores))
+
+
+def physical_cores_per_rank(local_world_size: int) -> int:
+    """``cpu_threads_per_rank`` counted in physical cores."""
+    if bound_by_slurm():
+        return physical_cores()
+    return max(1, physical_cores() // max(1, local_world_size))
+
+
 def cpu_threads_per_rank(local_world_size: int) -> int:
     """This rank's share of the cores it may run on: usable cores / ranks on this node.
 

@@ -81,6 +81,7 @@ from trainer.model import (  # noqa: E402
     check_input_sizes,
     compile_model,
     head_tensor_names,
+    model_gflops,
     wrap_ddp,
 )
 from trainer.nodes import (  # noqa: E402
@@ -117,6 +118,8 @@ def plan_loader(cfg: Config, info: dist.DistInfo) -> LoaderPlan:
         threads=cfg.workers,
         hw_decoder_load=cfg.dali_hw_decoder_load,
         prefetch=cfg.prefetch,
+        physical_cores_per_rank=dist.physical_cores_per_rank(info.local_world_size),
+        model_gflops=model_gflops(cfg.arch),
     )
 
 

@@ -361,3 +361,15 @@ def wrap_ddp(model: nn.Module, device: torch.device, world_size: int) -> nn.Modu
         return nn.parallel.DistributedDataParallel(model, device_ids=[device.index])
     # CPU: device_ids must be None, the module's own device is used.
     return nn.parallel.DistributedDataParallel(model)
+
+
+def model_gflops(arch: str) -> float | None:
+    """The model's forward GFLOPs per 224-px image, from torchvision's weights metadata
+    (``_ops``; resnet50: 4.09, resnet18: 1.81); None for a model without published weights.
+    What ``--dali-decode auto`` weighs the host's decode rate against."""
+    try:
+        weights = torchvision.models.get_model_weights(arch)
+    except (ValueError, KeyError):
+        return None
+    ops = [w.meta.get("_ops") for w in weights if w.meta.get("_ops")]
+    return float(ops[0]) if ops else None

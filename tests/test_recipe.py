@@ -257,3 +257,45 @@ def test_model_pt_holds_the_weights_that_scored_better_on_the_last_epoch(raw, em
     # Without an EMA, always the raw weights.
     training.ema = None
     assert final_weights(training, records) == (model, "raw")
+
+
+def test_best_pt_is_the_first_epoch_of_the_best_score_raw_or_ema(tmp_path):
+    """best.pt follows the better of the two scores (raw or EMA) and is replaced only by a
+    strictly better one: a later tie keeps the earlier epoch."""
+    import torchvision
+
+    from trainer import checkpoint as ckpt_io
+    from trainer.data import DataSpec
+    from trainer.main import build_training, end_epoch
+
+    cfg = Config(
+        arch="resnet18", num_classes=3, epochs=4, lr=0.1, ema_decay=0.9,
+        output_dir=str(tmp_path),
+    )  # fmt: skip
+    model = torchvision.models.resnet18(num_classes=3)
+    training = build_training(
+        cfg, model, steps_per_epoch=2, amp_dtype=None, device=torch.device("cpu")
+    )
+    data = DataSpec("train.txt", "val.txt", ["a", "b", "c"], None, False)
+
+    def epoch_end(epoch: int, raw: float, ema: float) -> None:
+        record = {
+            "epoch": epoch, "train_loss": 1.0, "val_top1": raw, "val_top5": 100.0,
+            "val_loss": 1.0, "val_top1_ema": ema, "val_loss_ema": 1.0,
+            "images_per_sec_per_gpu": 1.0, "data_wait_fraction": 0.0, "lr": 0.1,
+            "epoch_seconds": 1.0, "elapsed": float(epoch),
+        }  # fmt: skip
+        end_epoch(cfg, training, data, record)
+
+    def best_epoch() -> int:
+        best = torch.load(tmp_path / ckpt_io.BEST, map_location="cpu", weights_only=True)
+        return best["epoch"]
+
+    epoch_end(1, raw=40.0, ema=30.0)
+    assert best_epoch() == 1 and training.best_top1 == 40.0
+    epoch_end(2, raw=35.0, ema=40.0)  # the EMA's 40 ties the best so far: kept
+    assert best_epoch() == 1
+    epoch_end(3, raw=20.0, ema=45.0)  # the EMA's score is the epoch's
+    assert best_epoch() == 3 and training.best_top1 == 45.0
+    epoch_end(4, raw=44.0, ema=10.0)
+    assert best_epoch() == 3

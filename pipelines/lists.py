@@ -22,6 +22,7 @@ import numpy as np
 
 from . import s3
 from .fileio import atomic_write
+from .paths import dirname, is_file
 
 CLASSES_FILE = "classes.txt"
 TRAIN_LIST = "Train.txt"
@@ -107,17 +108,6 @@ def _read_bytes(path: str) -> bytes:
         return s3.read_bytes(path)
     with open(path, "rb") as f:
         return f.read()
-
-
-def _is_file(path: str) -> bool:
-    return s3.is_file(path) if s3.is_url(path) else os.path.isfile(path)
-
-
-def list_folder(list_file: str) -> str:
-    """The folder (or s3:// prefix) that the list's relative paths start from."""
-    if s3.is_url(list_file):
-        return s3.dirname(list_file)
-    return os.path.dirname(os.path.abspath(list_file))
 
 
 class SampleTable:
@@ -209,7 +199,7 @@ def _check_line(where: str, label: int, num_classes: int | None) -> None:
 
 def _read_lines_checked(list_file: str, num_classes: int | None) -> list[tuple[str, int]]:
     """Line by line with line numbers: the reference parser, and the one that names errors."""
-    base = list_folder(list_file)
+    base = dirname(list_file)
     pairs: list[tuple[str, int]] = []
     for lineno, raw in _numbered_lines(list_file):
         where = f"{list_file}:{lineno}"
@@ -250,7 +240,7 @@ def read_table(list_file: str | os.PathLike, *, num_classes: int | None = None) 
     line-by-line parser instead, which raises naming ``file:line``.
     """
     list_file = os.fspath(list_file)
-    if not _is_file(list_file):
+    if not is_file(list_file):
         raise ListError(f"{list_file}: {missing_file(list_file, 'list', 'list file not found')}")
     data = _read_bytes(list_file)
     try:
@@ -289,7 +279,7 @@ def _fast_table(text: str, list_file: str, num_classes: int | None) -> SampleTab
         return None
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
-    base = os.path.join(list_folder(list_file), "")  # ends in "/"
+    base = os.path.join(dirname(list_file), "")  # ends in "/"
     encoded, lengths, labels = [], [], []
     start = 0
     while start < len(text):
@@ -361,7 +351,7 @@ def read_classes(classes_file: str | os.PathLike) -> list[str]:
     are ignored; a blank line between names (which would shift every later label) and a
     repeated name are errors naming ``file:line``."""
     classes_file = os.fspath(classes_file)
-    if not _is_file(classes_file):
+    if not is_file(classes_file):
         why = missing_file(classes_file, "classes", "classes file not found")
         raise ListError(f"{classes_file}: {why}")
     numbered = _numbered_lines(classes_file)

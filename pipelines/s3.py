@@ -172,10 +172,6 @@ def read_bytes(url: str) -> bytes:
     return _request(url, lambda: client().get_object(Bucket=bucket, Key=key)["Body"].read())
 
 
-def read_text(url: str) -> str:
-    return read_bytes(url).decode("utf-8-sig")
-
-
 def head(url: str) -> dict | None:
     """``{"size", "etag"}`` of the object at ``url``; None when there is no such object (a
     missing bucket, bad credentials or a dead endpoint raise S3Error)."""

@@ -70,6 +70,7 @@ from pipelines.tuning import LoaderPlan, plan_loader  # noqa: E402
 from trainer import dist  # noqa: E402
 from trainer import metrics as run_metrics  # noqa: E402
 from trainer.config import TrainerError  # noqa: E402
+from trainer.cpu_load import TorchThreads  # noqa: E402
 from trainer.engine import build_step  # noqa: E402
 from trainer.model import model_gflops  # noqa: E402
 
@@ -155,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="PIL workers = DALI threads per GPU (default: the trainer's choice: usable cores / "
         "GPUs on this node, at most 8 with DALI GPU decode)",
+    )
+    p.add_argument(
+        "--cpu-threads",
+        type=positive_int,
+        default=None,
+        help="torch threads per rank without a GPU (default: the trainer's choice: usable cores "
+        "/ ranks, one fewer for each core other processes keep busy at start; printed)",
     )
     p.add_argument(
         "--dali-decode",
@@ -613,7 +621,7 @@ def summarize(label: str, mode: str, windows_per_rank: list[Windows], extra: dic
 def run(args: argparse.Namespace) -> dict:
     variants = parse_variants(args.backends)
     modes = _split(args.modes, MODES, "--modes")
-    info = dist.setup_distributed()
+    info = dist.setup_distributed(cpu_threads=args.cpu_threads)
     workdir = tempfile.mkdtemp(prefix="throughput-lists-")
     try:
         return _run(args, info, variants, modes, workdir)
@@ -717,6 +725,10 @@ def _run(args, info: dist.DistInfo, variants: list[Variant], modes: list[str], w
         f"{args.amp}, channels_last {args.channels_last}, compile {args.compile}; page cache "
         f"{'warmed by one untimed read of every file' if args.warm_cache else 'not warmed (--no-warm-cache)'}"
     )
+    if device.type == "cpu":
+        dist.print0(
+            f"  torch: {TorchThreads(info.torch_threads, info.torch_threads_reason).describe()}"
+        )
     for label, plan in plans.items():
         if label in same:
             dist.print0(f"  {label}: the same settings as {same[label]}: measured once, as that")
@@ -767,6 +779,7 @@ def _run(args, info: dist.DistInfo, variants: list[Variant], modes: list[str], w
         "boundary_steps_per_epoch": args.boundary_steps if boundary_list else None,
         "boundary_mode": boundary_mode if boundary_list else None,
         "world_size": info.world_size,
+        "torch_threads_per_rank": info.torch_threads or None,  # None on a GPU
         "device": str(device) if info.world_size == 1 else device.type,
         "page_cache_warmed": bool(args.warm_cache),
         "same_settings": same,  # items not measured: their loader is that of another item

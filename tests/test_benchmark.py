@@ -89,10 +89,21 @@ def _check_payload(payload, *, world_size, tiny_data):
 def test_benchmark_single_process_json_and_table(tiny_data, tmp_path):
     out = tmp_path / "bench.json"
     proc = _run(
-        [sys.executable, SCRIPT, "--list", tiny_data.train_list, *TINY_FLAGS, "--json", str(out)],
+        [
+            sys.executable,
+            SCRIPT,
+            "--list",
+            tiny_data.train_list,
+            *TINY_FLAGS,
+            "--json",
+            str(out),
+            "--cpu-threads",
+            "1",
+        ],
         tmp_path,
     )
     assert "| loader | mode |" in proc.stdout
+    assert "  torch: 1 thread per process (as asked by --cpu-threads)" in proc.stdout
     assert "| gap to ceiling | GPU idle | host data wait |" in proc.stdout
     assert "epoch boundary" in proc.stdout
     assert "warm-up 3 steps = queue 2 batches + --warmup 1" in proc.stdout
@@ -100,6 +111,7 @@ def test_benchmark_single_process_json_and_table(tiny_data, tmp_path):
     _check_payload(payload, world_size=1, tiny_data=tiny_data)
     # 120 images at batch 4: 30 steps per epoch, more than the 7 warm-up + windows need.
     assert payload["settings"]["list_repeated"] is False
+    assert payload["settings"]["torch_threads_per_rank"] == 1
 
 
 @pytest.mark.slow

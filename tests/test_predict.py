@@ -141,7 +141,18 @@ def test_command_line_predicts_files_and_folders_in_order(tiny_data, model_file)
     folder = os.path.join(tiny_data.root, "val", classes[1])
     single = os.path.join(tiny_data.root, "val", classes[0], "val_0000.jpg")
     proc = subprocess.run(
-        [sys.executable, PREDICT, "--model", model_file, single, folder, "--top-k", "3"],
+        [
+            sys.executable,
+            PREDICT,
+            "--model",
+            model_file,
+            single,
+            folder,
+            "--top-k",
+            "3",
+            "--cpu-threads",
+            "1",
+        ],
         capture_output=True,
         text=True,
         cwd="/",
@@ -163,7 +174,8 @@ def test_command_line_predicts_files_and_folders_in_order(tiny_data, model_file)
         assert 0 < sum(probabilities) <= 1.0001
     # Unlabelled input: no accuracy line, but the throughput line.
     assert not any(TOP1_LINE.match(line) for line in proc.stdout.splitlines())
-    assert re.search(r"^predicted 5 images in [\d.]+ s: \d+ img/s \(", proc.stdout, re.M)
+    said = re.search(r"^predicted 5 images in [\d.]+ s: \d+ img/s \((.*)\)$", proc.stdout, re.M)
+    assert said and ", torch 1, " in said.group(1)  # the model's threads, as asked
 
 
 def test_a_reader_that_goes_away_ends_it_quietly(tiny_data, model_file):

@@ -9,6 +9,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
@@ -109,6 +110,11 @@ def test_the_quick_start_trains(tiny_data, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     for name in ("config.toml", "metrics.jsonl", "train_batch.png", "model.pt", "per_class.csv"):
         assert (out / name).exists(), name
+    # On a CPU it says how many torch threads it chose and why, and keeps the count.
+    said = re.search(r"^torch: (\d+) threads? per process \((.+)\)$", done.stdout, re.M)
+    assert said, done.stdout[-2000:]
+    with open(out / "config.toml", "rb") as f:
+        assert tomllib.load(f)["cpu_threads"] == int(said.group(1))
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from trainer import dist
 from trainer.config import Config
 from trainer.engine import make_optimizer, make_scaler, train_step
 from trainer.main import make_batch_transform
@@ -212,19 +213,44 @@ def test_a_mid_epoch_resume_with_mixup_and_cutmix_is_exact(tiny_data, tmp_path):
         "--cutmix-alpha",
         "1.0",
     ]
+    # Every core for torch (not OMP_NUM_THREADS=1), a count the run asks for and saves; the
+    # resume leaves the count to the trainer, beside a busy process: this start alone would
+    # run a thread fewer, which sums in another order, but the run keeps its own and ends on
+    # the same bits.
+    cores = str(dist.usable_cpus())
+    threads = ["--cpu-threads", cores]
     reference = tmp_path / "reference"
-    run([sys.executable, MAIN, *tiny_flags(tiny_data, reference, *extra)], cwd=tmp_path)
+    run(
+        [sys.executable, MAIN, *tiny_flags(tiny_data, reference, *extra, *threads)],
+        cwd=tmp_path,
+        OMP_NUM_THREADS=cores,
+    )
     out = tmp_path / "stopped"
-    proc = start([sys.executable, MAIN, *tiny_flags(tiny_data, out, *extra)], cwd=tmp_path)
+    proc = start(
+        [sys.executable, MAIN, *tiny_flags(tiny_data, out, *extra, *threads)],
+        cwd=tmp_path,
+        OMP_NUM_THREADS=cores,
+    )
     wait_for_line(proc, "epoch 2/2 step 3/15")
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
     assert proc.returncode != 0
-    resumed = run(
-        [sys.executable, MAIN, *tiny_flags(tiny_data, out, *extra, "--resume", "auto")],
-        cwd=tmp_path,
-    )
+    from test_cpu_load import start_foreign_spinner
+
+    spinner = start_foreign_spinner()
+    try:
+        resumed = run(
+            [sys.executable, MAIN, *tiny_flags(tiny_data, out, *extra, "--resume", "auto")],
+            cwd=tmp_path,
+            OMP_NUM_THREADS=cores,
+        )
+    finally:
+        os.kill(spinner, signal.SIGKILL)
     assert "resuming epoch 2 at step" in resumed.stdout
+    if dist.usable_cpus() >= 2:
+        assert (
+            f"torch: {cores} threads per process (the run's own, for a bit for bit continuation"
+        ) in resumed.stdout
     assert_same_weights(out, reference)
 
 

@@ -29,6 +29,8 @@ if __package__ in (None, ""):
     # there for `trainer` and `pipelines` when the project is not installed.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch  # noqa: E402
+
 from pipelines.fileio import (  # noqa: E402
     OVERWRITE_HELP,
     OutputFileError,
@@ -37,7 +39,7 @@ from pipelines.fileio import (  # noqa: E402
 )
 from pipelines.lists import ListError  # noqa: E402
 from pipelines.scan import IMAGE_EXTENSIONS  # noqa: E402
-from trainer import inference  # noqa: E402
+from trainer import dist, inference  # noqa: E402
 
 
 def _positive(text: str) -> int:
@@ -95,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="DALI threads or PIL worker processes (default: usable cores, at most "
         f"{inference.GPU_DECODE_MAX_THREADS} with DALI on a GPU; 0 = PIL in this process)",
+    )
+    parser.add_argument(
+        "--cpu-threads",
+        type=_positive,
+        default=None,
+        help="torch threads for the model without a GPU (default: usable cores, one fewer for "
+        "each core other processes keep busy at start, as the trainer's --cpu-threads)",
     )
     parser.add_argument(
         "--amp",
@@ -167,6 +176,11 @@ def predict(argv: list[str] | None = None) -> int:
         threads = (
             args.workers if args.workers is not None else inference.default_threads(backend, device)
         )
+        torch_threads = None
+        if device.type == "cpu":
+            # A descheduled thread stalls every op: not more threads than free cores.
+            torch_threads = dist.choose_torch_threads(1, args.cpu_threads)
+            torch.set_num_threads(torch_threads.threads)
         model = inference.load_model(args.model, device=device, arch=args.arch)
         predictor = inference.Predictor(
             model,
@@ -215,6 +229,8 @@ def predict(argv: list[str] | None = None) -> int:
         written = f"; {args.csv} not written" if args.csv else ""
         print(f"interrupted after {predicted[0]} predictions{written}", file=sys.stderr)
         return 130
+    if torch_threads is not None and torch_threads.reason.startswith("not "):
+        folder_notes.append(f"torch ran {torch_threads.describe()}")
     for note in [*folder_notes, *summary.notes]:
         print(f"note: {note}")
     if summary.top1 is not None:
@@ -226,6 +242,8 @@ def predict(argv: list[str] | None = None) -> int:
             )
         print(f"top-1 {summary.top1:.2f}% over {summary.labelled} labelled images")
     workers = f"{threads} {'threads' if backend == 'dali' else 'workers'}"
+    if torch_threads is not None:
+        workers += f", torch {torch_threads.threads}"
     print(
         f"predicted {summary.predicted} images in {summary.seconds:.1f} s: "
         f"{summary.images_per_second:.0f} img/s ({backend} on {device.type}, batch "

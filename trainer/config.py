@@ -103,6 +103,13 @@ class Config:
         "DALI threads / PIL workers per GPU (default: usable CPU cores / ranks on this node, "
         "at most 8 with DALI GPU decode; OMP_NUM_THREADS does not limit it)",
     )
+    cpu_threads: int | None = _opt(
+        None,
+        "torch threads per process on a machine without a GPU (default: usable cores / ranks on "
+        "this node, capped by OMP_NUM_THREADS, one fewer for each core other processes keep "
+        "busy at start; a resumed run keeps its own). The count changes the CPU arithmetic: "
+        "set it for runs that repeat bit for bit whatever else runs on the machine",
+    )
     dali_decode: str = _opt(
         "auto",
         "DALI JPEG decode: mixed = on the GPU, cpu = on the host; auto = cpu where a GPU has "
@@ -427,7 +434,7 @@ def check_config(cfg: Config) -> None:
     for name in positive:
         if not getattr(cfg, name) > 0:
             raise BadValue(name, f"{flag_name(name)} must be > 0, got {getattr(cfg, name)}")
-    for name in ("num_classes", "workers", "lr", "processes"):
+    for name in ("num_classes", "workers", "cpu_threads", "lr", "processes"):
         value = getattr(cfg, name)
         if value is not None and not value > 0:
             raise BadValue(name, f"{flag_name(name)} must be > 0, got {value}")

@@ -12,10 +12,13 @@ import datetime
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as torch_dist
+
+from trainer import cpu_load
+from trainer.cpu_load import TorchThreads
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,9 @@ class DistInfo:
     local_world_size: int
     device: torch.device
     is_main: bool  # rank 0: the one that prints and writes files
+    # torch's intra-op threads on a CPU rank, and why that many (0 and "" on a GPU rank)
+    torch_threads: int = 0
+    torch_threads_reason: str = ""
 
     @property
     def distributed(self) -> bool:
@@ -97,6 +103,32 @@ def loader_threads_reason(local_world_size: int) -> str:
         return f"{cores} cores srun bound to this task"
     ranks = max(1, local_world_size)
     return f"{cores} usable cores / {ranks} rank{'s' if ranks > 1 else ''} on this node"
+
+
+def choose_torch_threads(local_world_size: int, requested: int | None = None) -> TorchThreads:
+    """A CPU rank's torch threads: ``requested`` when given, else its share of the cores
+    (``torch_threads_per_rank``) less its part of the cores other processes keep busy at
+    start (sampled for 0.3 s; see trainer/cpu_load.py)."""
+    if requested is not None:
+        return TorchThreads(requested, "as asked by --cpu-threads")
+    share = torch_threads_per_rank(local_world_size)
+    if share <= 1:
+        return TorchThreads(share, _share_reason(local_world_size))
+    usable = usable_cpus()
+    busy = cpu_load.busy_cores_of_others()
+    return cpu_load.choose_torch_threads(
+        share=share,
+        usable=usable,
+        local_world_size=local_world_size,
+        busy_others=busy,
+        share_reason=_share_reason(local_world_size),
+    )
+
+
+def _share_reason(local_world_size: int) -> str:
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    capped = omp.isdigit() and 0 < int(omp) < cpu_threads_per_rank(local_world_size)
+    return f"OMP_NUM_THREADS={omp}" if capped else loader_threads_reason(local_world_size)
 
 
 def torch_threads_per_rank(local_world_size: int) -> int:
@@ -261,13 +293,15 @@ def setup_distributed(
     timeout_s: float = 300.0,
     local_rank: int | None = None,
     device: str | None = None,
+    cpu_threads: int | None = None,
 ) -> DistInfo:
     """Read the launcher's env, pick the device, and join the process group when world > 1.
 
     ``timeout_s`` bounds how long a collective waits for a rank that went silent, so a hung
     peer fails the job instead of holding it forever (torchrun already stops every rank when
     one exits non-zero). ``local_rank`` is the legacy launcher's ``--local-rank`` argument.
-    ``device`` forces "cpu" or "cuda"; by default CUDA when available.
+    ``device`` forces "cpu" or "cuda"; by default CUDA when available. ``cpu_threads``: torch's
+    threads on a CPU rank (default: ``choose_torch_threads``'s).
     """
     global _info
     adopt_slurm_step()
@@ -300,8 +334,10 @@ def setup_distributed(
     else:
         dev = torch.device("cpu")
         # Each rank is its own process: without this every rank would use all cores and the
-        # ranks would oversubscribe the machine (and starve the loader threads).
-        torch.set_num_threads(torch_threads_per_rank(local_world_size))
+        # ranks would oversubscribe the machine (and starve the loader threads); and cores
+        # other processes keep busy are not ours either.
+        threads = choose_torch_threads(local_world_size, cpu_threads)
+        torch.set_num_threads(threads.threads)
 
     if world_size > 1 and not torch_dist.is_initialized():
         addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT", "")
@@ -332,6 +368,8 @@ def setup_distributed(
                 )
             raise DistSetupError(message, every_node=True) from None
     _info = DistInfo(rank, world_size, local_rank, local_world_size, dev, rank == 0)
+    if not use_cuda:
+        _info = replace(_info, torch_threads=threads.threads, torch_threads_reason=threads.reason)
     return _info
 
 

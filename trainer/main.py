@@ -58,6 +58,7 @@ from trainer.config import (  # noqa: E402
     save_config,
     train_image_size,
 )
+from trainer.cpu_load import TorchThreads  # noqa: E402
 from trainer.data import DataSpec, check_train_labels, resolve_data  # noqa: E402
 from trainer.engine import (  # noqa: E402
     average_batchnorm_buffers,
@@ -137,6 +138,7 @@ def resolve_config(cfg: Config, data: DataSpec, info: dist.DistInfo, plan: Loade
         if cfg.weight_decay is not None
         else default_weight_decay(cfg),
         workers=plan.threads,
+        cpu_threads=info.torch_threads or cfg.cpu_threads,
         dali_decode=plan.decode or cfg.dali_decode,
         dali_hw_decoder_load=plan.hw_decoder_load,
         prefetch=plan.prefetch,
@@ -501,6 +503,24 @@ def check_same_run(
         )
 
 
+def keep_run_cpu_threads(
+    cfg: Config, info: dist.DistInfo, checkpoint: dict, said: str
+) -> tuple[Config, str]:
+    """A resumed CPU run goes on with the torch threads it started with: the count changes
+    the CPU arithmetic (the order of sums), so another count would end elsewhere than the
+    uninterrupted run. Not where the run had more than this start's share of the cores."""
+    saved = checkpoint["config"].get("cpu_threads")
+    if info.device.type != "cpu" or not saved or saved == cfg.cpu_threads:
+        return cfg, said
+    if saved > dist.torch_threads_per_rank(info.local_world_size):
+        return cfg, said
+    torch.set_num_threads(saved)
+    return replace(cfg, cpu_threads=saved), (
+        f"the run's own, for a bit for bit continuation; this start alone would run "
+        f"{cfg.cpu_threads}: {said}; --cpu-threads to choose"
+    )
+
+
 def training_state(cfg: Config, training: Training, data: DataSpec, *, next_epoch: int) -> dict:
     """What last.pt holds at an epoch end and at a step checkpoint alike (rank 0's)."""
     state = ckpt_io.checkpoint_state(
@@ -810,6 +830,7 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
         cfg = replace(cfg, warmup_epochs=capped)
     plan = plan_loader(cfg, info)
     lr_given = cfg.lr is not None  # before resolve_config fills in the default
+    threads_given = cfg.cpu_threads is not None
     cfg = resolve_config(cfg, data, info, plan)
     amp_dtype, note = resolve_amp(cfg.amp, info.device)
     if note:
@@ -903,8 +924,11 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
         dist.print0(f"eval-only: results in {results_dir}")
         return
 
+    threads_said = info.torch_threads_reason
     if checkpoint is not None:  # before config.toml is written: a refusal changes nothing
         check_same_run(checkpoint, resume_path, cfg, info.world_size, lr_given=lr_given)
+        if not threads_given:
+            cfg, threads_said = keep_run_cpu_threads(cfg, info, checkpoint, threads_said)
 
     def claim_output_dir() -> None:
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -949,6 +973,8 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
         f"output {cfg.output_dir}"
     )
     dist.print0(f"loader: {plan.describe()}")
+    if info.device.type == "cpu":
+        dist.print0(f"torch: {TorchThreads(cfg.cpu_threads, threads_said).describe()}")
     if val_loader is None:
         dist.print0("no validation list: no evaluation; best.pt follows the last epoch")
     if training.start_epoch >= cfg.epochs:
@@ -1036,7 +1062,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"starting {nproc} processes with torchrun ({why})", flush=True)
             return relaunch_under_torchrun(__file__, nproc, argv)
     try:
-        info = dist.setup_distributed(timeout_s=cfg.dist_timeout, local_rank=cfg.local_rank)
+        info = dist.setup_distributed(
+            timeout_s=cfg.dist_timeout, local_rank=cfg.local_rank, cpu_threads=cfg.cpu_threads
+        )
     except dist.DistSetupError as exc:
         # A rendezvous fault is each node's own: the first rank of each says it.
         local_first = os.environ.get("LOCAL_RANK", "0") == "0"

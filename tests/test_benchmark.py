@@ -86,6 +86,7 @@ def _check_payload(payload, *, world_size, tiny_data):
     assert rows[("dali", "train")]["dali_decode"] == "cpu"  # auto = cpu without a GPU
 
 
+@pytest.mark.slow
 def test_benchmark_single_process_json_and_table(tiny_data, tmp_path):
     out = tmp_path / "bench.json"
     proc = _run(
@@ -126,6 +127,7 @@ def test_benchmark_under_torchrun_totals_are_per_gpu_times_ranks(tiny_data, tmp_
     _check_payload(json.loads(out.read_text()), world_size=2, tiny_data=tiny_data)
 
 
+@pytest.mark.slow
 def test_benchmark_repeats_a_short_list_so_windows_stay_in_one_epoch(tiny_data, tmp_path):
     """120 images at batch 16 give 7 steps per epoch; warm-up + windows need 2+1+3x2 = 9."""
     out = tmp_path / "bench.json"
@@ -145,6 +147,7 @@ def test_benchmark_repeats_a_short_list_so_windows_stay_in_one_epoch(tiny_data, 
     assert row["epoch_boundary_seconds"] is None  # --boundaries 0
 
 
+@pytest.mark.slow
 def test_benchmark_rejects_unknown_backend(tmp_path):
     proc = subprocess.run(
         [sys.executable, SCRIPT, "--backends", "pil,ffcv", "--list", "unused"],
@@ -156,6 +159,7 @@ def test_benchmark_rejects_unknown_backend(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_benchmark_under_broken_srun_variables_is_one_line(tmp_path):
     # The trainer said one line for these; the benchmark, which reads the same variables,
     # ended in a DistSetupError traceback.
@@ -171,6 +175,7 @@ def test_benchmark_under_broken_srun_variables_is_one_line(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_benchmark_plot_or_clear_message(tiny_data, tmp_path):
     """--plot writes a PNG with matplotlib (an optional extra), else fails before measuring."""
     import importlib.util
@@ -188,6 +193,7 @@ def test_benchmark_plot_or_clear_message(tiny_data, tmp_path):
         assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
+@pytest.mark.slow
 def test_sweep_ranks_configurations_and_prints_settings_the_trainer_reads(tiny_data, tmp_path):
     """On CPU the sweep is cpu decode x threads x prefetch; its TOML and flags parse as the
     trainer's own settings, equal to the best row."""

@@ -250,6 +250,7 @@ def test_items_that_resolve_to_the_same_loader_are_measured_once(tiny_data, tmp_
     )
 
 
+@pytest.mark.slow
 def test_sigterm_still_removes_the_temporary_lists(tiny_data, tmp_path):
     """gpu_suite's `timeout` sends SIGTERM: the repeated lists must not stay in /tmp."""
     scratch = tmp_path / "tmp"
@@ -337,6 +338,7 @@ def test_suite_summary_says_how_each_stage_ended(tmp_path):
     assert "- compile: failed, exit 1 (see compile.log), 3 s" in summary
 
 
+@pytest.mark.slow
 def test_gpu_suite_collects_the_gpu_tests_without_the_test_extra(tmp_path):
     # gpu_suite.sh runs `pytest -m gpu tests` on the GPU machine, whose image has torch,
     # numpy and pillow but not the test extra (onnx, onnxruntime, onnxscript, matplotlib): a

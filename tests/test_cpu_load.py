@@ -72,24 +72,40 @@ def test_asked_threads_are_used_as_given_and_a_share_of_one_is_not_sampled(monke
 
 @two_cores
 def test_a_neighbours_busy_core_is_seen_and_the_jobs_own_are_not():
-    quiet = cpu_load.busy_cores_of_others(0.5)
-    assert quiet is not None
-    # The job's own work (here a child of this process, as a PIL worker is a rank's) is
-    # not another process's load.
-    child = subprocess.Popen(SPIN)
-    try:
-        time.sleep(0.3)
-        own = cpu_load.busy_cores_of_others(0.5)
-    finally:
-        child.kill()
-        child.wait()
+    # Whatever else runs (another test, the machine's own work), a spinning neighbour gets at
+    # least its share of a core, and all of it counts as others' load.
     pid = start_foreign_spinner()
     try:
         foreign = cpu_load.busy_cores_of_others(0.5)
+        assert pid not in descendants(cpu_load.job_root())
     finally:
         os.kill(pid, signal.SIGKILL)
-    assert foreign - quiet > 0.6, (quiet, foreign)
-    assert own - quiet < 0.4, (quiet, own)
+    assert foreign > 0.6, foreign
+    # The job's own work (here a child of this process, as a PIL worker is a rank's) is
+    # counted as the job's, so it is taken off the busy time, not added to others' load.
+    child = subprocess.Popen(SPIN)
+    try:
+        time.sleep(0.3)
+        table = cpu_load._process_table()
+        assert child.pid in descendants(cpu_load.job_root())
+        before, start = cpu_load._job_ticks(table, os.getpid()), time.monotonic()
+        time.sleep(0.5)
+        after = cpu_load._job_ticks(cpu_load._process_table(), os.getpid())
+        cores = (after - before) / os.sysconf("SC_CLK_TCK") / (time.monotonic() - start)
+    finally:
+        child.kill()
+        child.wait()
+    assert cores > 0.6, cores
+
+
+def descendants(root: int) -> set[int]:
+    table = cpu_load._process_table()
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo.extend(p for p, (ppid, _) in table.items() if ppid == pid)
+    return found
 
 
 def test_under_torchrun_the_job_is_the_launchers_children(monkeypatch):
@@ -105,7 +121,7 @@ def test_a_cpu_rank_beside_a_busy_process_runs_a_thread_fewer(foreign_spinner, m
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     share = dist.torch_threads_per_rank(1)
     chosen = dist.choose_torch_threads(1)
-    assert chosen.threads == share - 1, chosen
+    assert chosen.threads <= share - 1, chosen  # fewer still if more is busy
     assert chosen.reason.startswith(f"not {share}: other processes kept ")
 
 

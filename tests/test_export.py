@@ -71,6 +71,7 @@ def torch_logits(model_file: str, batch: torch.Tensor) -> np.ndarray:
         return net.eval()(batch).numpy()
 
 
+@pytest.mark.slow
 def test_command_line_exports_a_checked_model_with_metadata(tmp_path, tiny_data, run_dir):
     out = tmp_path / "model.onnx"
     proc = subprocess.run(
@@ -107,6 +108,7 @@ def test_command_line_exports_a_checked_model_with_metadata(tmp_path, tiny_data,
     assert (logits.argmax(1) == expected.argmax(1)).all()
 
 
+@pytest.mark.slow
 def test_check_images_default_to_the_runs_val_list(capsys, tmp_path, run_dir):
     out = tmp_path / "default.onnx"
     assert export_main([str(run_dir / "model.pt"), str(out)]) == 0
@@ -181,6 +183,7 @@ def test_an_existing_output_is_refused_before_any_work(capsys, tmp_path, run_dir
     assert out.stat().st_size > 1_000_000
 
 
+@pytest.mark.slow
 def test_check_image_problems_are_said_plainly(capsys, tmp_path, tiny_data, run_dir):
     model = str(run_dir / "model.pt")
     # A missing model is named first, even with no check images to be found beside it.

@@ -62,6 +62,7 @@ def test_plain_python_with_processes_starts_torchrun_and_splits_cores(tiny_data,
     assert os.path.isfile(tmp_path / "model.pt")
 
 
+@pytest.mark.slow
 def test_processes_under_torchrun_is_refused(tiny_data, tmp_path):
     proc = run(
         torchrun(1) + ["--processes", "2", "--train-list", tiny_data.train_list],
@@ -312,6 +313,7 @@ def test_new_loader_flags_parse_and_check():
             parse_config(bad)
 
 
+@pytest.mark.slow
 def test_processes_job_with_bad_input_ends_in_the_workers_line(tiny_data, tmp_path):
     # Started by --processes, torchrun runs inside the launcher: the job's output is the
     # failing rank's one error line and its exit status 2, not torchrun's traceback.

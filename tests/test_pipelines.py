@@ -504,6 +504,7 @@ def rank_process(tmp_path, script_text: str, list_file: str) -> Iterator[subproc
         rank.wait()
 
 
+@pytest.mark.slow
 def test_pil_workers_start_clean_while_another_thread_holds_a_lock(labelled_list, tmp_path):
     """A worker forked from the rank would copy that lock held, with no thread to release it,
     and wait forever (the rank with it): a rank runs gloo's, NCCL's or DALI's threads. Workers
@@ -538,6 +539,7 @@ def _running(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_pil_workers_end_when_their_rank_is_killed(labelled_list, tmp_path):
     """A rank killed outright (torchrun ending a failed job, the OOM killer) runs no cleanup:
     its workers must notice by themselves and end, or they (and the forkserver they keep
@@ -570,6 +572,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_pil_workers_outlive_stop_signals_and_end_with_the_rank(labelled_list, tmp_path):
     """Ctrl-C signals the terminal's whole process group and a scheduler's preemption every
     process of the job; the rank stops at a step boundary, a batch or two later, so its
@@ -606,6 +609,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_pil_workers_and_their_server_outlive_a_stop_signal_to_the_ranks_group(
     labelled_list, tmp_path
 ):
@@ -621,6 +625,7 @@ def test_pil_workers_and_their_server_outlive_a_stop_signal_to_the_ranks_group(
     assert out.splitlines() == ["[15] True", "5 batches"]  # 23 images, batch 4: the whole epoch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["stdin", "unguarded_file"])
 def test_pil_workers_never_run_the_main_script_again(labelled_list, tmp_path, how):
     """Under spawn or a forkserver, Python runs the main script again in each worker, from its
@@ -754,6 +759,7 @@ def augmented_fraction(images: torch.Tensor) -> float:
     return float((blue_moved | x_broken | y_broken).float().mean())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["dali", "pil"])
 def test_auto_augment_policies_change_images_alike_in_both_backends(coordinate_image_list, backend):
     def batches(policy):

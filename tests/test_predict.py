@@ -134,6 +134,7 @@ def test_ctrl_c_is_one_line_and_writes_no_csv(
     assert not csv_file.exists()
 
 
+@pytest.mark.slow
 def test_command_line_predicts_files_and_folders_in_order(tiny_data, model_file):
     """The real command line (its sys.path set-up, its exit status) on an image file and a
     folder: one line per image, in order, top-k most probable first."""
@@ -178,6 +179,7 @@ def test_command_line_predicts_files_and_folders_in_order(tiny_data, model_file)
     assert said and ", torch 1, " in said.group(1)  # the model's threads, as asked
 
 
+@pytest.mark.slow
 def test_a_reader_that_goes_away_ends_it_quietly(tiny_data, model_file):
     # `predict.py ... | head -1`: a traceback (BrokenPipeError at the summary line), or with
     # more images 'error: [Errno 32] Broken pipe' and status 2, as if the input were bad.
@@ -318,6 +320,7 @@ def test_top1_equals_eval_only(tmp_path, tiny_data, model_file, single_process, 
     assert summary.top1 == evaluated["val_top1"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["dali", "pil"])
 def test_bad_files_are_named_and_skipped(capsys, tmp_path, tiny_data, model_file, backend):
     """Missing, empty, non-image, corrupt and truncated files: each named once on stderr and
@@ -417,6 +420,7 @@ def test_an_existing_csv_is_refused_before_any_work(capsys, tmp_path, tiny_data,
     assert rc == 0 and out.read_text().startswith("path,label,class_1,")
 
 
+@pytest.mark.slow
 def test_model_problems_are_one_plain_line(capsys, tmp_path, tiny_data, model_file):
     image = read_list(tiny_data.val_list)[0].path
 

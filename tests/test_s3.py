@@ -64,6 +64,7 @@ def assert_same(got, want) -> None:
         assert torch.equal(x0, x1) and torch.equal(y0, y1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["dali", "pil"])
 def test_a_list_and_a_shard_set_in_a_bucket_give_the_batches_of_their_local_copies(
     bucket, tiny_data, local_shards, backend, capsys
@@ -102,6 +103,7 @@ def test_the_cache_fetches_a_shard_again_when_the_bucket_holds_another(bucket, l
     assert len(read_shard_table(folder)) == len(before)
 
 
+@pytest.mark.slow
 def test_make_lists_on_a_bucket_and_make_shards_into_one(bucket, tiny_data, tmp_path):
     lists = tmp_path / "lists"
     done = tool("make_lists.py", f"{bucket}/tiny", "--out-dir", str(lists), "--verify")
@@ -140,6 +142,7 @@ def test_make_lists_on_a_bucket_and_make_shards_into_one(bucket, tiny_data, tmp_
     assert again.returncode == 2 and "a shard set is already there" in again.stderr
 
 
+@pytest.mark.slow
 def test_bucket_problems_are_one_line_naming_the_url(bucket, tmp_path, monkeypatch):
     from pipelines import build_loader
     from pipelines.lists import ListError
@@ -238,10 +241,13 @@ def test_two_ranks_train_resume_and_predict_from_a_bucket(bucket, tiny_data, tmp
     remote = tool("predict.py", "--model", str(out / "model.pt"), f"{bucket}/tiny/Test.txt")
     local = tool("predict.py", "--model", str(out / "model.pt"), tiny_data.val_list)
     assert remote.returncode == 0 == local.returncode, remote.stderr + local.stderr
-    lines = remote.stdout.splitlines()
+    def said(out: str) -> list[str]:  # a busy machine's torch-threads note may differ
+        return [line for line in out.splitlines() if not line.startswith("note: torch ran")]
+
+    lines = said(remote.stdout)
     assert len(lines) == 40 + 2 and "over 40 labelled images" in lines[-2]
     root = tiny_data.root.rstrip("/") + "/"
-    assert lines[:-1] == local.stdout.replace(root, f"{bucket}/tiny/").splitlines()[:-1]
+    assert lines[:-1] == said(local.stdout.replace(root, f"{bucket}/tiny/"))[:-1]
     secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
     for folder in (reference, out):
         for path in folder.rglob("*"):

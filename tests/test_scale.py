@@ -236,6 +236,7 @@ def test_scale_never_writes_over_lists_it_did_not_write(tiny_data, tmp_path, cap
     assert {name: (mine / name).read_bytes() for name in before} == before
 
 
+@pytest.mark.slow
 def test_scale_run_names_the_list_lengths_and_keeps_its_json(tiny_data, tmp_path, capsys):
     from benchmarks import imagenet_scale
 
@@ -258,6 +259,7 @@ def test_scale_run_names_the_list_lengths_and_keeps_its_json(tiny_data, tmp_path
     assert json.loads(out.read_text()) == result
 
 
+@pytest.mark.slow
 def test_scale_measures_shard_sets_that_repeat_real_images(tiny_data, tmp_path, capsys):
     from benchmarks import imagenet_scale
     from pipelines.shards import read_shard_table

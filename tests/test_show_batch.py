@@ -46,6 +46,7 @@ def test_the_pictures_are_the_images_the_model_gets_de_normalized(tiny_data, bac
         assert np.abs(picture.numpy() - want).mean() < (0.02 if backend == "dali" else 0.002)
 
 
+@pytest.mark.slow
 def test_the_command_draws_a_batch_and_says_bad_input_in_one_line(tiny_data, tmp_path):
     out = tmp_path / "batch.png"
     cmd = [sys.executable, TOOL, "--list", tiny_data.train_list, "--out", str(out)]

@@ -31,6 +31,7 @@ def scalars(folder) -> dict[str, list[tuple[int, float]]]:
     }
 
 
+@pytest.mark.slow
 def test_without_tensorboard_one_error_line(tiny_data, tmp_path):
     # A tensorboard that cannot be imported, first on the path: a machine without it.
     shim = tmp_path / "shim" / "tensorboard"

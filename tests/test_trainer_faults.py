@@ -254,6 +254,7 @@ def test_torchrun_names_the_rank_that_met_a_bad_image(tmp_path, tiny_data):
     assert f"error: rank 1: {bad}" in root_cause
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["dali", "pil"])
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_bad_image_mid_training_is_named(capsys, tmp_path, tiny_data, loader, damage):
@@ -364,6 +365,7 @@ def test_sigterm_and_ctrl_c_end_with_one_line(tmp_path, tiny_data, signame):
     assert len(lines) == 1 and lines[0].startswith(f"stopped by {signame}"), err
 
 
+@pytest.mark.slow
 def test_val_fraction_zero_trains_without_validation(capsys, tmp_path, tiny_data):
     from pipelines.scan import make_lists
 
@@ -408,6 +410,7 @@ def test_val_fraction_zero_trains_without_validation(capsys, tmp_path, tiny_data
     fails(capsys, empty, "nothing to evaluate")
 
 
+@pytest.mark.slow
 def test_recipe_options_reach_the_run(capsys, tmp_path, tiny_data):
     # Accumulation, clipping, mixup and cutmix through the command line, one epoch in-process.
     out = tmp_path / "out"
@@ -426,6 +429,7 @@ def test_recipe_options_reach_the_run(capsys, tmp_path, tiny_data):
     assert record["train_loss"] > 0 and record["val_top1"] is not None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["dali", "pil"])
 def test_auto_augment_and_progressive_resize_reach_the_run(capsys, tmp_path, tiny_data, loader):
     out = tmp_path / "out"
@@ -562,6 +566,7 @@ def test_overwrite_removes_every_file_of_the_earlier_run(tmp_path, tiny_data):
     assert sorted(os.listdir(out)) == ["notes.txt"]
 
 
+@pytest.mark.slow
 def test_resume_on_epochs_of_another_length_keeps_the_schedule_in_step(capsys, tmp_path, tiny_data):
     # One epoch on the whole list, then a second on half of it (epochs of another length,
     # as another world size gives): the lr schedule goes on from the start of epoch 2, so
@@ -595,6 +600,7 @@ def test_resume_on_epochs_of_another_length_keeps_the_schedule_in_step(capsys, t
     assert placed.optimizer.param_groups[0]["lr"] == stepped.optimizer.param_groups[0]["lr"]
 
 
+@pytest.mark.slow
 def test_run_stopped_after_its_last_checkpoint_resumes_to_every_result(capsys, tmp_path, tiny_data):
     # A signal during the final evaluation (or a kill during the export) stops the run after
     # last.pt of its last epoch: model.pt, per_class.csv and the confusion matrix are missing.
@@ -621,6 +627,7 @@ def test_run_stopped_after_its_last_checkpoint_resumes_to_every_result(capsys, t
     ]
 
 
+@pytest.mark.slow
 def test_a_failed_best_pt_write_is_redone_on_resume(capsys, tmp_path, tiny_data):
     # best.pt of a new best epoch cannot be written (a full disk; here a folder in its way):
     # the run stops, and --resume auto once the space is there must redo that epoch and save

@@ -419,6 +419,7 @@ def test_frozen_epochs_leave_the_backbone_as_loaded(
     assert not torch.equal(head["fc.weight"], start.fc.weight)
 
 
+@pytest.mark.slow
 def test_eval_only_of_named_weights_and_predict_and_export_by_name(
     monkeypatch, capsys, torch_home, tiny_data, tmp_path
 ):

@@ -37,7 +37,12 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.cli import ArgumentParser, error, non_negative_int, positive_int  # noqa: E402
-from pipelines.fileio import OVERWRITE_HELP, atomic_write_text, check_output_file  # noqa: E402
+from pipelines.fileio import (  # noqa: E402
+    OVERWRITE_HELP,
+    OutputFileError,
+    atomic_write_text,
+    check_output_file,
+)
 from trainer.dist import usable_cpus  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     if "predict" in tools and "trainer" not in tools:
         tools.insert(0, "trainer")  # predict reads the model the trainer's run writes
     if args.json:
-        check_output_file(args.json, overwrite=args.overwrite, flag="--json")
+        try:
+            check_output_file(args.json, overwrite=args.overwrite, flag="--json")
+        except OutputFileError as exc:
+            return error(str(exc))
     fixed = usable_cpus() if args.fixed_threads is None else args.fixed_threads
     variants = {"auto": []}
     if fixed:

@@ -156,7 +156,7 @@ def test_a_resumed_cpu_run_keeps_the_threads_it_started_with():
         torch.set_num_threads(before)
 
 
-def test_busy_machine_benchmark_tables_its_runs_side_by_side(capsys):
+def test_busy_machine_benchmark_tables_its_runs_side_by_side(capsys, tmp_path):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from benchmarks import busy_machine
 
@@ -178,4 +178,11 @@ def test_busy_machine_benchmark_tables_its_runs_side_by_side(capsys):
     assert busy_machine.main(["--tools", "trainer,nope"]) == 2
     assert "error: --tools 'trainer,nope': choose from trainer, throughput, predict" in (
         capsys.readouterr().err
+    )
+    # An existing --json is refused in one line, before any run, unless --overwrite.
+    existing = tmp_path / "busy.json"
+    existing.write_text("{}")
+    assert busy_machine.main(["--json", str(existing)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --json {existing} exists: choose another name or pass --overwrite\n"
     )

@@ -5,7 +5,7 @@ torch's CPU ops run as OpenMP parallel regions, and each region ends in a barrie
 for its slowest thread. On a machine where another process keeps a core busy (a browser, a
 compile, a CI runner's neighbour), the scheduler takes turns between it and one of our
 threads, and every op waits out that turn: measured on 2 cores with one busy process beside
-the demo run, 2 torch threads trained at 30 img/s against 128 quiet, 1 thread at 84
+the demo run, 2 torch threads trained at 31 img/s against 135 quiet, 1 thread at 92
 (benchmarks/busy_machine.py). So a rank counts, over a short sample at start, the busy time of
 the CPUs it may run on that is not its own job's (itself, its sibling ranks, their loader
 processes), and runs one thread fewer for each such core.

@@ -70,7 +70,6 @@ from pipelines.tuning import LoaderPlan, plan_loader  # noqa: E402
 from trainer import dist  # noqa: E402
 from trainer import metrics as run_metrics  # noqa: E402
 from trainer.config import TrainerError  # noqa: E402
-from trainer.cpu_load import TorchThreads  # noqa: E402
 from trainer.engine import build_step  # noqa: E402
 from trainer.model import model_gflops  # noqa: E402
 
@@ -725,10 +724,8 @@ def _run(args, info: dist.DistInfo, variants: list[Variant], modes: list[str], w
         f"{args.amp}, channels_last {args.channels_last}, compile {args.compile}; page cache "
         f"{'warmed by one untimed read of every file' if args.warm_cache else 'not warmed (--no-warm-cache)'}"
     )
-    if device.type == "cpu":
-        dist.print0(
-            f"  torch: {TorchThreads(info.torch_threads, info.torch_threads_reason).describe()}"
-        )
+    if info.torch_threads is not None:
+        dist.print0(f"  torch: {info.torch_threads.describe()}")
     for label, plan in plans.items():
         if label in same:
             dist.print0(f"  {label}: the same settings as {same[label]}: measured once, as that")
@@ -779,7 +776,7 @@ def _run(args, info: dist.DistInfo, variants: list[Variant], modes: list[str], w
         "boundary_steps_per_epoch": args.boundary_steps if boundary_list else None,
         "boundary_mode": boundary_mode if boundary_list else None,
         "world_size": info.world_size,
-        "torch_threads_per_rank": info.torch_threads or None,  # None on a GPU
+        "torch_threads_per_rank": info.torch_threads.threads if info.torch_threads else None,
         "device": str(device) if info.world_size == 1 else device.type,
         "page_cache_warmed": bool(args.warm_cache),
         "same_settings": same,  # items not measured: their loader is that of another item

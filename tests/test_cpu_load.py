@@ -56,6 +56,7 @@ def test_the_rule_takes_a_thread_off_for_each_busy_core():
     assert reduced.reason.startswith("not 2: other processes kept 1.0 of 2 cores busy at start")
     assert "--cpu-threads 2" in reduced.reason
     assert reduced.describe().startswith("1 thread per process (not 2: ")
+    assert reduced.cut and not choose(0.3).cut
     assert choose(None).threads == 2 and "could not be read" in choose(None).reason
     # Ranks share what is free: 16 cores, 4 busy, 2 ranks of 8 -> 6 each.
     assert choose(4.0, share=8, usable=16, ranks=2).threads == 6
@@ -65,7 +66,7 @@ def test_the_rule_takes_a_thread_off_for_each_busy_core():
 
 def test_asked_threads_are_used_as_given_and_a_share_of_one_is_not_sampled(monkeypatch):
     assert dist.choose_torch_threads(1, 3).threads == 3
-    monkeypatch.setattr(cpu_load, "busy_cores_of_others", lambda: pytest.fail("sampled"))
+    monkeypatch.setattr(cpu_load, "busy_cores_of_others", lambda *_: pytest.fail("sampled"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert dist.choose_torch_threads(1).threads == 1
 
@@ -76,8 +77,8 @@ def test_a_neighbours_busy_core_is_seen_and_the_jobs_own_are_not():
     # least its share of a core, and all of it counts as others' load.
     pid = start_foreign_spinner()
     try:
-        foreign = cpu_load.busy_cores_of_others(0.5)
-        assert pid not in descendants(cpu_load.job_root())
+        foreign = cpu_load.busy_cores_of_others(1, 0.5)
+        assert pid not in descendants(cpu_load.job_root(1))
     finally:
         os.kill(pid, signal.SIGKILL)
     assert foreign > 0.6, foreign
@@ -87,7 +88,7 @@ def test_a_neighbours_busy_core_is_seen_and_the_jobs_own_are_not():
     try:
         time.sleep(0.3)
         table = cpu_load._process_table()
-        assert child.pid in descendants(cpu_load.job_root())
+        assert child.pid in descendants(cpu_load.job_root(1))
         before, start = cpu_load._job_ticks(table, os.getpid()), time.monotonic()
         time.sleep(0.5)
         after = cpu_load._job_ticks(cpu_load._process_table(), os.getpid())
@@ -111,9 +112,9 @@ def descendants(root: int) -> set[int]:
 def test_under_torchrun_the_job_is_the_launchers_children(monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert cpu_load.job_root() == os.getppid()  # the sibling ranks are the job too
+    assert cpu_load.job_root(2) == os.getppid()  # the sibling ranks are the job too
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")
-    assert cpu_load.job_root() == os.getpid()
+    assert cpu_load.job_root(2) == os.getpid()
 
 
 @two_cores
@@ -134,23 +135,25 @@ def test_cpu_threads_must_be_positive():
 def test_a_resumed_cpu_run_keeps_the_threads_it_started_with():
     from trainer.main import keep_run_cpu_threads
 
-    info = dist.DistInfo(0, 1, 0, 1, torch.device("cpu"), True, torch_threads=2)
+    chosen = cpu_load.TorchThreads(2, "busy now")
+    info = dist.DistInfo(0, 1, 0, 1, torch.device("cpu"), True, torch_threads=chosen)
     before = torch.get_num_threads()
     try:
-        cfg, said = keep_run_cpu_threads(
-            Config(cpu_threads=2), info, {"config": {"cpu_threads": 1}}, "busy now"
+        cfg, kept = keep_run_cpu_threads(
+            Config(cpu_threads=2), info, {"config": {"cpu_threads": 1}}
         )
-        assert cfg.cpu_threads == 1 and torch.get_num_threads() == 1
-        assert said.startswith("the run's own, for a bit for bit continuation; this start ")
+        assert cfg.cpu_threads == 1 and torch.get_num_threads() == 1 and kept.threads == 1
+        assert kept.reason.startswith("the run's own, for a bit for bit continuation; this start ")
         # More than this machine's share (moved to a smaller one): this start's count.
         many = dist.torch_threads_per_rank(1) + 1
-        cfg, _ = keep_run_cpu_threads(
-            Config(cpu_threads=2), info, {"config": {"cpu_threads": many}}, "x"
+        cfg, ran = keep_run_cpu_threads(
+            Config(cpu_threads=2), info, {"config": {"cpu_threads": many}}
         )
-        assert cfg.cpu_threads == 2
+        assert cfg.cpu_threads == 2 and ran == chosen
         # A checkpoint from before the setting existed: nothing to keep.
-        assert keep_run_cpu_threads(Config(cpu_threads=2), info, {"config": {}}, "x")[0] == (
-            Config(cpu_threads=2)
+        assert keep_run_cpu_threads(Config(cpu_threads=2), info, {"config": {}}) == (
+            Config(cpu_threads=2),
+            chosen,
         )
     finally:
         torch.set_num_threads(before)

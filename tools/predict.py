@@ -229,7 +229,7 @@ def predict(argv: list[str] | None = None) -> int:
         written = f"; {args.csv} not written" if args.csv else ""
         print(f"interrupted after {predicted[0]} predictions{written}", file=sys.stderr)
         return 130
-    if torch_threads is not None and torch_threads.reason.startswith("not "):
+    if torch_threads is not None and torch_threads.cut:
         folder_notes.append(f"torch ran {torch_threads.describe()}")
     for note in [*folder_notes, *summary.notes]:
         print(f"note: {note}")

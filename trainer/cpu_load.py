@@ -77,23 +77,18 @@ def _job_ticks(table: dict[int, tuple[int, int]], root: int) -> int:
     return total
 
 
-def job_root() -> int:
+def job_root(local_world_size: int) -> int:
     """The process whose descendants are this job on this node: the launcher that started the
     ranks (torchrun's agent, Slurm's step daemon), or this process when it runs alone."""
     launched = "TORCHELASTIC_RUN_ID" in os.environ or "SLURM_STEP_NUM_TASKS" in os.environ
-    return os.getppid() if launched and _env_int("LOCAL_WORLD_SIZE", 1) > 1 else os.getpid()
+    return os.getppid() if launched and local_world_size > 1 else os.getpid()
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "")
-    return int(value) if value.isdigit() else default
-
-
-def busy_cores_of_others(sample_s: float = SAMPLE_S) -> float | None:
+def busy_cores_of_others(local_world_size: int, sample_s: float = SAMPLE_S) -> float | None:
     """Cores that processes outside this job kept busy, on average over ``sample_s``, among
     the CPUs this process may run on; None where /proc cannot tell (not Linux)."""
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
-    root = job_root()
+    root = job_root(local_world_size)
     try:
         busy0, job0 = _cpu_busy_ticks(cpus), _job_ticks(_process_table(), root)
         start = time.monotonic()
@@ -113,6 +108,7 @@ def busy_cores_of_others(sample_s: float = SAMPLE_S) -> float | None:
 class TorchThreads:
     threads: int
     reason: str  # why that many: the start-up line's parenthesis
+    cut: bool = False  # fewer than the rank's share, for the load other processes put on it
 
     def describe(self) -> str:
         return (
@@ -140,5 +136,6 @@ def choose_torch_threads(
             threads,
             f"not {share}: {said}, and a thread waiting for a core stalls every op; "
             f"--cpu-threads {share} to use {share} anyway",
+            cut=True,
         )
     return TorchThreads(threads, f"{share_reason}; {said}")

@@ -12,7 +12,7 @@ import datetime
 import os
 import re
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
@@ -29,9 +29,8 @@ class DistInfo:
     local_world_size: int
     device: torch.device
     is_main: bool  # rank 0: the one that prints and writes files
-    # torch's intra-op threads on a CPU rank, and why that many (0 and "" on a GPU rank)
-    torch_threads: int = 0
-    torch_threads_reason: str = ""
+    # torch's intra-op threads on a CPU rank, and why that many (None on a GPU rank)
+    torch_threads: TorchThreads | None = None
 
     @property
     def distributed(self) -> bool:
@@ -115,7 +114,7 @@ def choose_torch_threads(local_world_size: int, requested: int | None = None) ->
     if share <= 1:
         return TorchThreads(share, _share_reason(local_world_size))
     usable = usable_cpus()
-    busy = cpu_load.busy_cores_of_others()
+    busy = cpu_load.busy_cores_of_others(local_world_size)
     return cpu_load.choose_torch_threads(
         share=share,
         usable=usable,
@@ -311,6 +310,7 @@ def setup_distributed(
     local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size)
 
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    threads = None
     if use_cuda:
         gpus = torch.cuda.device_count()
         gpu = local_rank
@@ -367,9 +367,7 @@ def setup_distributed(
                     "(MASTER_ADDR / MASTER_PORT choose it)"
                 )
             raise DistSetupError(message, every_node=True) from None
-    _info = DistInfo(rank, world_size, local_rank, local_world_size, dev, rank == 0)
-    if not use_cuda:
-        _info = replace(_info, torch_threads=threads.threads, torch_threads_reason=threads.reason)
+    _info = DistInfo(rank, world_size, local_rank, local_world_size, dev, rank == 0, threads)
     return _info
 
 

@@ -138,7 +138,7 @@ def resolve_config(cfg: Config, data: DataSpec, info: dist.DistInfo, plan: Loade
         if cfg.weight_decay is not None
         else default_weight_decay(cfg),
         workers=plan.threads,
-        cpu_threads=info.torch_threads or cfg.cpu_threads,
+        cpu_threads=info.torch_threads.threads if info.torch_threads else cfg.cpu_threads,
         dali_decode=plan.decode or cfg.dali_decode,
         dali_hw_decoder_load=plan.hw_decoder_load,
         prefetch=plan.prefetch,
@@ -504,20 +504,23 @@ def check_same_run(
 
 
 def keep_run_cpu_threads(
-    cfg: Config, info: dist.DistInfo, checkpoint: dict, said: str
-) -> tuple[Config, str]:
+    cfg: Config, info: dist.DistInfo, checkpoint: dict
+) -> tuple[Config, TorchThreads | None]:
     """A resumed CPU run goes on with the torch threads it started with: the count changes
     the CPU arithmetic (the order of sums), so another count would end elsewhere than the
-    uninterrupted run. Not where the run had more than this start's share of the cores."""
+    uninterrupted run. Not where the run had more than this start's share of the cores.
+    Returns the config and the threads run (``info``'s when the saved count is not kept)."""
+    chosen = info.torch_threads
     saved = checkpoint["config"].get("cpu_threads")
-    if info.device.type != "cpu" or not saved or saved == cfg.cpu_threads:
-        return cfg, said
+    if chosen is None or not saved or saved == chosen.threads:
+        return cfg, chosen
     if saved > dist.torch_threads_per_rank(info.local_world_size):
-        return cfg, said
+        return cfg, chosen
     torch.set_num_threads(saved)
-    return replace(cfg, cpu_threads=saved), (
+    return replace(cfg, cpu_threads=saved), TorchThreads(
+        saved,
         f"the run's own, for a bit for bit continuation; this start alone would run "
-        f"{cfg.cpu_threads}: {said}; --cpu-threads to choose"
+        f"{chosen.threads}: {chosen.reason}; --cpu-threads to choose",
     )
 
 
@@ -924,11 +927,11 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
         dist.print0(f"eval-only: results in {results_dir}")
         return
 
-    threads_said = info.torch_threads_reason
+    torch_threads = info.torch_threads
     if checkpoint is not None:  # before config.toml is written: a refusal changes nothing
         check_same_run(checkpoint, resume_path, cfg, info.world_size, lr_given=lr_given)
         if not threads_given:
-            cfg, threads_said = keep_run_cpu_threads(cfg, info, checkpoint, threads_said)
+            cfg, torch_threads = keep_run_cpu_threads(cfg, info, checkpoint)
 
     def claim_output_dir() -> None:
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -973,8 +976,8 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
         f"output {cfg.output_dir}"
     )
     dist.print0(f"loader: {plan.describe()}")
-    if info.device.type == "cpu":
-        dist.print0(f"torch: {TorchThreads(cfg.cpu_threads, threads_said).describe()}")
+    if torch_threads is not None:
+        dist.print0(f"torch: {torch_threads.describe()}")
     if val_loader is None:
         dist.print0("no validation list: no evaluation; best.pt follows the last epoch")
     if training.start_epoch >= cfg.epochs:

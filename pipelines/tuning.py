@@ -29,14 +29,11 @@ HW_DECODER_LOAD = 0.99
 # With GPU decode the host threads only parse headers, read files and feed the decoders:
 # beyond 8 they contend with the training process for the CPU (3,896 at 8 vs 3,849 at 16).
 MIXED_MAX_THREADS = 8
-# CPU decode wins end to end (3,934 vs 3,896) only when the host has enough cores per GPU to
-# keep up with training (16 threads decoded ~7,500 img/s, about 1.9x what resnet50 consumes);
-# with fewer the GPU's decoders are the faster path by far (loader 14,573 img/s at 8 threads).
-CPU_DECODE_MIN_THREADS = 16
 # --dali-decode auto on a GPU decodes on the host only when the host's cores decode faster,
 # by HOST_DECODE_MARGIN, than the model trains. Measured: 16 threads of the H100 host decoded
 # 7,491 img/s (loader alone, resnet50 crops), 468 a core; resnet50 trained at 3,969 img/s
-# (the synthetic ceiling). Reasoned, not measured: another model trains at that rate times
+# (the synthetic ceiling); CPU decode won end to end there (3,934 vs 3,896), and with fewer
+# cores the GPU's decoders are the faster path by far (loader 14,573 img/s at 8 threads). Reasoned, not measured: another model trains at that rate times
 # resnet50's FLOPs over its own (torchvision's weights metadata), so resnet18 (1.8 GFLOPs)
 # needs ~8,900 img/s, more than 16 cores decode; and the rate counts physical cores: a
 # hardware thread's sibling adds little to JPEG decoding.

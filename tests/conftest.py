@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -28,8 +29,76 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> DemoData:
     """The tiny demo preset (10 classes, 12 train + 4 val each, 40-96 px sides, a few
-    grayscale JPEGs and PNGs), generated once per test session. Treat it as read-only."""
-    return ensure_demo_data(tmp_path_factory.mktemp("demo") / "tiny", preset="tiny")
+    grayscale JPEGs and PNGs), generated once per test session (by one of its xdist workers,
+    so that every worker trains on the same paths). Treat it as read-only."""
+    import dataclasses
+
+    def generate(folder):
+        return dataclasses.asdict(ensure_demo_data(folder / "tiny", preset="tiny"))
+
+    _, fields = build_once(tmp_path_factory, "tiny_data", generate)
+    return DemoData(**fields)
+
+
+def build_once(tmp_path_factory, name: str, build) -> tuple[pathlib.Path, object]:
+    """``build(folder)`` once per test session, also when pytest-xdist splits the session
+    over worker processes: the first worker to ask builds (a whole training run, say) while
+    the others wait on a lock file, then all read the same folder. ``build`` returns what the
+    tests want besides the folder (JSON: a run's printed output); returns ``(folder, that)``.
+    Treat the folder as read-only."""
+    import fcntl
+    import json
+    import shutil
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this session's folder, above each worker's own
+    folder, done = root / "shared" / name, root / "shared" / f"{name}.json"
+    folder.parent.mkdir(exist_ok=True)
+    with open(root / "shared" / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():  # nobody built it yet, or the build failed
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            done.write_text(json.dumps(build(folder)))
+        return folder, json.loads(done.read_text())
+
+
+@pytest.fixture(scope="session")
+def shard_set(tiny_data, tmp_path_factory) -> pathlib.Path:
+    """tiny_data's train list as a WebDataset shard set (``tools/make_shards.py``, 150 KB
+    shards: 5 of them), made once per session. Treat it as read-only."""
+    import subprocess
+    import sys
+
+    def make(folder):
+        tool = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools", "make_shards.py")
+        flags = ["--out-dir", str(folder / "set"), "--shard-size", "150KB", "--workers", "2"]
+        done = subprocess.run(
+            [sys.executable, tool, tiny_data.train_list, *flags], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        return None
+
+    folder, _ = build_once(tmp_path_factory, "shard_set", make)
+    return folder / "set"
+
+
+@pytest.fixture(scope="session")
+def shard_reference(tiny_data, shard_set, tmp_path_factory) -> pathlib.Path:
+    """The output folder of an uninterrupted 2-rank, 2-epoch run on ``shard_set`` (validating
+    on the tiny val list), made once per session: where a run on the same set that stopped and
+    resumed must end, bit for bit, whether it reads the set from its folder or from a bucket."""
+    from test_trainer import run, tiny_flags, torchrun
+
+    def train(out):
+        flags = ["--train-list", str(shard_set), "--val-list", tiny_data.val_list, "--epochs", "2"]
+        proc = run(torchrun(2) + tiny_flags(tiny_data, out, *flags), cwd=out.parent)
+        assert "120 train / 40 val images" in proc.stdout
+        return None
+
+    folder, _ = build_once(tmp_path_factory, "shard_reference", train)
+    return folder
 
 
 def _pattern(size: tuple[int, int], mode: str, color) -> Image.Image:

@@ -25,24 +25,13 @@ def tool(name: str, *args: str, env=None) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def local_shards(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("s3_local_shards") / "set"
-    done = tool(
-        "make_shards.py", tiny_data.train_list, "--out-dir", str(out), "--shard-size", "100KB",
-        "--workers", "1",
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    return out
-
-
 @pytest.fixture
-def bucket(s3_env, tiny_data, local_shards, tmp_path, monkeypatch):
+def bucket(s3_env, tiny_data, shard_set, tmp_path, monkeypatch):
     """A fresh bucket holding the tiny tree (with its lists) under tiny/ and its train shard
     set under shards/; the node's cache in tmp_path."""
     name = f"b{abs(hash(str(tmp_path))) % 10**9}"
     s3_env.upload_tree(tiny_data.root, f"s3://{name}/tiny")
-    s3_env.upload_tree(local_shards, f"s3://{name}/shards")
+    s3_env.upload_tree(shard_set, f"s3://{name}/shards")
     monkeypatch.setenv("DALI_RESNET_TRAINER_CACHE", str(tmp_path / "cache"))
     return f"s3://{name}"
 
@@ -67,7 +56,7 @@ def assert_same(got, want) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["dali", "pil"])
 def test_a_list_and_a_shard_set_in_a_bucket_give_the_batches_of_their_local_copies(
-    bucket, tiny_data, local_shards, backend, capsys
+    bucket, tiny_data, shard_set, backend, capsys
 ):
     # The tiny lists hold relative paths: in the bucket they resolve under the list's prefix.
     for train in (True, False):
@@ -80,14 +69,14 @@ def test_a_list_and_a_shard_set_in_a_bucket_give_the_batches_of_their_local_copi
     # A shard set is copied once to the node's cache (the log says so), then read there.
     assert_same(
         batches(f"{bucket}/shards", backend=backend, train=True),
-        batches(local_shards, backend=backend, train=True),
+        batches(shard_set, backend=backend, train=True),
     )
-    assert "copying 17 files" in capsys.readouterr().err
+    assert "copying 11 files" in capsys.readouterr().err  # 5 shards, their indexes, manifest
     batches(f"{bucket}/shards/manifest.json", backend=backend, train=False)
     assert "copying" not in capsys.readouterr().err  # the copy is whole: nothing fetched again
 
 
-def test_the_cache_fetches_a_shard_again_when_the_bucket_holds_another(bucket, local_shards):
+def test_the_cache_fetches_a_shard_again_when_the_bucket_holds_another(bucket, shard_set):
     from pipelines.shards import fetch_shard_set, read_shard_table
 
     folder = fetch_shard_set(f"{bucket}/shards")
@@ -95,7 +84,7 @@ def test_the_cache_fetches_a_shard_again_when_the_bucket_holds_another(bucket, l
     # Another set written over the first one: same names, other bytes.
     client = s3.client()
     bucket_name = s3.split(bucket)[0]
-    data = (local_shards / "shard-000001.tar").read_bytes()
+    data = (shard_set / "shard-000001.tar").read_bytes()
     client.put_object(Bucket=bucket_name, Key="shards/shard-000001.tar", Body=data[::-1])
     fetch_shard_set(f"{bucket}/shards")
     with open(os.path.join(folder, "shard-000001.tar"), "rb") as f:
@@ -200,12 +189,16 @@ def test_the_trainer_says_a_missing_bucket_in_one_line(bucket, tmp_path, capsys)
 
 
 @pytest.mark.slow
-def test_two_ranks_train_resume_and_predict_from_a_bucket(bucket, tiny_data, tmp_path):
+def test_two_ranks_train_resume_and_predict_from_a_bucket(
+    bucket, shard_reference, tiny_data, tmp_path
+):
     """Train from the shard set in the bucket (validating on the list of URLs), kill a rank
-    mid-epoch, resume: the weights of an uninterrupted run, bit for bit. Then predict on
-    the bucket's val list: the run's own val top-1. No secret lands in any file."""
+    mid-epoch, resume: the weights of an uninterrupted run on the set's local copy, bit for
+    bit. Then predict on the bucket's val list: the run's own val top-1. No secret lands in
+    any file."""
     from test_trainer import (
         assert_same_weights,
+        read_metrics,
         run,
         start,
         tiny_flags,
@@ -220,27 +213,28 @@ def test_two_ranks_train_resume_and_predict_from_a_bucket(bucket, tiny_data, tmp
             f"{bucket}/tiny/Test.txt", "--epochs", "2", "--log-interval", "1", *extra,
         )  # fmt: skip
 
-    reference = tmp_path / "reference"
-    done = run(torchrun(2) + flags(reference), cwd=tmp_path)
-    assert "120 train / 40 val images" in done.stdout
     # kill -9 of a rank (tests/test_shards.py stops its run with SIGTERM): the run resumes
     # from its last step checkpoint.
     out = tmp_path / "killed"
     proc = start(torchrun(2) + flags(out, "--checkpoint-every", "2"), cwd=tmp_path)
-    wait_for_line(proc, "epoch 2/2 step 5/7")
+    seen = wait_for_line(proc, "epoch 2/2 step 5/7")
+    assert any("120 train / 40 val images" in line for line in seen)
     os.kill(worker_pids(proc)[0], signal.SIGKILL)
-    proc.communicate(timeout=120)
+    _, stopped_stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0
     resumed = run(
         torchrun(2) + flags(out, "--checkpoint-every", "2", "--resume", "auto"), cwd=tmp_path
     )
     assert "resuming epoch 2 at step 5" in resumed.stdout, resumed.stdout  # after step 4
-    assert_same_weights(out, reference)
+    assert_same_weights(out, shard_reference)
+    want = [(m["val_top1"], m["val_top5"]) for m in read_metrics(shard_reference)]
+    assert [(m["val_top1"], m["val_top5"]) for m in read_metrics(out)] == want
 
     # Predictions on the bucket's val list are those on its local copy, line for line.
     remote = tool("predict.py", "--model", str(out / "model.pt"), f"{bucket}/tiny/Test.txt")
     local = tool("predict.py", "--model", str(out / "model.pt"), tiny_data.val_list)
     assert remote.returncode == 0 == local.returncode, remote.stderr + local.stderr
+
     def said(out: str) -> list[str]:  # a busy machine's torch-threads note may differ
         return [line for line in out.splitlines() if not line.startswith("note: torch ran")]
 
@@ -249,11 +243,11 @@ def test_two_ranks_train_resume_and_predict_from_a_bucket(bucket, tiny_data, tmp
     root = tiny_data.root.rstrip("/") + "/"
     assert lines[:-1] == said(local.stdout.replace(root, f"{bucket}/tiny/"))[:-1]
     secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
-    for folder in (reference, out):
-        for path in folder.rglob("*"):
-            if path.is_file():
-                assert secret not in path.read_bytes(), path
-    assert secret.decode() not in done.stdout + done.stderr + resumed.stdout + resumed.stderr
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert secret not in path.read_bytes(), path
+    printed = "".join(seen) + stopped_stderr + resumed.stdout + resumed.stderr
+    assert secret.decode() not in printed
 
 
 @pytest.mark.slow

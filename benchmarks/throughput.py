@@ -958,7 +958,7 @@ def check_flags(args) -> None:
     if args.plot:
         report.check_plot_available()
         run_metrics.figure_format(args.plot)
-    import torchvision
+    from pipelines.torchvision_import import torchvision
 
     if args.arch not in torchvision.models.list_models():
         raise BenchmarkInputError(

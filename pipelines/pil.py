@@ -38,12 +38,14 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import common, s3
 from .lists import FetchError, ImageError, SampleTable
 from .shards import ShardTable
+from .torchvision_import import torchvision
+
+T = torchvision.transforms
 
 
 def train_transform(

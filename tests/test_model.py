@@ -787,3 +787,40 @@ def test_evaluate_makes_no_host_sync_between_batches(monkeypatch):
 
     with traffic, pytest.raises(AllBatchesSeen):
         evaluate(model, batches(), num_classes=4, amp_dtype=None, device=meta, confusion=True)
+
+
+IMPORTS_WITHOUT_DYNAMO = r"""
+import json, sys
+import trainer.main, pipelines.pil, trainer.inference  # every module that uses torchvision
+import torch, torchvision
+print(json.dumps({
+    "dynamo_at_start": "torch._dynamo" in sys.modules,
+    "resnet": type(torchvision.models.resnet18()).__name__,
+    # roi_align's own call of the function that was stood in for while torchvision imported
+    "roi_align": list(torchvision.ops.roi_align(
+        torch.rand(1, 3, 8, 8), [torch.tensor([[0.0, 0.0, 4.0, 4.0]])], 2, aligned=True
+    ).shape),
+    "compile": torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(2)).tolist(),
+    "dynamo_after_compile": "torch._dynamo.eval_frame" in sys.modules,
+}))
+"""
+
+
+def test_the_trainer_starts_without_importing_dynamo_and_compile_still_works():
+    # torchvision's roi_align imports torch._dynamo at module level (1.5 s and 150 MB per
+    # process here); pipelines/torchvision_import.py keeps it out until something asks for it.
+    import json
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORTS_WITHOUT_DYNAMO],
+        capture_output=True, text=True, timeout=120, cwd=repo,
+        env={**os.environ, "PYTHONPATH": repo},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["dynamo_at_start"] is False
+    assert result["resnet"] == "ResNet" and result["roi_align"] == [1, 3, 2, 2]
+    assert result["compile"] == [3.0, 3.0] and result["dynamo_after_compile"] is True

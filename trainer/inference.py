@@ -45,7 +45,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
-import torchvision
 from torch import nn
 
 from pipelines import build_loader, s3, tuning
@@ -66,6 +65,7 @@ from pipelines.lists import (
 )
 from pipelines.scan import IMAGE_EXTENSIONS, is_image_file
 from pipelines.shards import ShardTable, manifest_path, read_shard_table
+from pipelines.torchvision_import import torchvision
 from trainer import config
 from trainer import weights as named_weights
 from trainer.dist import usable_cpus

@@ -271,6 +271,8 @@ def make_batch_transform(cfg: Config) -> Callable | None:
     """Mixup and/or CutMix (torchvision's, one of the two per batch when both are on) on the
     device after the loader: soft targets, which the label-smoothed loss takes as they are.
     Their random draws come from torch's generator, seeded per (seed, epoch, rank)."""
+    if cfg.mixup_alpha <= 0 and cfg.cutmix_alpha <= 0:
+        return None  # before importing v2, which imports torch._dynamo (torchvision_import.py)
     from torchvision.transforms import v2
 
     mixes = []
@@ -278,8 +280,6 @@ def make_batch_transform(cfg: Config) -> Callable | None:
         mixes.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=cfg.num_classes))
     if cfg.cutmix_alpha > 0:
         mixes.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=cfg.num_classes))
-    if not mixes:
-        return None
     return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
 
 

@@ -15,9 +15,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torchvision
 from torch import nn
 
+from pipelines.torchvision_import import torchvision
 from trainer.config import TrainerError
 
 # Prefixes that wrappers add to parameter names: DDP ("module.") and torch.compile

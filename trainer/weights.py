@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 import torch
-import torchvision
 
 from pipelines.fileio import atomic_write
+from pipelines.torchvision_import import torchvision
 from trainer.config import TrainerError
 
 MIRROR_ENV = "PRETRAINED_MIRROR"

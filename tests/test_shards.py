@@ -319,9 +319,14 @@ def test_two_ranks_train_from_shards_and_resume_mid_epoch_bit_for_bit(
     proc = start(torchrun(2) + flags(out), cwd=tmp_path)
     seen = wait_for_line(proc, "epoch 2/2 step 2/7")
     assert any("120 train / 40 val images" in line for line in seen)
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
+    proc.send_signal(signal.SIGTERM)  # as a scheduler does; torchrun forwards it to each rank
+    _, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("stopped by SIGTERM")]
+    assert lines == [  # once, from rank 0
+        f"stopped by SIGTERM (a preemption, Ctrl-C, or torchrun ending the job after another "
+        f"rank failed); saved {out / 'last.pt'} at this step: continue with --resume auto"
+    ]
     resumed = run(torchrun(2) + flags(out, "--resume", "auto"), cwd=tmp_path)
     assert "resuming epoch 2 at step" in resumed.stdout
     assert_same_weights(out, shard_reference)

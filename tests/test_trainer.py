@@ -387,37 +387,64 @@ def two_nodes(flags: list[str], *, cwd, timeout: float = 300, **env_extra):
 
 
 @pytest.mark.slow
-def test_tasks_started_by_srun_are_ranks_and_match_torchrun(trained, tiny_data, tmp_path):
+def test_srun_tasks_are_ranks_and_a_preempted_job_resumes_bit_for_bit(trained, tiny_data, tmp_path):
     # `srun -n 2 python trainer/main.py`: Slurm starts both processes and says who each is in
     # SLURM_* variables only (no RANK, no MASTER_ADDR). Each must be one rank of one job, not
     # a launcher of its own (two separate runs into one folder), and train exactly what
     # torchrun's two processes train. The variables are the ones srun sets for such a step.
+    # Preempted mid-epoch (Slurm sends every task SIGTERM; tests/test_shards.py stops a
+    # torchrun job, whose agent forwards it), the job saves at one step and resumes there.
     reference_dir, _ = trained
     out = tmp_path / "srun"
-    slurm = {
-        "SLURM_JOB_ID": "4242",
-        "SLURM_STEP_NUM_TASKS": "2",
-        "SLURM_STEP_NODELIST": "127.0.0.1",
-        "SLURM_STEP_TASKS_PER_NODE": "2",
-        "SLURMD_NODENAME": "127.0.0.1",
-        "SLURM_NODEID": "0",
-        "MASTER_PORT": str(free_port()),
-    }
-    tasks = [
-        start(
-            [sys.executable, MAIN, *tiny_flags(tiny_data, out)],
-            cwd=tmp_path,
-            **slurm,
-            SLURM_PROCID=str(task),
-            SLURM_LOCALID=str(task),
-        )
-        for task in (0, 1)
+
+    def srun(*extra: str) -> list[subprocess.Popen]:
+        slurm = {
+            "SLURM_JOB_ID": "4242",
+            "SLURM_STEP_NUM_TASKS": "2",
+            "SLURM_STEP_NODELIST": "127.0.0.1",
+            "SLURM_STEP_TASKS_PER_NODE": "2",
+            "SLURMD_NODENAME": "127.0.0.1",
+            "SLURM_NODEID": "0",
+            "MASTER_PORT": str(free_port()),
+        }
+        return [
+            start(
+                [sys.executable, MAIN, *tiny_flags(tiny_data, out, *extra)],
+                cwd=tmp_path,
+                **slurm,
+                SLURM_PROCID=str(task),
+                SLURM_LOCALID=str(task),
+            )
+            for task in (0, 1)
+        ]
+
+    tasks = srun("--log-interval", "1")
+    seen = wait_for_line(tasks[0], "epoch 2/4 step 3/7")
+    assert not any("starting" in line for line in seen)
+    assert any("on 2 x cpu" in line for line in seen)
+    for task in tasks:
+        task.send_signal(signal.SIGTERM)
+    stopped = finish(tasks, timeout=120)
+    assert all(task.returncode != 0 for task in stopped)
+    assert stopped[1].stdout == ""  # rank 1 prints nothing: rank 0 speaks for the job
+    saved = load(out / "last.pt")
+    assert saved["epoch"] == 1 and 3 < saved["position"]["step"] <= 6  # within 2 steps
+    assert len(saved["ranks"]) == 2 and all(r["loader"] for r in saved["ranks"])
+    lines = [
+        ln
+        for task in stopped
+        for ln in task.stderr.splitlines()
+        if ln.startswith("stopped by SIGTERM")
     ]
-    task0, task1 = finish(tasks)
-    for task in (task0, task1):
+    assert lines == [
+        f"stopped by SIGTERM (a preemption, Ctrl-C, or torchrun ending the job after another "
+        f"rank failed); saved {out / 'last.pt'} at this step: continue with --resume auto"
+    ]
+    resumed = finish(srun("--resume", "auto"))
+    for task in resumed:
         assert task.returncode == 0, task.stdout[-3000:] + task.stderr[-3000:]
-    assert "starting" not in task0.stdout and "on 2 x cpu" in task0.stdout
-    assert task1.stdout == ""  # rank 1 prints nothing: rank 0 speaks for the job
+    assert f"resuming epoch 2 at step {saved['position']['step'] + 1}" in resumed[0].stdout
+    assert resumed[1].stdout == ""
     assert_same_weights(out, reference_dir)
 
 
@@ -497,29 +524,6 @@ def assert_same_weights(got_dir, want_dir) -> None:
     assert [m["train_loss"] for m in read_metrics(got_dir)] == [
         m["train_loss"] for m in read_metrics(want_dir)
     ]
-
-
-@pytest.mark.slow
-def test_sigterm_mid_epoch_saves_there_and_resume_is_bitwise_exact(trained, tiny_data, tmp_path):
-    reference_dir, _ = trained
-    out = tmp_path / "preempted"
-    flags = tiny_flags(tiny_data, out, "--log-interval", "1")
-    proc = start(torchrun(2) + flags, cwd=tmp_path)
-    wait_for_line(proc, "epoch 2/4 step 3/7")
-    proc.send_signal(signal.SIGTERM)  # as a scheduler does; torchrun forwards it to each rank
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    saved = load(out / "last.pt")
-    assert saved["epoch"] == 1 and 3 < saved["position"]["step"] <= 6  # within 2 steps
-    assert len(saved["ranks"]) == 2 and all(r["loader"] for r in saved["ranks"])
-    lines = [ln for ln in stderr.splitlines() if ln.startswith("stopped by SIGTERM")]
-    assert lines == [
-        f"stopped by SIGTERM (a preemption, Ctrl-C, or torchrun ending the job after another "
-        f"rank failed); saved {out / 'last.pt'} at this step: continue with --resume auto"
-    ]
-    resumed = run(torchrun(2) + tiny_flags(tiny_data, out, "--resume", "auto"), cwd=tmp_path)
-    assert f"resuming epoch 2 at step {saved['position']['step'] + 1}" in resumed.stdout
-    assert_same_weights(out, reference_dir)
 
 
 def worker_pids(torchrun_proc: subprocess.Popen) -> list[int]:

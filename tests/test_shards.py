@@ -354,7 +354,7 @@ def base_flags_for(train, val, out) -> list[str]:
     return [
         "--train-list", str(train), "--val-list", str(val), "--arch", "resnet18",
         "--image-size", "32", "--batch-size", "8", "--epochs", "1", "--workers", "1",
-        "--output-dir", str(out),
+        "--no-plots", "--output-dir", str(out),
     ]  # fmt: skip
 
 

@@ -17,7 +17,7 @@ def flags(tiny_data, out, *extra) -> list[str]:
     return [
         "--train-list", tiny_data.train_list, "--arch", "resnet18", "--image-size", "32",
         "--batch-size", "8", "--epochs", "2", "--workers", "1", "--log-interval", "1",
-        "--ema-decay", "0.9", "--tensorboard", "--output-dir", str(out), *extra,
+        "--ema-decay", "0.9", "--tensorboard", "--no-plots", "--output-dir", str(out), *extra,
     ]  # fmt: skip
 
 

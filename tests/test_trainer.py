@@ -52,7 +52,9 @@ def tiny_flags(tiny_data, output_dir, *extra: str) -> list[str]:
         "--train-list", tiny_data.train_list, "--arch", "resnet18", "--image-size", "32",
         "--batch-size", str(BATCH), "--optimizer", "adamw", "--lr", "0.002",
         "--warmup-epochs", "1", "--epochs", str(EPOCHS), "--workers", "1",
-        "--log-interval", "4", "--ema-decay", "0.9", "--output-dir", str(output_dir), *extra,
+        "--log-interval", "4", "--ema-decay", "0.9", "--output-dir", str(output_dir),
+        # Pictures cost a run about a second of matplotlib: drawn where a test looks at them.
+        "--no-plots", *extra,
     ]  # fmt: skip
 
 
@@ -83,7 +85,7 @@ def trained(tiny_data, tmp_path_factory):
     from conftest import build_once
 
     def train(out):
-        proc = run(torchrun(2) + tiny_flags(tiny_data, out), cwd=out)
+        proc = run(torchrun(2) + tiny_flags(tiny_data, out, "--plots"), cwd=out)
         return {"stdout": proc.stdout, "stderr": proc.stderr}
 
     out, printed = build_once(tmp_path_factory, "trained", train)
@@ -211,7 +213,7 @@ def test_distributed_eval_equals_single_process(trained, tiny_data, tmp_path):
     val_list.write_text("".join(os.path.join(tiny_data.root, ln) for ln in lines))
     flags = tiny_flags(tiny_data, tmp_path / "x") + [
         "--val-list", str(val_list), "--classes", tiny_data.classes_file, "--batch-size", "19",
-        "--eval-only", "--resume", str(out / "last.pt"),
+        "--eval-only", "--resume", str(out / "last.pt"), "--plots",
     ]  # fmt: skip
     # One process, no launcher at all.
     single = tmp_path / "single"
@@ -321,9 +323,12 @@ def test_saved_weights_evaluate_as_the_two_rank_run_did(trained, tiny_data, tmp_
 @pytest.mark.slow
 def test_pil_loader_single_process(tiny_data, tmp_path):
     flags = tiny_flags(tiny_data, tmp_path, "--loader", "pil", "--epochs", "1")
-    run([sys.executable, MAIN, *flags], cwd=tmp_path)
+    proc = run([sys.executable, MAIN, *flags], cwd=tmp_path)
     (record,) = read_metrics(tmp_path)
     assert record.keys() >= METRIC_KEYS and record["epoch"] == 1
+    # --no-plots (tiny_flags): the figures as files, no picture, none named in the log.
+    assert (tmp_path / "per_class.csv").exists() and not list(tmp_path.glob("*.png"))
+    assert ".png" not in proc.stdout
     assert load(tmp_path / "last.pt")["config"]["loader"] == "pil"
 
 

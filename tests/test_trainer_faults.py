@@ -25,6 +25,7 @@ def base_flags(tiny_data, out) -> list[str]:
     return [
         "--train-list", tiny_data.train_list, "--arch", "resnet18", "--image-size", "32",
         "--batch-size", "8", "--epochs", "1", "--workers", "1", "--output-dir", str(out),
+        "--no-plots",  # about a second of matplotlib a run: drawn where a test looks at them
     ]  # fmt: skip
 
 
@@ -606,13 +607,13 @@ def test_run_stopped_after_its_last_checkpoint_resumes_to_every_result(capsys, t
     # last.pt of its last epoch: model.pt, per_class.csv and the confusion matrix are missing.
     # --resume auto has no epoch left to train and must still write them all, as they were.
     run = tmp_path / "run"
-    assert main(base_flags(tiny_data, run)) == 0
+    assert main([*base_flags(tiny_data, run), "--plots"]) == 0
     finals = ["model.pt", "per_class.csv", "confusion_matrix.csv", "metrics.png"]
     before = {name: (run / name).read_bytes() for name in ("per_class.csv", "confusion_matrix.csv")}
     for name in finals:
         (run / name).unlink()
     assert ", 1 epoch, amp bf16" in capsys.readouterr().out  # the start line: not '1 epochs'
-    assert main([*base_flags(tiny_data, run), "--resume", "auto"]) == 0
+    assert main([*base_flags(tiny_data, run), "--plots", "--resume", "auto"]) == 0
     assert "nothing to train" in capsys.readouterr().out
     assert all((run / name).exists() for name in finals)
     assert {name: (run / name).read_bytes() for name in before} == before
@@ -620,7 +621,7 @@ def test_run_stopped_after_its_last_checkpoint_resumes_to_every_result(capsys, t
     # Another folder's finished run resumed into a new one: no epoch runs there, no metrics
     # to plot; that is said in a line, not a traceback.
     other = tmp_path / "other"
-    assert main([*base_flags(tiny_data, other), "--resume", str(run / "last.pt")]) == 0
+    assert main([*base_flags(tiny_data, other), "--plots", "--resume", str(run / "last.pt")]) == 0
     assert "no metrics.png: no epochs were trained" in capsys.readouterr().out
     assert (other / "model.pt").exists() and (other / "per_class.csv").read_bytes() == before[
         "per_class.csv"

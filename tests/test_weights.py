@@ -307,7 +307,7 @@ def fine_tune_flags(tiny_data, out, *extra: str) -> list[str]:
         "--batch-size", "8", "--epochs", "2", "--workers", "1", "--log-interval", "1",
         "--optimizer", "adamw", "--lr", "0.001", "--warmup-epochs", "0.5",
         "--pretrained", "IMAGENET1K_V1", "--freeze-backbone-epochs", "1", "--head-lr-mult", "10",
-        "--output-dir", str(out), *extra,
+        "--no-plots", "--output-dir", str(out), *extra,
     ]  # fmt: skip
 
 

@@ -247,6 +247,12 @@ class Config:
     )
     eval_only: bool = _opt(False, "evaluate the --resume / --pretrained weights once and exit")
     log_interval: int = _opt(20, "steps between training log lines")
+    plots: bool = _opt(
+        True,
+        "draw train_batch.png (the first batch), metrics.png and confusion_matrix.png with "
+        "matplotlib (the plot extra); --no-plots skips them and matplotlib's import, about a "
+        "second of each run's start and end",
+    )
     tensorboard: bool = _opt(
         False,
         "also write TensorBoard event files into OUTPUT_DIR/tensorboard (rank 0; needs the "

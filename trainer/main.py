@@ -215,16 +215,19 @@ def run_eval_only(
     if info.is_main:
         record = {**metrics, **weights, "val_list": cfg.val_list}
         atomic_write_text(os.path.join(results_dir, EVAL_FILE), json.dumps(record) + "\n")
-        report_per_class(results_dir, confusion, data.class_names)
+        report_per_class(results_dir, confusion, data.class_names, plots=cfg.plots)
     return metrics
 
 
-def report_per_class(run_dir: str, confusion, class_names: list[str]) -> None:
-    """Rank 0: per_class.csv, confusion_matrix.csv (and .png), and the 5 worst classes."""
+def report_per_class(run_dir: str, confusion, class_names: list[str], *, plots: bool) -> None:
+    """Rank 0: per_class.csv, confusion_matrix.csv (and .png with ``plots``), and the 5 worst
+    classes."""
     rows = run_metrics.write_per_class(run_dir, confusion, class_names)
     dist.print0(f"worst classes by top-1: {run_metrics.describe_worst(rows)}")
+    picture = ""
     try:
-        picture = f", {run_metrics.plot_confusion(run_dir, confusion, class_names)}"
+        if plots:
+            picture = f", {run_metrics.plot_confusion(run_dir, confusion, class_names)}"
     except run_metrics.PlotUnavailable as exc:
         picture = f" (no {run_metrics.CONFUSION_PNG}: {exc})"
     dist.print0(
@@ -737,7 +740,7 @@ def fit(
 def first_batch_picture(cfg: Config, info: dist.DistInfo, data: DataSpec, train_loader):
     """Rank 0 of a run starting at its first step: a callback drawing that first batch into
     ``train_batch.png`` (what the model sees; ``tools/show_batch.py`` draws any), or None."""
-    if not info.is_main:
+    if not info.is_main or not cfg.plots:
         return None
 
     def draw(images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -1024,7 +1027,11 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
             f"{export} (loading it needs only torchvision, see trainer/checkpoint.py)"
         )
         if training.confusion.get(which) is not None:
-            report_per_class(cfg.output_dir, training.confusion[which], data.class_names)
+            report_per_class(
+                cfg.output_dir, training.confusion[which], data.class_names, plots=cfg.plots
+            )
+        if not cfg.plots:
+            return
         if not records:  # resumed from another folder's finished run: no epoch ran here
             dist.print0(f"no {run_metrics.PNG}: no epochs were trained in {cfg.output_dir}")
             return

@@ -22,10 +22,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def base_flags(tiny_data, out) -> list[str]:
+    # --no-plots: about a second of matplotlib a run, drawn where a test looks at them.
+    # --output-dir last: tests swap it for another folder with flags[:-1].
     return [
         "--train-list", tiny_data.train_list, "--arch", "resnet18", "--image-size", "32",
-        "--batch-size", "8", "--epochs", "1", "--workers", "1", "--output-dir", str(out),
-        "--no-plots",  # about a second of matplotlib a run: drawn where a test looks at them
+        "--batch-size", "8", "--epochs", "1", "--workers", "1", "--no-plots",
+        "--output-dir", str(out),
     ]  # fmt: skip
 
 

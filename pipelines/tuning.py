@@ -33,7 +33,8 @@ MIXED_MAX_THREADS = 8
 # by HOST_DECODE_MARGIN, than the model trains. Measured: 16 threads of the H100 host decoded
 # 7,491 img/s (loader alone, resnet50 crops), 468 a core; resnet50 trained at 3,969 img/s
 # (the synthetic ceiling); CPU decode won end to end there (3,934 vs 3,896), and with fewer
-# cores the GPU's decoders are the faster path by far (loader 14,573 img/s at 8 threads). Reasoned, not measured: another model trains at that rate times
+# cores the GPU's decoders are the faster path by far (loader 14,573 img/s at 8 threads).
+# Reasoned, not measured: another model trains at that rate times
 # resnet50's FLOPs over its own (torchvision's weights metadata), so resnet18 (1.8 GFLOPs)
 # needs ~8,900 img/s, more than 16 cores decode; and the rate counts physical cores: a
 # hardware thread's sibling adds little to JPEG decoding.

@@ -197,8 +197,8 @@ def test_two_ranks_train_resume_and_predict_from_a_bucket(
     bit. Then predict on the bucket's val list: the run's own val top-1. No secret lands in
     any file."""
     from test_trainer import (
+        assert_same_val_figures,
         assert_same_weights,
-        read_metrics,
         run,
         start,
         tiny_flags,
@@ -227,8 +227,7 @@ def test_two_ranks_train_resume_and_predict_from_a_bucket(
     )
     assert "resuming epoch 2 at step 5" in resumed.stdout, resumed.stdout  # after step 4
     assert_same_weights(out, shard_reference)
-    want = [(m["val_top1"], m["val_top5"]) for m in read_metrics(shard_reference)]
-    assert [(m["val_top1"], m["val_top5"]) for m in read_metrics(out)] == want
+    assert_same_val_figures(out, shard_reference)
 
     # Predictions on the bucket's val list are those on its local copy, line for line (in
     # this process: test_predict.py runs the command itself).

@@ -300,8 +300,8 @@ def test_two_ranks_train_from_shards_and_resume_mid_epoch_bit_for_bit(
     import signal
 
     from test_trainer import (
+        assert_same_val_figures,
         assert_same_weights,
-        read_metrics,
         run,
         start,
         tiny_flags,
@@ -330,8 +330,7 @@ def test_two_ranks_train_from_shards_and_resume_mid_epoch_bit_for_bit(
     resumed = run(torchrun(2) + flags(out, "--resume", "auto"), cwd=tmp_path)
     assert "resuming epoch 2 at step" in resumed.stdout
     assert_same_weights(out, shard_reference)
-    want = [(m["val_top1"], m["val_top5"]) for m in read_metrics(shard_reference)]
-    assert [(m["val_top1"], m["val_top5"]) for m in read_metrics(out)] == want
+    assert_same_val_figures(out, shard_reference)
 
 
 def test_the_trainer_names_a_missing_shard_in_one_line(shard_set, val_set, tmp_path, capsys):

@@ -519,6 +519,12 @@ def wait_for_line(proc: subprocess.Popen, text: str) -> list[str]:
     raise AssertionError(f"{text!r} never printed:\n{''.join(seen)[-3000:]}")
 
 
+def assert_same_val_figures(got_dir, want_dir) -> None:
+    """Each epoch's val top-1 and top-5 of the two runs are equal."""
+    want = [(m["val_top1"], m["val_top5"]) for m in read_metrics(want_dir)]
+    assert [(m["val_top1"], m["val_top5"]) for m in read_metrics(got_dir)] == want
+
+
 def assert_same_weights(got_dir, want_dir) -> None:
     got, want = load(got_dir / "last.pt"), load(want_dir / "last.pt")
     assert got["epoch"] == want["epoch"] and "position" not in got  # both complete

@@ -225,11 +225,11 @@ def report_per_class(run_dir: str, confusion, class_names: list[str], *, plots: 
     rows = run_metrics.write_per_class(run_dir, confusion, class_names)
     dist.print0(f"worst classes by top-1: {run_metrics.describe_worst(rows)}")
     picture = ""
-    try:
-        if plots:
+    if plots:
+        try:
             picture = f", {run_metrics.plot_confusion(run_dir, confusion, class_names)}"
-    except run_metrics.PlotUnavailable as exc:
-        picture = f" (no {run_metrics.CONFUSION_PNG}: {exc})"
+        except run_metrics.PlotUnavailable as exc:
+            picture = f" (no {run_metrics.CONFUSION_PNG}: {exc})"
     dist.print0(
         f"per-class figures: {os.path.join(run_dir, run_metrics.PER_CLASS)}, "
         f"{os.path.join(run_dir, run_metrics.CONFUSION_CSV)}{picture}"

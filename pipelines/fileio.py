@@ -20,11 +20,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    # Same folder, so the rename stays on one filesystem and is atomic. The host too: the
-    # processes of two nodes writing one file on shared storage (a download into a shared
-    # torch cache) may have the same pid.
-    host = socket.gethostname().replace(os.sep, "_")
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}.{host}")
+    tmp = _temp_beside(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -41,6 +37,36 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         if os.path.exists(tmp):
             os.remove(tmp)
     fsync_folder(folder)
+
+
+def _temp_beside(path: str) -> str:
+    # Same folder, so the rename stays on one filesystem and is atomic. The host too: the
+    # processes of two nodes writing one file on shared storage (a download into a shared
+    # torch cache) may have the same pid.
+    host = socket.gethostname().replace(os.sep, "_")
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.tmp{os.getpid()}.{host}")
+
+
+def atomic_link(source: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Put ``path`` in place as a second name (hard link) of ``source``, a file in the same
+    folder: its bytes are not written again. Replaced by rename, as ``atomic_write`` does, so
+    ``path``'s old file stays whole for a reader, and a later write of either name (always a
+    new file renamed in place) leaves the other as it was. False, with nothing changed, where
+    the filesystem has no hard links (the caller then writes the file)."""
+    path = os.fspath(path)
+    tmp = _temp_beside(path)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        return False
+    try:
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+    fsync_folder(os.path.dirname(os.path.abspath(path)))
+    return True
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -276,7 +276,7 @@ def test_model_pt_holds_the_weights_that_scored_better_on_the_last_epoch(raw, em
     assert final_weights(training, records) == (model, "raw")
 
 
-def test_best_pt_is_the_first_epoch_of_the_best_score_raw_or_ema(tmp_path):
+def test_best_pt_is_the_first_epoch_of_the_best_score_raw_or_ema(tmp_path, monkeypatch):
     """best.pt follows the better of the two scores (raw or EMA) and is replaced only by a
     strictly better one: a later tie keeps the earlier epoch."""
     import torchvision
@@ -286,7 +286,7 @@ def test_best_pt_is_the_first_epoch_of_the_best_score_raw_or_ema(tmp_path):
     from trainer.main import build_training, end_epoch
 
     cfg = Config(
-        arch="resnet18", num_classes=3, epochs=4, lr=0.1, ema_decay=0.9,
+        arch="resnet18", num_classes=3, epochs=5, lr=0.1, ema_decay=0.9,
         output_dir=str(tmp_path),
     )  # fmt: skip
     model = torchvision.models.resnet18(num_classes=3)
@@ -304,15 +304,30 @@ def test_best_pt_is_the_first_epoch_of_the_best_score_raw_or_ema(tmp_path):
         }  # fmt: skip
         end_epoch(cfg, training, data, record)
 
-    def best_epoch() -> int:
-        best = torch.load(tmp_path / ckpt_io.BEST, map_location="cpu", weights_only=True)
-        return best["epoch"]
+    def epoch_of(name: str) -> int:
+        return torch.load(tmp_path / name, map_location="cpu", weights_only=True)["epoch"]
+
+    def best_epoch(latest: int) -> int:
+        assert epoch_of(ckpt_io.LAST) == latest  # last.pt: always the latest epoch
+        return epoch_of(ckpt_io.BEST)
+
+    def one_file() -> bool:  # a new best's last.pt is best.pt's file: its bytes written once
+        return os.path.samefile(tmp_path / ckpt_io.LAST, tmp_path / ckpt_io.BEST)
 
     epoch_end(1, raw=40.0, ema=30.0)
-    assert best_epoch() == 1 and training.best_top1 == 40.0
+    assert best_epoch(1) == 1 and training.best_top1 == 40.0 and one_file()
     epoch_end(2, raw=35.0, ema=40.0)  # the EMA's 40 ties the best so far: kept
-    assert best_epoch() == 1
+    assert best_epoch(2) == 1 and not one_file()
     epoch_end(3, raw=20.0, ema=45.0)  # the EMA's score is the epoch's
-    assert best_epoch() == 3 and training.best_top1 == 45.0
+    assert best_epoch(3) == 3 and training.best_top1 == 45.0 and one_file()
     epoch_end(4, raw=44.0, ema=10.0)
-    assert best_epoch() == 3
+    assert best_epoch(4) == 3 and not one_file()
+
+    # Where the filesystem has no hard links, a new best writes last.pt as a file of its own.
+    def no_hard_links(*_):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    epoch_end(5, raw=50.0, ema=10.0)
+    assert best_epoch(5) == 5 and not one_file()
+    assert [name for name in os.listdir(tmp_path) if name.startswith(".")] == []  # no debris

@@ -23,6 +23,7 @@ if __package__ in (None, ""):
     # there for `trainer` and `pipelines` when the project is not installed.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pipelines import heap  # noqa: E402
 from pipelines.fileio import OVERWRITE_HELP, OutputFileError, check_output_file  # noqa: E402
 from pipelines.lists import ListError  # noqa: E402
 from trainer import inference  # noqa: E402
@@ -122,4 +123,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    heap.freeze_startup_objects()  # pipelines/heap.py: ends sooner
     sys.exit(main())

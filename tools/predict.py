@@ -31,6 +31,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
+from pipelines import heap  # noqa: E402
 from pipelines.fileio import (  # noqa: E402
     OVERWRITE_HELP,
     OutputFileError,
@@ -257,4 +258,5 @@ def predict(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    heap.freeze_startup_objects()  # pipelines/heap.py: ends sooner
     sys.exit(main())

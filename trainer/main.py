@@ -37,8 +37,8 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pipelines import build_loader, tuning  # noqa: E402
-from pipelines.fileio import atomic_write_text  # noqa: E402
+from pipelines import build_loader, heap, tuning  # noqa: E402
+from pipelines.fileio import atomic_link, atomic_write_text  # noqa: E402
 from pipelines.lists import EmptyListError, FetchError, ImageError, ListError  # noqa: E402
 from pipelines.tuning import LoaderPlan  # noqa: E402
 from trainer import checkpoint as ckpt_io  # noqa: E402
@@ -574,9 +574,15 @@ def end_epoch(cfg: Config, training: Training, data: DataSpec, record: dict) -> 
     # written a resume never saves this epoch as best.pt again. A run that stopped between
     # the two (killed, or best.pt's write failing on a full disk) kept a best.pt of an earlier,
     # worse epoch (or none) after --resume auto; this way it redoes the epoch and saves both.
+    last = os.path.join(cfg.output_dir, ckpt_io.LAST)
     if is_best:
-        ckpt_io.atomic_save(state, os.path.join(cfg.output_dir, ckpt_io.BEST))
-    ckpt_io.atomic_save(state, os.path.join(cfg.output_dir, ckpt_io.LAST))
+        best = os.path.join(cfg.output_dir, ckpt_io.BEST)
+        ckpt_io.atomic_save(state, best)
+        # The same bytes: written once (a ResNet50's with SGD is 200 MB, on shared storage
+        # while every rank waits), last.pt a second name of best.pt's file.
+        if atomic_link(best, last):
+            return
+    ckpt_io.atomic_save(state, last)
 
 
 def evaluate_weights(
@@ -1041,7 +1047,9 @@ def run(cfg: Config, info: dist.DistInfo, control: StepControl | None = None) ->
             dist.print0(f"no {run_metrics.PNG}: {exc}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, freeze_startup: bool = False) -> int:
+    """The command line's run; ``freeze_startup``: the process is the trainer's alone, and
+    what its start-up made is frozen out of the garbage collector's walk (pipelines/heap.py)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         # `srun -n N python trainer/main.py`: Slurm started the ranks; its variables become
@@ -1071,6 +1079,10 @@ def main(argv: list[str] | None = None) -> int:
         if nproc > 1:
             print(f"starting {nproc} processes with torchrun ({why})", flush=True)
             return relaunch_under_torchrun(__file__, nproc, argv)
+    if freeze_startup:  # a process of its own, not a caller's (the tests')
+        # The size check (trainer.model.check_input_sizes) and the optimizer import
+        # torch._dynamo: in now, and frozen with the rest (pipelines/heap.py).
+        heap.freeze_startup_objects(with_dynamo=True)
     try:
         info = dist.setup_distributed(
             timeout_s=cfg.dist_timeout, local_rank=cfg.local_rank, cpu_threads=cfg.cpu_threads
@@ -1162,4 +1174,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(freeze_startup=True))

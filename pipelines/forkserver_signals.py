@@ -20,10 +20,10 @@ import signal
 import sys
 
 
-def _in_forkserver() -> bool:
+def in_forkserver() -> bool:
     # python -B -c 'from multiprocessing.forkserver import main; main(...)'
     return any(a.startswith("from multiprocessing.forkserver import main") for a in sys.orig_argv)
 
 
-if hasattr(signal, "sigwaitinfo") and _in_forkserver():  # as in pil.bind_to_rank
+if hasattr(signal, "sigwaitinfo") and in_forkserver():  # as in pil.bind_to_rank
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})

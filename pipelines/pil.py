@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import common, s3
+from . import common, forkserver_signals, heap, s3
 from .lists import FetchError, ImageError, SampleTable
 from .shards import ShardTable
 from .torchvision_import import torchvision
@@ -448,3 +448,11 @@ class _DeviceNormalizer:
             labels.record_stream(current)
         self.next = self._prepare()
         return images, labels
+
+
+# The workers' forkserver imports this module last (worker_context): what its imports made is
+# frozen now (pipelines/heap.py), so a worker's garbage collections never write to those
+# objects, whose memory pages then stay shared with the server instead of being copied into
+# each worker, and the server's own exit skips walking them (0.95 s -> 0.35 s here).
+if forkserver_signals.in_forkserver():
+    heap.freeze_startup_objects()

@@ -292,6 +292,31 @@ def test_pil_workers_give_the_same_batches_as_in_process(labelled_list):
         assert labels_of(a) == labels_of(b)
 
 
+def _send_freeze_count(connection) -> None:  # run in a worker the forkserver forked
+    import gc
+
+    connection.send(gc.get_freeze_count())
+
+
+def test_pil_workers_start_with_their_servers_imports_frozen():
+    # The forkserver froze what its imports made (pipelines/heap.py): a worker's garbage
+    # collections leave those objects' pages alone, shared with the server, not copied.
+    import gc
+
+    from pipelines import pil
+
+    context = pil.worker_context()
+    receive, send = context.Pipe(duplex=False)
+    worker = context.Process(target=_send_freeze_count, args=(send,))
+    worker.start()
+    send.close()
+    assert receive.poll(60), "the worker never answered"
+    frozen = receive.recv()
+    worker.join(10)
+    assert frozen > 100_000  # torch's, torchvision's and PIL's modules
+    assert gc.get_freeze_count() == 0  # and the rank's own collector is left as it was
+
+
 def test_val_pass_repeats_and_recovers_from_an_abandoned_pass(labelled_list):
     ld = loader(labelled_list, backend="dali", train=False)
     full = epoch(ld)

@@ -322,18 +322,6 @@ def test_saved_weights_evaluate_as_the_two_rank_run_did(trained, tiny_data, tmp_
     assert one["val_loss"] == pytest.approx(final["val_loss"], rel=1e-5)
 
 
-@pytest.mark.slow
-def test_pil_loader_single_process(tiny_data, tmp_path):
-    flags = tiny_flags(tiny_data, tmp_path, "--loader", "pil", "--epochs", "1")
-    proc = run([sys.executable, MAIN, *flags], cwd=tmp_path)
-    (record,) = read_metrics(tmp_path)
-    assert record.keys() >= METRIC_KEYS and record["epoch"] == 1
-    # --no-plots (tiny_flags): the figures as files, no picture, none named in the log.
-    assert (tmp_path / "per_class.csv").exists() and not list(tmp_path.glob("*.png"))
-    assert ".png" not in proc.stdout
-    assert load(tmp_path / "last.pt")["config"]["loader"] == "pil"
-
-
 # --- two torchrun "nodes" on this machine (c10d rendezvous on localhost, one process each):
 # every rank has local rank 0, so a trainer sharding by local rank would feed both nodes the
 # same half of each epoch. The run must retrace the one-node, two-process run exactly.
@@ -554,7 +542,13 @@ def test_kill_9_of_one_rank_loses_at_most_checkpoint_every_steps_pil(tiny_data, 
     # A rank killed without a word: the job ends promptly, and resumes from its step checkpoint.
     flags = ["--loader", "pil", "--epochs", "1", "--log-interval", "1"]
     reference = tmp_path / "reference"
-    run(torchrun(2) + tiny_flags(tiny_data, reference, *flags), cwd=tmp_path)
+    proc = run(torchrun(2) + tiny_flags(tiny_data, reference, *flags), cwd=tmp_path)
+    (record,) = read_metrics(reference)
+    assert record.keys() >= METRIC_KEYS and record["epoch"] == 1
+    assert load(reference / "last.pt")["config"]["loader"] == "pil"
+    # --no-plots (tiny_flags): the figures as files, no picture, none named in the log.
+    assert (reference / "per_class.csv").exists() and not list(reference.glob("*.png"))
+    assert ".png" not in proc.stdout
     out = tmp_path / "killed"
     proc = start(
         torchrun(2) + tiny_flags(tiny_data, out, *flags, "--checkpoint-every", "2"), cwd=tmp_path

@@ -432,26 +432,6 @@ def test_recipe_options_reach_the_run(capsys, tmp_path, tiny_data):
     assert record["train_loss"] > 0 and record["val_top1"] is not None
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("loader", ["dali", "pil"])
-def test_auto_augment_and_progressive_resize_reach_the_run(capsys, tmp_path, tiny_data, loader):
-    out = tmp_path / "out"
-    # Not 16 px: with 16 px crops resnet18's layer4 sees a 1x1 input, and torch's CPU bf16
-    # convolution backward then intermittently (2 runs in 6) writes NaN into the weight
-    # gradient of a kernel tap that sees only padding (layer4.0.conv1, [:, 1, 1, 2], step 1);
-    # float32, and 24 px (a 2x2 input), never did in 6 and 8 runs. The divergence check
-    # stopped those runs with its one line.
-    flags = [*base_flags(tiny_data, out), "--epochs", "2", "--loader", loader,
-             "--auto-augment", "trivial", "--progressive-resize", "24:32:1"]  # fmt: skip
-    assert main(flags) == 0
-    printed = capsys.readouterr().out
-    assert "epoch 2: training crops of 32 px (--progressive-resize)" in printed
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["train_image_size"] for r in records] == [24, 32]
-    saved = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["config"]
-    assert saved["auto_augment"] == "trivial" and saved["image_size"] == 32  # val size
-
-
 def test_train_list_of_one_label_is_refused(capsys, tmp_path, tiny_data):
     from pipelines.lists import read_list, write_list
 
@@ -658,7 +638,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused(capsys, tmp_path, tiny_dat
     # metrics.jsonl (1, 1, 2, 2) and saving over each other's checkpoints; with --overwrite it
     # deleted the running one's files.
     out = tmp_path / "out"
-    flags = [*base_flags(tiny_data, out), "--epochs", "2", "--log-interval", "1"]
+    flags = [*base_flags(tiny_data, out), "--epochs", "1", "--log-interval", "1"]
     # The first run is training, before its first checkpoint.
     first = start_training(flags, until="step 1/", stderr=subprocess.STDOUT)
     for extra in ([], ["--overwrite"]):
@@ -666,9 +646,9 @@ def test_a_second_run_into_a_folder_in_use_is_refused(capsys, tmp_path, tiny_dat
     first.communicate(timeout=120)
     assert first.returncode == 0
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [1, 2]
+    assert [r["epoch"] for r in records] == [1]  # the refused runs wrote none
     # Once it has ended the folder is free again: --resume auto continues it.
-    assert main([*flags, "--epochs", "3", "--resume", "auto"]) == 0
+    assert main([*flags, "--epochs", "2", "--resume", "auto"]) == 0
 
 
 def test_a_failed_write_into_the_output_folder_is_one_line(capsys, tmp_path, tiny_data):

@@ -127,13 +127,25 @@ def fail(message: str, *, speak: bool = True) -> int:
     """
     if speak:
         print(f"error: {message}", file=sys.stderr, flush=True)
-        error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-        if error_file:
-            record = {"message": message, "extraInfo": {"py_callstack": f"error: {message}"}}
-            record["extraInfo"]["timestamp"] = str(int(time.time()))
-            try:
-                with open(error_file, "w", encoding="utf-8") as f:
-                    json.dump({"message": record}, f)
-            except OSError:
-                pass  # the report is a courtesy; the line above is what counts
+        write_error_file(f"error: {message}")
     return 2
+
+
+def write_error_file(line: str, *, consequence: bool = False) -> None:
+    """Under torchrun, ``line`` into its error file: the job summary shows it for this rank.
+
+    torchrun names as the root cause the failure of the smallest timestamp, in whole seconds,
+    the lowest rank on a tie; a rank without an error file is stamped when torchrun sees it
+    exit. ``consequence``: this rank stops because another failed, and its stamp is a second
+    later, so that a rank that failed in the same second (and stopped this one) is named, not
+    rank 0."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not error_file:
+        return
+    record = {"message": line, "extraInfo": {"py_callstack": line}}
+    record["extraInfo"]["timestamp"] = str(int(time.time()) + (1 if consequence else 0))
+    try:
+        with open(error_file, "w", encoding="utf-8") as f:
+            json.dump({"message": record}, f)
+    except OSError:
+        pass  # the report is a courtesy; the line on stderr is what counts

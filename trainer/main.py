@@ -76,6 +76,7 @@ from trainer.launch import (  # noqa: E402
     launched_by_torchrun,
     processes_to_start,
     relaunch_under_torchrun,
+    write_error_file,
 )
 from trainer.model import (  # noqa: E402
     build_model,
@@ -1156,13 +1157,13 @@ def main(argv: list[str] | None = None, *, freeze_startup: bool = False) -> int:
             return 3
         if info.distributed and dist.peer_failed(exc):
             # Another rank died (and said why): this one stops with one line, no traceback,
-            # and writes no error file, so torchrun's root cause stays the rank that failed.
-            print(
+            # and torchrun's root cause stays the rank that failed.
+            line = (
                 f"rank {info.rank}: stopping: another rank failed (its error line, or the "
-                "launcher's report of how it died, says why)",
-                file=sys.stderr,
-                flush=True,
+                "launcher's report of how it died, says why)"
             )
+            print(line, file=sys.stderr, flush=True)
+            write_error_file(line, consequence=True)
             return 3
         raise
     finally:

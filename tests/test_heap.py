@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from test_trainer import MAIN
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,6 +27,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.slow  # a trainer process of its own
 def test_the_trainers_process_freezes_its_start_up_and_a_caller_keeps_its_own(tmp_path):
     missing = tmp_path / "nowhere" / "Train.txt"
     proc = subprocess.run(

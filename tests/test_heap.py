@@ -10,9 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from test_trainer import MAIN
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from test_trainer import MAIN, REPO
 
 # Runs a command's script as its own program, then says, as the interpreter exits, what the
 # collector still walks: its atexit hook runs after the script's own exit.

@@ -1,6 +1,11 @@
 """Imported first by the PIL workers' forkserver (its preload, ``pil.worker_context``): SIGTERM
 blocked there, so the server never dies of one, and every worker it forks starts with it
-blocked (``pil.bind_to_rank`` then takes it from the rank alone).
+blocked (``pil.bind_to_rank`` then takes it from the rank alone). SIGINT is ignored here for
+the same reason: a worker forked by the server gets back the SIGINT handler the server had
+when its preload ended, and Python's default raises KeyboardInterrupt. A Ctrl-C reaching a
+worker that had not yet run ``bind_to_rank`` (the second worker, still starting while the
+first one's batch arrives) ended it quietly, and the rank's next batch failed with "DataLoader
+worker (pid(s) ...) exited unexpectedly".
 
 torchrun stops a rank with ``killpg`` (each rank runs in a session of its own), and a
 scheduler or ``kill -TERM -PGID`` signals the whole group: the server got it too, and died.
@@ -25,5 +30,9 @@ def in_forkserver() -> bool:
     return any(a.startswith("from multiprocessing.forkserver import main") for a in sys.orig_argv)
 
 
-if hasattr(signal, "sigwaitinfo") and in_forkserver():  # as in pil.bind_to_rank
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+if in_forkserver():
+    # The server's own SIGINT handler is SIG_IGN anyway (multiprocessing.forkserver.main sets
+    # it), but only after the preload, and each child gets back what was there before.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):  # as in pil.bind_to_rank
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})

@@ -292,29 +292,43 @@ def test_pil_workers_give_the_same_batches_as_in_process(labelled_list):
         assert labels_of(a) == labels_of(b)
 
 
-def _send_freeze_count(connection) -> None:  # run in a worker the forkserver forked
+def _send_birth_state(connection) -> None:  # run in a worker the forkserver forked
     import gc
+    import signal
 
-    connection.send(gc.get_freeze_count())
+    connection.send(
+        (
+            gc.get_freeze_count(),
+            signal.getsignal(signal.SIGINT) is signal.SIG_IGN,
+            signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, []),
+        )
+    )
 
 
-def test_pil_workers_start_with_their_servers_imports_frozen():
-    # The forkserver froze what its imports made (pipelines/heap.py): a worker's garbage
-    # collections leave those objects' pages alone, shared with the server, not copied.
+def test_pil_workers_are_born_with_imports_frozen_and_stop_signals_held_off():
+    """What a worker has from its first instruction, before its ``worker_init_fn`` runs.
+
+    - The forkserver froze what its imports made (pipelines/heap.py): a worker's garbage
+      collections leave those objects' pages alone, shared with the server, not copied.
+    - A Ctrl-C or a scheduler's SIGTERM can reach a worker that is still starting (the second
+      worker, while the first one's batch is already in the rank): it must not end it.
+    """
     import gc
 
     from pipelines import pil
 
     context = pil.worker_context()
     receive, send = context.Pipe(duplex=False)
-    worker = context.Process(target=_send_freeze_count, args=(send,))
+    worker = context.Process(target=_send_birth_state, args=(send,))
     worker.start()
     send.close()
     assert receive.poll(60), "the worker never answered"
-    frozen = receive.recv()
+    frozen, ignores_sigint, holds_sigterm = receive.recv()
     worker.join(10)
     assert frozen > 100_000  # torch's, torchvision's and PIL's modules
     assert gc.get_freeze_count() == 0  # and the rank's own collector is left as it was
+    assert ignores_sigint
+    assert holds_sigterm
 
 
 def test_val_pass_repeats_and_recovers_from_an_abandoned_pass(labelled_list):

@@ -182,6 +182,10 @@ def test_no_weight_decay_on_norms_and_biases():
     opt = make_optimizer(model, name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4)
     assert opt.param_groups[0]["nesterov"] is True
     assert isinstance(make_optimizer(model, name="adamw", lr=1e-3), torch.optim.AdamW)
+    # On the CPU the fused kernels, not torch's per-tensor Python loop (its CPU default);
+    # not under fp16's grad scaler (test_fp16_scaler_skips_overflowed_steps_...).
+    assert opt.param_groups[0]["fused"] is True
+    assert not make_optimizer(model, name="sgd", lr=0.1, loss_scaling=True).defaults["fused"]
     with pytest.raises(TrainerError):
         make_optimizer(model, name="lamb", lr=1.0)
 
@@ -309,10 +313,17 @@ def test_models_with_auxiliary_heads_train_every_parameter():
 def test_fp16_scaler_skips_overflowed_steps_and_the_schedule_waits():
     # fp16 with an enabled grad scaler, on the CPU: an overflowing scale makes the scaler
     # skip optimizer.step(); the weights must not move and the schedule must not run ahead.
+    # The optimizer and schedule as the trainer builds them for --amp fp16 (not fused).
+    from trainer.config import Config
+    from trainer.main import build_training
+
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
-    opt = make_optimizer(model, name="sgd", lr=0.1, momentum=0.9, weight_decay=0.0)
-    sched = make_scheduler(opt, warmup_steps=2, total_steps=10)
+    cfg = Config(optimizer="sgd", lr=0.1, weight_decay=0.0, epochs=2, warmup_epochs=0.4,
+                 amp="fp16", num_classes=3)  # fmt: skip
+    training = build_training(cfg, model, steps_per_epoch=5, amp_dtype=torch.float16, device=CPU)
+    opt, sched = training.optimizer, training.scheduler
+    assert training.scaler.is_enabled()
     # Any gradient times this scale overflows float32.
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
     images, labels = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
@@ -339,7 +350,9 @@ def test_ema_follows_each_optimizer_step_on_the_device():
     assert make_ema(nn.Linear(2, 2), 0.0) is None  # off
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
-    opt = make_optimizer(model, name="sgd", lr=0.5, momentum=0.0, weight_decay=0.0)
+    # Built for a grad scaler, as the trainer builds it for fp16: the last step below has one.
+    opt = make_optimizer(model, name="sgd", lr=0.5, momentum=0.0, weight_decay=0.0,
+                         loss_scaling=True)  # fmt: skip
     decay = 0.75
     ema = make_ema(model, decay)
     kwargs = dict(
@@ -579,10 +592,11 @@ def test_epoch_train_loss_is_the_mean_over_ranks(tmp_path):
         assert got == pytest.approx(sum(own) / 2, rel=1e-6), (rank, got, own)
 
 
-def linear_setup(seed: int = 0):
+def linear_setup(seed: int = 0, *, loss_scaling: bool = False):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
-    opt = make_optimizer(model, name="sgd", lr=0.5, momentum=0.0, weight_decay=0.0)
+    opt = make_optimizer(model, name="sgd", lr=0.5, momentum=0.0, weight_decay=0.0,
+                         loss_scaling=loss_scaling)  # fmt: skip
     return model, opt
 
 
@@ -646,7 +660,7 @@ def test_clip_grad_norm_bounds_the_true_gradient(amp):
     amp_dtype = torch.float16 if amp == "fp16" else None
 
     def update_norm(clip):
-        model, opt = linear_setup()
+        model, opt = linear_setup(loss_scaling=amp == "fp16")
         before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
         train_step(
             model, images, labels, criterion=nn.CrossEntropyLoss(), optimizer=opt,

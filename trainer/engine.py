@@ -117,19 +117,39 @@ def make_optimizer(
     weight_decay: float = 1e-4,
     head: frozenset[str] | set[str] = frozenset(),
     head_lr_mult: float = 1.0,
+    loss_scaling: bool = False,
 ) -> torch.optim.Optimizer:
     """SGD with Nesterov momentum, AdamW or Adam, weight decay off for norms and biases;
-    the parameters named in ``head`` at ``head_lr_mult`` x ``lr`` when that is not 1."""
+    the parameters named in ``head`` at ``head_lr_mult`` x ``lr`` when that is not 1.
+    ``loss_scaling``: an enabled grad scaler (fp16) will step it."""
     head_lr = lr * head_lr_mult if head_lr_mult != 1.0 else None
-    groups = param_groups(model, weight_decay, head=head, head_lr=head_lr)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
-    if name == "adam":
+        kind, settings = torch.optim.SGD, {"momentum": momentum, "nesterov": momentum > 0}
+    elif name == "adamw":
+        kind, settings = torch.optim.AdamW, {}
+    elif name == "adam":
         # Adam's weight_decay is L2 added to the gradient (unlike AdamW's decoupled decay).
-        return torch.optim.Adam(groups, lr=lr)
-    raise TrainerError(f"--optimizer must be sgd, adamw or adam, not {name!r}")
+        kind, settings = torch.optim.Adam, {}
+    else:
+        raise TrainerError(f"--optimizer must be sgd, adamw or adam, not {name!r}")
+
+    def build(**implementation) -> torch.optim.Optimizer:
+        # Fresh groups each time: a refused build has written its settings into the ones it got.
+        groups = param_groups(model, weight_decay, head=head, head_lr=head_lr)
+        return kind(groups, lr=lr, **settings, **implementation)
+
+    # On the CPU torch's default is its per-tensor Python loop (foreach and fused are its
+    # defaults on CUDA only): 83 ms a step for a ResNet-18's AdamW on one core, against 18 ms
+    # for the fused kernel (SGD: 31 against 12). On a GPU torch's own default stays. Not under
+    # a grad scaler: a fused optimizer takes the scaler's overflow flag into its kernel, so its
+    # step() runs even when the update is skipped, and the schedule (which counts the steps
+    # that ran, train_step) would move on.
+    if next(model.parameters()).device.type == "cpu" and not loss_scaling:
+        try:
+            return build(fused=True)
+        except RuntimeError:  # a torch without this optimizer's CPU kernel
+            pass
+    return build()
 
 
 def make_scheduler(
@@ -613,8 +633,8 @@ def build_step(
         arch, num_classes=num_classes, device=device, channels_last=channels_last, log=dist.print0
     )
     model = wrap_ddp(compile_model(model, compile), device, info.world_size)
-    opt = make_optimizer(model, name=optimizer, lr=lr)
     scaler = make_scaler(amp_dtype, device)
+    opt = make_optimizer(model, name=optimizer, lr=lr, loss_scaling=scaler.is_enabled())
     criterion = nn.CrossEntropyLoss()
     model.train()
 

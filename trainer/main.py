@@ -294,6 +294,7 @@ def build_training(
     head = frozenset()
     if cfg.head_lr_mult != 1.0 or cfg.freeze_backbone_epochs:
         head = frozenset(head_tensor_names(cfg.arch, cfg.num_classes))
+    scaler = make_scaler(amp_dtype, device)
     # Every parameter, frozen ones too (they join the training later): built before any
     # freezing, since the optimizer leaves out parameters that need no gradient.
     optimizer = make_optimizer(
@@ -304,6 +305,7 @@ def build_training(
         weight_decay=cfg.weight_decay,
         head=head,
         head_lr_mult=cfg.head_lr_mult,
+        loss_scaling=scaler.is_enabled(),
     )
     # The schedule counts optimizer steps: with accumulation, fewer than batches.
     optimizer_steps = math.ceil(steps_per_epoch / cfg.grad_accum_steps)
@@ -317,7 +319,7 @@ def build_training(
         head=head,
         optimizer=optimizer,
         scheduler=scheduler,
-        scaler=make_scaler(amp_dtype, device),
+        scaler=scaler,
         criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
         amp_dtype=amp_dtype,
         ema=make_ema(model, cfg.ema_decay),

@@ -1,5 +1,6 @@
-"""What the benchmark command lines share: value types for argparse, one-line errors with
-exit status 2, and SIGTERM turned into SystemExit so that cleanup in ``finally`` runs."""
+"""What the benchmark command lines share: value types for argparse (the tools' too), one-line
+errors with exit status 2, and SIGTERM turned into SystemExit so that cleanup in ``finally``
+runs."""
 
 from __future__ import annotations
 
@@ -43,6 +44,17 @@ def int_at_least(minimum: int):
 
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a float above 0 (a tolerance, a timeout)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"{value} is not above 0")
+    return value
 
 
 def fraction(text: str) -> float:

@@ -552,6 +552,18 @@ def test_many_classes_without_val_images_are_one_line_not_one_each(tmp_path, mak
     assert "empty classes: 12" in lines and len(lines) == 9, summary
 
 
+@pytest.mark.parametrize(
+    ("value", "words"), [("abc", "'abc' is not an integer"), ("0", "0 is below the minimum, 1")]
+)
+def test_a_bad_number_for_a_flag_is_said_in_words(tmp_path, capsys, value, words):
+    # The tools' number types are the benchmarks' (benchmarks/cli.py); argparse's own message
+    # for a non-number named the checking function: "invalid _positive value: 'abc'".
+    with pytest.raises(SystemExit) as stopped:
+        cli_main([str(tmp_path), "--workers", value])
+    assert stopped.value.code == 2
+    assert f"error: argument --workers: {words}\n" in capsys.readouterr().err
+
+
 def test_out_dir_that_is_a_file_is_one_line(tmp_path, make_image, capsys):
     make_tree(tmp_path / "root", make_image, {"a": 2, "b": 2})
     (tmp_path / "afile").write_text("x")

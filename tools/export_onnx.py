@@ -23,17 +23,11 @@ if __package__ in (None, ""):
     # there for `trainer` and `pipelines` when the project is not installed.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.cli import positive_float  # noqa: E402
 from pipelines import heap  # noqa: E402
 from pipelines.fileio import OVERWRITE_HELP, OutputFileError, check_output_file  # noqa: E402
 from pipelines.lists import ListError  # noqa: E402
 from trainer import inference  # noqa: E402
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--tolerance",
-        type=_positive_float,
+        type=positive_float,
         default=inference.ONNX_TOLERANCE,
         help=f"largest allowed |logit difference| (default {inference.ONNX_TOLERANCE:g})",
     )

@@ -22,6 +22,7 @@ if __package__ in (None, ""):
     # there for `pipelines` when the project is not installed.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.cli import positive_int  # noqa: E402
 from pipelines.lists import ListError  # noqa: E402
 from pipelines.scan import ScanError, format_summary, make_lists  # noqa: E402
 
@@ -61,13 +62,6 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -93,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode every image fully and leave out the ones that fail, naming each",
     )
     parser.add_argument(
-        "--workers", type=_positive, default=None, help="processes for --verify (default: CPUs)"
+        "--workers", type=positive_int, default=None, help="processes for --verify (default: CPUs)"
     )
     parser.add_argument(
         "--absolute", action="store_true", help="absolute paths (default: relative to DIR)"

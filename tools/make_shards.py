@@ -24,6 +24,7 @@ if __package__ in (None, ""):
     # there for `pipelines` when the project is not installed.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.cli import positive_int  # noqa: E402
 from pipelines.lists import ListError  # noqa: E402
 from pipelines.shards import DEFAULT_SHARD_SIZE, ShardError, make_shards, parse_size  # noqa: E402
 
@@ -64,13 +65,6 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("list", help="a list file (make_lists.py's Train.txt / Test.txt)")
@@ -86,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="seed of the order of samples (default 0)"
     )
     parser.add_argument(
-        "--workers", type=_positive, default=None, help="processes writing shards (default: CPUs)"
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="processes writing shards (default: CPUs)",
     )
     parser.add_argument(
         "--verify",

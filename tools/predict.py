@@ -31,6 +31,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
+from benchmarks.cli import non_negative_int, positive_int  # noqa: E402
 from pipelines import heap  # noqa: E402
 from pipelines.fileio import (  # noqa: E402
     OVERWRITE_HELP,
@@ -41,20 +42,6 @@ from pipelines.fileio import (  # noqa: E402
 from pipelines.lists import ListError  # noqa: E402
 from pipelines.scan import IMAGE_EXTENSIONS  # noqa: E402
 from trainer import dist, inference  # noqa: E402
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,13 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--top-k",
-        type=_positive,
+        type=positive_int,
         default=inference.DEFAULT_TOP_K,
         help=f"classes per image (default {inference.DEFAULT_TOP_K}, at most the class count)",
     )
     parser.add_argument(
         "--batch-size",
-        type=_positive,
+        type=positive_int,
         default=inference.DEFAULT_BATCH_SIZE,
         help=f"images per batch (default {inference.DEFAULT_BATCH_SIZE})",
     )
@@ -94,14 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--workers",
-        type=_non_negative,
+        type=non_negative_int,
         default=None,
         help="DALI threads or PIL worker processes (default: usable cores, at most "
         f"{inference.GPU_DECODE_MAX_THREADS} with DALI on a GPU; 0 = PIL in this process)",
     )
     parser.add_argument(
         "--cpu-threads",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="torch threads for the model without a GPU (default: usable cores, one fewer for "
         "each core other processes keep busy at start, as the trainer's --cpu-threads)",

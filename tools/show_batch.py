@@ -20,15 +20,9 @@ import sys
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.cli import positive_int  # noqa: E402
 from pipelines.fileio import OVERWRITE_HELP, OutputFileError, check_output_file  # noqa: E402
 from pipelines.lists import ImageError, ListError  # noqa: E402
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,10 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--val", dest="train", action="store_false", help="validation: resize, center crop"
     )
     parser.add_argument(
-        "--image-size", type=_positive, default=224, help="crop side in px (default 224)"
+        "--image-size", type=positive_int, default=224, help="crop side in px (default 224)"
     )
     parser.add_argument(
-        "--batch-size", type=_positive, default=32, help="images drawn (default 32)"
+        "--batch-size", type=positive_int, default=32, help="images drawn (default 32)"
     )
     parser.add_argument(
         "--auto-augment", default="none", choices=("none", "auto", "rand", "trivial"),

@@ -26,8 +26,8 @@ Decisions, with what DALI 2.4 does that led to them:
 - Hand-off: ``DALIGenericIterator``. With the dynamic executor (DALI's default since 2.0, set
   explicitly here) it hands outputs over by DLPack without a copy, and every output batch is a
   separately allocated, reference-counted buffer: a batch stays valid while torch holds it,
-  even after later batches are produced or the pipeline is destroyed (tested). Without the
-  dynamic executor the same iterator copies into fresh torch tensors, so either way it is safe.
+  even after later batches are produced or the pipeline is destroyed (tested). On a GPU that
+  is not enough: ``DeviceHandoff`` below says why, and what the loader does about it.
 - Errors: DALI names the file when ``io.file.read`` cannot open it, but the decoders, fed
   bytes rather than files, name no file at all ("nvImageCodec failure: '#4'"). Then the
   loader looks for the culprit among the files of the batches in flight (PIL full decode and
@@ -36,6 +36,7 @@ Decisions, with what DALI 2.4 does that led to them:
 
 from __future__ import annotations
 
+import collections
 import itertools
 import traceback
 import warnings
@@ -363,6 +364,66 @@ class ShardBatches(PathBatches):
             yield [np.asarray(self.table.view(int(i))) for i in chunk], labels[chunk, None]
 
 
+class DeviceHandoff:
+    """Turns DALI's GPU output batches into torch-owned tensors, and keeps DALI's buffers alive
+    until the GPU has read them.
+
+    Why: DALI hands a batch over by DLPack on torch's current stream (torch passes the stream
+    and DALI makes it wait for the batch to be ready), but DALI gets the buffer back as soon
+    as the host drops its last reference, and the host runs ahead of the GPU: the cast of
+    batch k is still queued on torch's stream when the loop asks for batch k+1 and drops
+    batch k. What DALI then does with that memory (reuse it on its own stream for a batch it
+    is preparing, or not) is DALI's business and not a documented promise. And a batch that
+    needed no cast (float16 or float32 asked for) went to the model as DALI's memory itself,
+    read by the forward and backward passes long after the host let go of it.
+
+    So, by construction, whatever DALI's allocator does:
+    1. The batch handed on is always torch's own memory: the cast to ``dtype`` in
+       channels_last, or a copy when DALI made that dtype already (about 0.1 ms for a
+       256x224x224 batch on an H100); the labels are copied too. torch's caching allocator
+       knows the stream it is used on, as for any tensor.
+    2. DALI's buffers are kept, with a CUDA event recorded on the consuming stream right
+       after those copies, and dropped only once the event has completed (``query``: no
+       wait), so DALI gets a buffer back only after the GPU has read it.
+    3. At most ``limit`` batches are held: with more (the host that far ahead of the GPU) the
+       host waits for the oldest copy (``waits`` counts it), which bounds the extra device
+       memory to ``limit`` batches (77 MB each for 256x224x224 in fp16) and costs no GPU
+       time, since the GPU has ``limit`` batches of work queued then.
+    """
+
+    def __init__(self, limit: int = 4):
+        self.limit = limit
+        self.waits = 0  # times the host waited for the GPU to read the oldest held batch
+        self._held: collections.deque = collections.deque()
+
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor, *, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        nchw = images.permute(0, 3, 1, 2)  # DALI's HWC batch as an NCHW view, channels_last
+        if nchw.dtype == dtype:
+            out_images = nchw.clone(memory_format=torch.channels_last)
+        else:
+            out_images = nchw.to(dtype=dtype, memory_format=torch.channels_last)
+        out_labels = labels.reshape(-1).to(torch.int64, copy=True)
+        read = torch.cuda.Event()
+        read.record()  # on the current stream, the one the copies above are queued on
+        self._held.append((read, images, labels))
+        self.drop_read()
+        return out_images, out_labels
+
+    def drop_read(self) -> None:
+        """Gives DALI back the buffers the GPU has read; waits only beyond ``limit``."""
+        while self._held:
+            read = self._held[0][0]
+            if len(self._held) > self.limit:
+                if not read.query():
+                    self.waits += 1
+                    read.synchronize()
+            elif not read.query():
+                break
+            self._held.popleft()
+
+
 class DaliLoader(common.ShardedLoader):
     """Iterable of ``(images, labels)`` for one rank; see ``pipelines.build_loader``."""
 
@@ -381,6 +442,8 @@ class DaliLoader(common.ShardedLoader):
         self.decoder_options = decoder_options(self.decode_device, dali_options, train=self.train)
         self._iterator: DALIGenericIterator | None = None
         self._reusable = False  # a val iterator that finished a clean pass can run again
+        # GPU batches: torch-owned copies, DALI's buffers held until read (kept across passes)
+        self.handoff = DeviceHandoff() if self.device.type == "cuda" else None
 
     def _build(self, indices: np.ndarray, checkpoint: bytes | None = None) -> DALIGenericIterator:
         with warnings.catch_warnings():
@@ -444,6 +507,8 @@ class DaliLoader(common.ShardedLoader):
         had_pipeline = self._iterator is not None
         self._iterator = None
         self._reusable = False
+        if self.handoff is not None:
+            self.handoff.drop_read()  # no wait: the rest go with later batches
         if had_pipeline:
             common.return_freed_memory()
 
@@ -476,9 +541,17 @@ class DaliLoader(common.ShardedLoader):
                 self._release()
                 raise self._named_error(e, indices, yielded) from e
             out = batch[0]
-            yield common.to_output(
-                out["images"], out["labels"], device=self.device, dtype=self.dtype, layout="NHWC"
-            )
+            if self.handoff is not None:
+                yield self.handoff(out["images"], out["labels"], dtype=self.dtype)
+            else:  # CPU: DALI's own memory, zero-copy (CPU work is done when a call returns)
+                yield common.to_output(
+                    out["images"],
+                    out["labels"],
+                    device=self.device,
+                    dtype=self.dtype,
+                    layout="NHWC",
+                )
+            del batch, out  # the hand-off holds DALI's GPU buffers as long as they are read
             yielded += 1
         if self.train:
             self._release()  # the next pass is another epoch: a new pipeline, a new seed

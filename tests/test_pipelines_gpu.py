@@ -194,13 +194,16 @@ def test_dali_gpu_pass_resumed_mid_epoch_gives_the_same_batches(image_list, deco
 
 
 @pytest.mark.parametrize("decode", ["mixed", "cpu"])
-def test_dali_gpu_batches_survive_a_busy_consumer_stream(image_list, decode):
-    """The hand-off is zero-copy (DLPack): for bf16 the fp16 batch DALI made is cast on torch's
-    current stream and DALI's buffer is dropped right after, while that cast may still be
-    queued. With torch's stream held busy DALI runs ahead meanwhile; if it reused a dropped
-    buffer before the queued cast read it, batches would differ from a run that waits every
-    step. The same seed gives the same batches (test_dali_gpu_seeded_repeatable)."""
-    kwargs = dict(backend="dali", train=True, dali_decode=decode, dtype=torch.bfloat16, seed=3)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dali_gpu_batches_survive_a_busy_consumer_stream(image_list, decode, dtype):
+    """DALI hands its buffer over zero-copy (DLPack) and takes it back when the host drops it,
+    while the copy that reads it may still be queued on torch's stream (pipelines.dali's
+    DeviceHandoff). With torch's stream held busy the host and DALI run ahead; if DALI got a
+    buffer back before the queued copy read it, batches would differ from a run that waits
+    every step (same seed, same batches: test_dali_gpu_seeded_repeatable). float16 and
+    float32 need no cast: before the hand-off copied, DALI's memory itself went to the model.
+    The host runs more than the hand-off's limit of batches ahead here, so it must wait."""
+    kwargs = dict(backend="dali", train=True, dali_decode=decode, dtype=dtype, seed=3)
     kwargs.update(batch_size=2, prefetch=2)
     waited = []
     for x, y in build_loader(
@@ -209,15 +212,34 @@ def test_dali_gpu_batches_survive_a_busy_consumer_stream(image_list, decode):
         torch.cuda.synchronize()
         waited.append((x.clone(), y.clone()))
     busy = []
-    for x, y in build_loader(
-        image_list, image_size=IMAGE_SIZE, num_threads=2, device="cuda", **kwargs
-    ):
-        busy.append((x.clone(), y.clone()))
-        torch.cuda._sleep(50_000_000)  # tens of ms: the next batch's cast queues behind it
+    ld = build_loader(image_list, image_size=IMAGE_SIZE, num_threads=2, device="cuda", **kwargs)
+    for x, y in ld:
+        torch.cuda._sleep(50_000_000)  # tens of ms: the next batch's copy queues behind it
+        busy.append((x, y))  # as the model would read it, after the sleep
+        assert len(ld.handoff._held) <= ld.handoff.limit
     torch.cuda.synchronize()
     assert len(busy) == len(waited) == 8
+    assert ld.handoff.waits > 0  # 8 batches queued behind 8 sleeps: beyond the limit of 4
     for (x, y), (x_ref, y_ref) in zip(busy, waited, strict=True):
+        assert x.dtype == dtype and x.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(y, y_ref) and torch.equal(x, x_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dali_gpu_batches_are_torch_memory(image_list, dtype):
+    """What the loader hands on is allocated by torch's caching allocator (which tracks the
+    streams it is used on), never DALI's buffer: torch's allocated bytes grow by the batch."""
+    ld = build_loader(
+        image_list, backend="dali", train=True, batch_size=4, image_size=IMAGE_SIZE,
+        num_threads=2, device="cuda", dtype=dtype,
+    )  # fmt: skip
+    batches = iter(ld)
+    first = next(batches)  # held: the build's allocations out of the way, nothing freed
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    x, y = next(batches)
+    assert torch.cuda.memory_allocated() - before >= x.nbytes + y.nbytes
+    assert first[0].data_ptr() != x.data_ptr()
 
 
 def test_pil_gpu_batches_survive_a_busy_consumer_stream(image_list):

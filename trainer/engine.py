@@ -273,7 +273,8 @@ class WeightEMA(AveragedModel):
     the device once per dtype group on every call: a blocking host-to-device copy, which on a
     GPU synchronizes the stream, so with --ema-decay the host waited for every step to finish.
     Here the count is read on the host, where it lives (built without ``device``, and loading
-    a checkpoint copies into it), and the averaging is the same foreach lerp.
+    a checkpoint copies into it), and the averaging is the same foreach lerp; integer
+    buffers (BatchNorm's batch counters) are copied, not averaged.
     """
 
     @torch.no_grad()
@@ -290,7 +291,14 @@ class WeightEMA(AveragedModel):
                 ema_tensors.append(ema_tensor)
                 tensors.append(tensor)
             for ema_tensors, tensors in groups.values():
-                self.multi_avg_fn(ema_tensors, tensors, None)  # the count is not used
+                if ema_tensors[0].is_floating_point():
+                    self.multi_avg_fn(ema_tensors, tensors, None)  # the count is not used
+                else:
+                    # Integer buffers (BatchNorm's num_batches_tracked) count, they are not
+                    # averaged: copied, as timm's EMA does, in one foreach launch. torch's
+                    # EMA function "averages" them one tensor at a time (3-4 kernels each,
+                    # about 160 a step for a ResNet-50) and truncates back to int64.
+                    torch._foreach_copy_(ema_tensors, tensors)
         self.n_averaged += 1
 
 

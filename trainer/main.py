@@ -284,7 +284,18 @@ def make_batch_transform(cfg: Config) -> Callable | None:
         mixes.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=cfg.num_classes))
     if cfg.cutmix_alpha > 0:
         mixes.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=cfg.num_classes))
-    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+    mix = mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+
+    def mix_keeping_layout(images: torch.Tensor, labels: torch.Tensor):
+        mixed, targets = mix(images, labels)
+        # MixUp mixes each image with its neighbour by roll(1, 0), whose CUDA kernel returns
+        # contiguous NCHW: the model would get NCHW batches (a layout conversion in its first
+        # conv). A no-op where the layout is already right (CutMix, and MixUp on a CPU).
+        if images.is_contiguous(memory_format=torch.channels_last):
+            mixed = mixed.contiguous(memory_format=torch.channels_last)
+        return mixed, targets
+
+    return mix_keeping_layout
 
 
 def build_training(

@@ -446,18 +446,30 @@ class DaliLoader(common.ShardedLoader):
         self.handoff = DeviceHandoff() if self.device.type == "cuda" else None
 
     def _build(self, indices: np.ndarray, checkpoint: bytes | None = None) -> DALIGenericIterator:
-        with warnings.catch_warnings():
-            # DALI warns, when it builds the graph, that a checkpoint cannot hold an iterable
-            # source's position: ours is the pass's indices from start_step on, set before
-            # each build.
-            warnings.filterwarnings("ignore", message="Checkpointing enabled in a pipeline")
+        # Recorded, then said again below, but for two that say nothing a user can act on:
+        # - that a checkpoint cannot hold an iterable source's position (DALI, at the build):
+        #   ours is the pass's indices from start_step on, set before each build;
+        # - DALI 2.4's auto_augment policies calling its own fn.experimental.filter and
+        #   .equalize, reported as deprecated (12 lines at each --auto-augment build), under
+        #   a simplefilter("default") of DALI's that no filter of ours outranks.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
             # No reader and no size: a pass ends when the source does, after its last (maybe
             # short) batch, which PARTIAL hands out as it is.
-            return DALIGenericIterator(
+            iterator = DALIGenericIterator(
                 [self.pipeline(indices, checkpoint)],
                 ["images", "labels"],
                 last_batch_policy=LastBatchPolicy.PARTIAL,
             )
+        for said in caught:
+            text = str(said.message)
+            if text.startswith("Checkpointing enabled in a pipeline") or (
+                issubclass(said.category, DeprecationWarning)
+                and text.startswith("WARNING: `nvidia.dali.fn.experimental.")
+            ):
+                continue
+            warnings.warn_explicit(said.message, said.category, said.filename, said.lineno)
+        return iterator
 
     def pipeline(self, indices: np.ndarray, checkpoint: bytes | None = None):
         """The DALI pipeline of one pass over ``indices``, defined but not yet built."""

@@ -152,6 +152,21 @@ def test_dali_gpu_val_exactly_once(image_list, decode):
         assert seen == list(range(16))
 
 
+@pytest.mark.parametrize("decode", ["mixed", "cpu"])
+def test_dali_gpu_val_loader_iterated_twice_gives_the_same_batches(image_list, decode):
+    """The val pipeline is kept and rewound between passes (the trainer evaluates every
+    epoch, and EMA weights on the same pass's loader): the second pass is the first again."""
+    ld = build_loader(
+        image_list, backend="dali", train=False, batch_size=3, image_size=IMAGE_SIZE,
+        num_threads=2, device="cuda", dali_decode=decode,
+    )  # fmt: skip
+    first = [(x.clone(), y.clone()) for x, y in ld]
+    second = [(x.clone(), y.clone()) for x, y in ld]
+    assert len(first) == len(second) == len(ld) == 6  # 16 images: 5 of 3 and 1 of 1
+    for (x, y), (x_ref, y_ref) in zip(second, first, strict=True):
+        assert torch.equal(y, y_ref) and torch.equal(x, x_ref)
+
+
 def test_decoder_options_reach_the_gpu_decoder(image_list):
     _, batches = run(image_list, backend="dali", train=True, dali_options={"hw_decoder_load": 0.0})
     assert len(batches) == 4
@@ -169,13 +184,16 @@ def test_pil_gpu_backend_matches_pil(image_list, train):
 
 
 @pytest.mark.parametrize("decode", ["mixed", "cpu"])
-def test_dali_gpu_pass_resumed_mid_epoch_gives_the_same_batches(image_list, decode):
+@pytest.mark.parametrize("policy", ["none", "auto", "rand", "trivial"])
+def test_dali_gpu_pass_resumed_mid_epoch_gives_the_same_batches(image_list, decode, policy):
     """The training pipeline is built with enable_checkpointing: with mixed decode that is
-    the GPU image_random_crop's state too, which only a GPU build can check (the CPU suite's
-    resume test covers the CPU decoder only)."""
+    the GPU image_random_crop's state too, and with --auto-augment the policies' GPU ops and
+    draws, which only a GPU build can check (the CPU suite's resume tests cover the CPU
+    operators only)."""
     kwargs = dict(
-        backend="dali", train=True, dali_decode=decode, batch_size=2, seed=5, rank=1, world_size=2
-    )
+        backend="dali", train=True, dali_decode=decode, batch_size=2, seed=5, rank=1, world_size=2,
+        auto_augment=policy,
+    )  # fmt: skip
     whole = run(image_list, **kwargs)[1]
     first = build_loader(image_list, image_size=IMAGE_SIZE, num_threads=2, device="cuda", **kwargs)
     batches = iter(first)

@@ -1,25 +1,34 @@
 #!/usr/bin/env bash
-# The GPU check in one call, about 6 minutes on an H100 with 16 cores; every stage under its own
+# The GPU check in one call, about 8 minutes on an H100 with 16 cores; every stage under its own
 # `timeout`, most valuable first, so a cut run still leaves what it measured (the benchmark
 # rewrites its JSON after every row; logs stream to OUTDIR):
-#   1. table    resnet50, bf16, channels_last, batch 256/GPU, one process: pil and pil-gpu with
+#   1. trainer  trainer/main.py with every feature on (benchmarks/trainer_check.py): one GPU,
+#               mixed decode, auto-augment, mixup + cutmix, EMA, accumulation, clipping,
+#               progressive resize, step checkpoints, under torch's sync debug mode; stopped by
+#               SIGTERM mid-epoch 2 and resumed to the end. Host syncs per step and where,
+#               pipeline build seconds and device memory at each epoch boundary.
+#   2. table    resnet50, bf16, channels_last, batch 256/GPU, one process: pil and pil-gpu with
 #               every core as workers, DALI with the trainer's defaults (no flags), DALI tuned
 #               (mixed, hw_decoder_load 0.99, 8 threads), DALI cpu decode with every core; loader,
 #               train, synthetic ceiling; epoch-boundary cost of each loader. A row whose
 #               settings equal the defaults' (cpu decode with 16 cores, mixed/8 threads with
 #               8-15) is measured once, as `dali`.
-#   2. sweep    throughput.py --sweep, small grid (mixed,cpu x 0.8,0.99 x 8,cores x prefetch 2)
-#   3. compile  DALI defaults with --compile (compare with the table's dali train row: no compile)
-#   4. tests    the gpu-marked tests
+#   3. tests    the gpu-marked tests
+#   4. small    SMALL_ARCH (resnet18): DALI mixed (tuned) against cpu decode, loader and train,
+#               and its ceiling: does cpu decode keep up with a small model?
+#   5. sweep    throughput.py --sweep, small grid (mixed,cpu x 0.8,0.99 x 8,cores x prefetch 2)
+#   6. compile  DALI defaults with --compile (compare with the table's dali train row: no compile)
 # Measured on a LIST_ENTRIES-line list repeating the demo train files (written to OUTDIR), so
 # every loader's warm-up and windows lie in one epoch. nvidia-smi dmon runs alongside
 # (dmon.txt: its jpg column is the hardware JPEG decoder). summary.md gathers the figures.
+# SKIP_STAGES="name ...": stages not run (marked skipped in the summary, not a failure).
 #
 #   bash benchmarks/gpu_suite.sh OUTDIR
-# Smoke run on a CPU-only machine (mixed-decode rows are skipped there; the compile stage is
-# cut on purpose, so it exits 1), about 2-3 minutes on 2 cores:
+# Smoke run on a CPU-only machine (mixed-decode rows are skipped there; compile is skipped: a
+# CPU compile of the model takes minutes), about 3-4 minutes on 2 cores, exit 0:
 #   PYTHON=.venv/bin/python ARCH=resnet18 BATCH=4 IMAGE_SIZE=32 WARMUP=1 ITERS=2 REPEATS=2 \
-#     BOUNDARIES=1 LIST_ENTRIES=800 T_TABLE=300 T_COMPILE=5 bash benchmarks/gpu_suite.sh /tmp/suite
+#     BOUNDARIES=1 LIST_ENTRIES=800 TRAINER_STEPS=16 TRAINER_VAL=16 SKIP_STAGES=compile \
+#     bash benchmarks/gpu_suite.sh /tmp/suite
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUTDIR}
 mkdir -p "$out"
@@ -38,17 +47,29 @@ REPEATS=${REPEATS:-3}
 BOUNDARIES=${BOUNDARIES:-3}
 LIST_ENTRIES=${LIST_ENTRIES:-25600}
 LIST=${LIST:-}
-# Seconds per stage: 30 + 150 + 55 + 75 + 35 = 345, under 6 minutes with the start-up.
+SMALL_ARCH=${SMALL_ARCH:-resnet18}
+TRAINER_STEPS=${TRAINER_STEPS:-40}  # batches per epoch of the trainer stage's 2 epochs
+TRAINER_VAL=${TRAINER_VAL:-1024}
+SKIP_STAGES=${SKIP_STAGES:-}
+# Seconds per stage: 30 + 120 + 130 + 75 + 50 + 45 + 50 = 500, with the start-up under the
+# device's 10 minutes a call.
 T_DATA=${T_DATA:-30}
-T_TABLE=${T_TABLE:-150}
-T_SWEEP=${T_SWEEP:-55}
-T_COMPILE=${T_COMPILE:-75}
-T_TESTS=${T_TESTS:-35}
+T_TRAINER=${T_TRAINER:-120}
+T_TABLE=${T_TABLE:-130}
+T_TESTS=${T_TESTS:-75}
+T_SMALL=${T_SMALL:-50}
+T_SWEEP=${T_SWEEP:-45}
+T_COMPILE=${T_COMPILE:-50}
 status=0
 start=$SECONDS
 
 stage() {  # name, seconds, command...: runs it under timeout, logs to OUTDIR/name.log
   local name=$1 limit=$2; shift 2
+  if [[ " $SKIP_STAGES " == *" $name "* ]]; then
+    echo "== $name skipped (SKIP_STAGES)"
+    printf '%s\tskipped\t0\tSKIP_STAGES\n' "$name" >> "$out/stages.tsv"
+    return
+  fi
   echo "== $name (limit ${limit}s, at $((SECONDS - start))s)"
   local began=$SECONDS
   timeout -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
@@ -63,8 +84,8 @@ stage() {  # name, seconds, command...: runs it under timeout, logs to OUTDIR/na
 
 # A rerun into the same OUTDIR: no earlier run's figures may pass for this one's (a stage cut
 # before its first row writes no JSON at all).
-rm -f "$out"/{table,sweep,compile}.json "$out/best_loader.toml" "$out/stages.tsv" \
-  "$out/summary.md"
+rm -rf "$out"/{table,sweep,compile,small}.json "$out/best_loader.toml" "$out/stages.tsv" \
+  "$out/summary.md" "$out/trainer"
 
 {
   echo "date: $(date -u +%FT%TZ)"
@@ -107,17 +128,13 @@ else
   echo "no CUDA: mixed-decode rows skipped"
   printf 'mixed-decode rows\tskipped\t0\tno CUDA on this machine\n' >> "$out/stages.tsv"
 fi
+stage trainer "$T_TRAINER" $py benchmarks/trainer_check.py --list "$LIST" --out "$out/trainer" \
+  --arch "$ARCH" --batch-size "$BATCH" --image-size "$IMAGE_SIZE" --amp "$AMP" \
+  --steps-per-epoch "$TRAINER_STEPS" --val-images "$TRAINER_VAL" --timeout "$((T_TRAINER * 2 / 3))"
+
 table="pil:threads=$CORES,pil-gpu:threads=$CORES,dali${tuned:+,$tuned},dali:decode=cpu:threads=$CORES"
 stage table "$T_TABLE" $py benchmarks/throughput.py "${common[@]}" --backends "$table" \
   --modes loader,train,synthetic --boundaries "$BOUNDARIES" --json "$out/table.json" --overwrite
-
-stage sweep "$T_SWEEP" $py benchmarks/throughput.py --sweep --list "$LIST" --arch "$ARCH" \
-  --batch-size "$BATCH" --image-size "$IMAGE_SIZE" --amp "$AMP" --sweep-decode "$sweep_decode" \
-  --sweep-hw-decoder-load 0.8,0.99 --sweep-threads "$TUNED_THREADS,$CORES" --sweep-prefetch 2 \
-  --json "$out/sweep.json" --toml "$out/best_loader.toml" --overwrite
-
-stage compile "$T_COMPILE" $py benchmarks/throughput.py "${common[@]}" --backends dali \
-  --modes train,synthetic --boundaries 0 --compile --json "$out/compile.json" --overwrite
 
 # pytest may be missing from the GPU machine's image: install the wheels of
 # benchmarks/gpu_kit.sh (carried as .gpu/py) into /tmp, outside the repo copy.
@@ -132,6 +149,20 @@ else
   echo "== gpu_tests skipped: no pytest here (bash benchmarks/gpu_kit.sh, then carry .gpu/py)"
   printf 'gpu_tests\tskipped\t0\tno pytest on this machine\n' >> "$out/stages.tsv"
 fi
+
+small="dali:decode=cpu:threads=$CORES${tuned:+,$tuned}"
+stage small "$T_SMALL" $py benchmarks/throughput.py --list "$LIST" --arch "$SMALL_ARCH" \
+  --batch-size "$BATCH" --image-size "$IMAGE_SIZE" --amp "$AMP" --warmup "$WARMUP" \
+  --iters "$ITERS" --repeats "$REPEATS" --backends "$small" --modes loader,train,synthetic \
+  --boundaries 0 --json "$out/small.json" --overwrite
+
+stage sweep "$T_SWEEP" $py benchmarks/throughput.py --sweep --list "$LIST" --arch "$ARCH" \
+  --batch-size "$BATCH" --image-size "$IMAGE_SIZE" --amp "$AMP" --sweep-decode "$sweep_decode" \
+  --sweep-hw-decoder-load 0.8,0.99 --sweep-threads "$TUNED_THREADS,$CORES" --sweep-prefetch 2 \
+  --json "$out/sweep.json" --toml "$out/best_loader.toml" --overwrite
+
+stage compile "$T_COMPILE" $py benchmarks/throughput.py "${common[@]}" --backends dali \
+  --modes train,synthetic --boundaries 0 --compile --json "$out/compile.json" --overwrite
 
 $py -m benchmarks.report "$out" > "$out/summary.md" 2>&1 || status=1
 cat "$out/summary.md"

@@ -308,15 +308,24 @@ def suite_summary(outdir: str) -> str:
     """gpu_suite.sh's figures in one page, from whatever JSON its stages left (a stage cut by
     its time limit leaves the rows it finished; its file says complete: false)."""
     parts = [f"# Benchmark suite: {os.path.abspath(outdir)}\n"]
+    parts.append(trainer_summary(os.path.join(outdir, "trainer", "trainer.json")))
     table = _load(os.path.join(outdir, "table.json"))
     if table:
         parts.append(f"## Table{'' if table.get('complete') else ' (cut: partial)'}\n")
         parts.append(header_line(table) + "\n")
-        parts.append(markdown_table(table["results"]))
+        parts.append(markdown_table(table["results"]) + "\n")  # two tables, not one
         parts.append(loader_table(table["results"]))
         parts.extend(note + "\n" for note in notes(table["results"]))
     else:
         parts.append("table: no results\n")
+    small = _load(os.path.join(outdir, "small.json"))
+    if small:
+        parts.append(
+            f"\n## {small['settings']['arch']}: mixed against cpu decode"
+            f"{'' if small.get('complete') else ' (cut: partial)'}\n"
+        )
+        parts.append(header_line(small) + "\n")
+        parts.append(markdown_table(small["results"]))
     sweep = _load(os.path.join(outdir, "sweep.json"))
     if sweep:
         trained = [r for r in sweep["results"] if r["mode"] == "train"]
@@ -352,6 +361,65 @@ def suite_summary(outdir: str) -> str:
         )
     parts.append(stages_summary(os.path.join(outdir, STAGES_FILE)))
     return "".join(parts)
+
+
+def syncs_per_step_text(probe: dict) -> str:
+    """A sync_probe report's host syncs per training step, or why there is no figure."""
+    if not probe:
+        return "no report"
+    if not probe.get("cuda"):
+        return "not counted (no CUDA)"
+    return str(probe.get("syncs_per_step"))
+
+
+def trainer_summary(path: str) -> str:
+    """benchmarks/trainer_check.py's checks and figures: the trainer, stopped and resumed."""
+    check = _load(path)
+    if check is None:
+        return "## Trainer: no results\n\n"
+    lines = [f"## Trainer, every feature on, stopped by SIGTERM and resumed ({check['device']})\n"]
+    lines += [f"- {'ok' if ok else 'FAILED'}: {name}\n" for name, ok in check["checks"].items()]
+    for label in ("stopped", "resumed"):
+        run = check[label]
+        probe = run.get("probe") or {}
+        lines.append(
+            f"- run {label}: {run['seconds']} s, {probe.get('train_steps')} steps, host syncs "
+            f"per step in the training loop: {syncs_per_step_text(probe)}, hand-off "
+            f"waits: {probe.get('handoff_waits', 'n/a') if probe.get('cuda') else 'n/a (no CUDA)'}\n"
+        )
+        syncs = probe.get("host_syncs")
+        if isinstance(syncs, dict):
+            lines += [
+                f"  - {entry['count']} x {place}"
+                f"{' (training loop)' if entry['in_training_loop'] else ''}\n"
+                for place, entry in list(syncs.items())[:8]
+            ]
+        for build in probe.get("pipeline_builds", []):
+            memory = (
+                f", device memory {build['device_used_before_mib']} -> "
+                f"{build['device_used_after_mib']} MiB"
+                if build.get("device_used_after_mib") is not None
+                else ""
+            )
+            lines.append(
+                f"  - {'train' if build['train'] else 'val'} pipeline build ({build['decode']} "
+                f"decode, batch {build['batch_size']}, {build['image_size']} px) to its first "
+                f"batch: {build['seconds']:.2f} s{memory}\n"
+            )
+        if probe.get("device_memory"):
+            memory = probe["device_memory"]
+            lines.append(
+                f"  - device memory: peak in use {memory['peak_used_mib']} MiB, torch's peak "
+                f"allocated {memory['torch_peak_allocated_mib']} MiB\n"
+            )
+    for record in check.get("epochs", []):
+        lines.append(
+            f"- epoch {record.get('epoch')}: train loss {_fmt(record.get('train_loss'), 4)}, "
+            f"val top-1 {_fmt(record.get('val_top1'), 2)}% (EMA "
+            f"{_fmt(record.get('val_top1_ema'), 2)}%), "
+            f"{_fmt(record.get('images_per_sec_per_gpu'))} img/s per GPU\n"
+        )
+    return "".join(lines) + "\n"
 
 
 STAGES_FILE = "stages.tsv"  # gpu_suite.sh: one line per stage, "name<TAB>exit<TAB>seconds"

@@ -17,6 +17,8 @@ from pipelines import build_loader
 from pipelines.lists import format_line, read_list
 from pipelines.tuning import LoaderPlan
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def _loader(tiny_data, backend, *, batch_size=8):
     return build_loader(
@@ -370,3 +372,35 @@ def test_sweep_toml_keeps_the_runs_notes_as_comments(tmp_path):
     path = tmp_path / "best.toml"
     path.write_text(text)
     assert load_config_file(str(path)) == {"loader": "dali", "workers": 8}  # comments only
+
+
+@pytest.mark.slow
+def test_trainer_check_stops_and_resumes_the_trainer_with_every_feature_on(tiny_data, tmp_path):
+    # gpu_suite.sh's first stage, at its CPU smoke settings: the same code the GPU runs.
+    out = tmp_path / "trainer"
+    steps = 8
+    done = subprocess.run(
+        [
+            sys.executable, os.path.join(REPO, "benchmarks", "trainer_check.py"),
+            "--list", str(tiny_data.train_list), "--out", str(out), "--arch", "resnet18",
+            "--batch-size", "4", "--image-size", "32", "--steps-per-epoch", str(steps),
+            "--val-images", "8", "--timeout", "300",
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads((out / "trainer.json").read_text())
+    assert all(result["checks"].values()) and len(result["checks"]) == 5, result["checks"]
+    stopped, resumed = result["stopped"]["probe"], result["resumed"]["probe"]
+    # The stop lost no step and repeated none: epoch 1, part of 2; then the rest of 2.
+    assert stopped["exit_status"] == 143 and resumed["exit_status"] == 0
+    assert steps < stopped["train_steps"] < 2 * steps
+    assert stopped["train_steps"] + resumed["train_steps"] == 2 * steps
+    # Every build reported: run 1 trains epoch 1 (progressive resize: 24 px) and 2 (32 px) and
+    # evaluates; run 2 trains the rest of epoch 2 and evaluates.
+    sizes = [(b["train"], b["image_size"]) for b in stopped["pipeline_builds"]]
+    assert sizes == [(True, 24), (False, 32), (True, 32)], sizes
+    assert [b["train"] for b in resumed["pipeline_builds"]] == [True, False]
+    assert stopped["host_syncs"].startswith("not counted")  # no CUDA here: said, not zero
+    summary = report.trainer_summary(str(out / "trainer.json"))
+    assert "- ok: run 2 resumed inside epoch 2" in summary and "FAILED" not in summary

@@ -406,7 +406,9 @@ class DeviceHandoff:
             out_images = nchw.to(dtype=dtype, memory_format=torch.channels_last)
         out_labels = labels.reshape(-1).to(torch.int64, copy=True)
         read = torch.cuda.Event()
-        read.record()  # on the current stream, the one the copies above are queued on
+        # On the batch's device's current stream, the one the copies above were queued on
+        # (whichever device is current in this thread).
+        read.record(torch.cuda.current_stream(images.device))
         self._held.append((read, images, labels))
         self.drop_read()
         return out_images, out_labels

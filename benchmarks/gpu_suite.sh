@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check in one call, about 8 minutes on an H100 with 16 cores; every stage under its own
-# `timeout`, most valuable first, so a cut run still leaves what it measured (the benchmark
-# rewrites its JSON after every row; logs stream to OUTDIR):
+# The GPU check in one call, at most 9 minutes on an H100 with 16 cores (555 s of limits); every
+# stage under its own `timeout`, most valuable first, so a cut run still leaves what it measured
+# (the benchmark rewrites its JSON after every row; logs stream to OUTDIR):
 #   1. trainer  trainer/main.py with every feature on (benchmarks/trainer_check.py): one GPU,
 #               mixed decode, auto-augment, mixup + cutmix, EMA, accumulation, clipping,
 #               progressive resize, step checkpoints, under torch's sync debug mode; stopped by
@@ -14,10 +14,13 @@
 #               settings equal the defaults' (cpu decode with 16 cores, mixed/8 threads with
 #               8-15) is measured once, as `dali`.
 #   3. tests    the gpu-marked tests
-#   4. small    SMALL_ARCH (resnet18): DALI mixed (tuned) against cpu decode, loader and train,
+#   4. shards   the same images as a tar shard set (tools/make_shards.py of SHARD_LIST: the demo
+#               train list, or LIST when given): DALI with the trainer's defaults, loader and
+#               train, against its ceiling (issue 18's target: within 2% of it)
+#   5. small    SMALL_ARCH (resnet18): DALI mixed (tuned) against cpu decode, loader and train,
 #               and its ceiling: does cpu decode keep up with a small model?
-#   5. sweep    throughput.py --sweep, small grid (mixed,cpu x 0.8,0.99 x 8,cores x prefetch 2)
-#   6. compile  DALI defaults with --compile (compare with the table's dali train row: no compile)
+#   6. sweep    throughput.py --sweep, small grid (mixed,cpu x 0.8,0.99 x 8,cores x prefetch 2)
+#   7. compile  DALI defaults with --compile (compare with the table's dali train row: no compile)
 # Measured on a LIST_ENTRIES-line list repeating the demo train files (written to OUTDIR), so
 # every loader's warm-up and windows lie in one epoch. nvidia-smi dmon runs alongside
 # (dmon.txt: its jpg column is the hardware JPEG decoder). summary.md gathers the figures.
@@ -51,15 +54,17 @@ SMALL_ARCH=${SMALL_ARCH:-resnet18}
 TRAINER_STEPS=${TRAINER_STEPS:-40}  # batches per epoch of the trainer stage's 2 epochs
 TRAINER_VAL=${TRAINER_VAL:-1024}
 SKIP_STAGES=${SKIP_STAGES:-}
-# Seconds per stage: 30 + 120 + 130 + 75 + 50 + 45 + 50 = 500, with the start-up under the
-# device's 10 minutes a call.
+# Seconds per stage: 30 + 120 + 130 + 75 + 30 + 40 + 50 + 40 + 40 = 555 at most, with the
+# start-up under the device's 10 minutes a call.
 T_DATA=${T_DATA:-30}
 T_TRAINER=${T_TRAINER:-120}
 T_TABLE=${T_TABLE:-130}
 T_TESTS=${T_TESTS:-75}
+T_SHARD_DATA=${T_SHARD_DATA:-30}
+T_SHARDS=${T_SHARDS:-40}
 T_SMALL=${T_SMALL:-50}
-T_SWEEP=${T_SWEEP:-45}
-T_COMPILE=${T_COMPILE:-50}
+T_SWEEP=${T_SWEEP:-40}
+T_COMPILE=${T_COMPILE:-40}
 status=0
 start=$SECONDS
 
@@ -84,8 +89,8 @@ stage() {  # name, seconds, command...: runs it under timeout, logs to OUTDIR/na
 
 # A rerun into the same OUTDIR: no earlier run's figures may pass for this one's (a stage cut
 # before its first row writes no JSON at all).
-rm -rf "$out"/{table,sweep,compile,small}.json "$out/best_loader.toml" "$out/stages.tsv" \
-  "$out/summary.md" "$out/trainer"
+rm -rf "$out"/{table,sweep,compile,small,shards}.json "$out/best_loader.toml" \
+  "$out/stages.tsv" "$out/summary.md" "$out/trainer" "$out/shards"
 
 {
   echo "date: $(date -u +%FT%TZ)"
@@ -104,6 +109,8 @@ fi
 
 if [ -z "$LIST" ]; then
   LIST="$out/train_${LIST_ENTRIES}.txt"
+  # The shards stage's set: the demo train images, each once (the list repeats them).
+  SHARD_LIST=${SHARD_LIST:-$($py -c "from pipelines.demo import default_demo_root as r; print(r())")/Train.txt}
   stage data "$T_DATA" $py - "$LIST" "$LIST_ENTRIES" << 'EOF'
 import os, shutil, sys
 from pipelines.demo import default_demo_root, ensure_demo_data
@@ -148,6 +155,19 @@ else
   status=1
   echo "== gpu_tests skipped: no pytest here (bash benchmarks/gpu_kit.sh, then carry .gpu/py)"
   printf 'gpu_tests\tskipped\t0\tno pytest on this machine\n' >> "$out/stages.tsv"
+fi
+
+# The table's images as a shard set, read as the trainer reads one (throughput.py repeats a
+# set to the windows it needs, as it does a short list).
+if [[ " $SKIP_STAGES " == *" shards "* ]]; then
+  stage shards 0 true  # marked skipped
+else
+  stage shard_data "$T_SHARD_DATA" $py tools/make_shards.py "${SHARD_LIST:-$LIST}" \
+    --out-dir "$out/shards" --shard-size 64MB
+  stage shards "$T_SHARDS" $py benchmarks/throughput.py --list "$out/shards" --arch "$ARCH" \
+    --batch-size "$BATCH" --image-size "$IMAGE_SIZE" --amp "$AMP" --warmup "$WARMUP" \
+    --iters "$ITERS" --repeats "$REPEATS" --backends dali --modes loader,train,synthetic \
+    --boundaries 0 --json "$out/shards.json" --overwrite
 fi
 
 small="dali:decode=cpu:threads=$CORES${tuned:+,$tuned}"

@@ -318,14 +318,18 @@ def suite_summary(outdir: str) -> str:
         parts.extend(note + "\n" for note in notes(table["results"]))
     else:
         parts.append("table: no results\n")
-    small = _load(os.path.join(outdir, "small.json"))
-    if small:
-        parts.append(
-            f"\n## {small['settings']['arch']}: mixed against cpu decode"
-            f"{'' if small.get('complete') else ' (cut: partial)'}\n"
-        )
-        parts.append(header_line(small) + "\n")
-        parts.append(markdown_table(small["results"]))
+    for name, title in (
+        ("shards", "the list as a tar shard set, DALI defaults"),
+        ("small", "mixed against cpu decode"),
+    ):
+        run = _load(os.path.join(outdir, f"{name}.json"))
+        if run:
+            parts.append(
+                f"\n## {run['settings']['arch']}: {title}"
+                f"{'' if run.get('complete') else ' (cut: partial)'}\n"
+            )
+            parts.append(header_line(run) + "\n")
+            parts.append(markdown_table(run["results"]))
     sweep = _load(os.path.join(outdir, "sweep.json"))
     if sweep:
         trained = [r for r in sweep["results"] if r["mode"] == "train"]

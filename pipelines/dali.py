@@ -413,6 +413,9 @@ class DeviceHandoff:
         self.drop_read()
         return out_images, out_labels
 
+    def __len__(self) -> int:  # batches whose DALI buffers are still held
+        return len(self._held)
+
     def drop_read(self) -> None:
         """Gives DALI back the buffers the GPU has read; waits only beyond ``limit``."""
         while self._held:

@@ -234,7 +234,7 @@ def test_dali_gpu_batches_survive_a_busy_consumer_stream(image_list, decode, dty
     for x, y in ld:
         torch.cuda._sleep(50_000_000)  # tens of ms: the next batch's copy queues behind it
         busy.append((x, y))  # as the model would read it, after the sleep
-        assert len(ld.handoff._held) <= ld.handoff.limit
+        assert len(ld.handoff) <= ld.handoff.limit
     torch.cuda.synchronize()
     assert len(busy) == len(waited) == 8
     assert ld.handoff.waits > 0  # 8 batches queued behind 8 sleeps: beyond the limit of 4

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check in one call, at most 9 minutes on an H100 with 16 cores (555 s of limits); every
-# stage under its own `timeout`, most valuable first, so a cut run still leaves what it measured
-# (the benchmark rewrites its JSON after every row; logs stream to OUTDIR):
+# The GPU check in one call, at most 9.5 minutes on an H100 with 16 cores (560 s of limits);
+# every stage under its own `timeout`, most valuable first, so a cut run still leaves what it
+# measured (the benchmark rewrites its JSON after every row; logs stream to OUTDIR):
 #   1. trainer  trainer/main.py with every feature on (benchmarks/trainer_check.py): one GPU,
 #               mixed decode, auto-augment, mixup + cutmix, EMA, accumulation, clipping,
 #               progressive resize, step checkpoints, under torch's sync debug mode; stopped by
@@ -54,12 +54,12 @@ SMALL_ARCH=${SMALL_ARCH:-resnet18}
 TRAINER_STEPS=${TRAINER_STEPS:-40}  # batches per epoch of the trainer stage's 2 epochs
 TRAINER_VAL=${TRAINER_VAL:-1024}
 SKIP_STAGES=${SKIP_STAGES:-}
-# Seconds per stage: 30 + 120 + 130 + 75 + 30 + 40 + 50 + 40 + 40 = 555 at most, with the
+# Seconds per stage: 30 + 110 + 120 + 100 + 30 + 40 + 50 + 40 + 40 = 560 at most, with the
 # start-up under the device's 10 minutes a call.
 T_DATA=${T_DATA:-30}
-T_TRAINER=${T_TRAINER:-120}
-T_TABLE=${T_TABLE:-130}
-T_TESTS=${T_TESTS:-75}
+T_TRAINER=${T_TRAINER:-110}
+T_TABLE=${T_TABLE:-120}
+T_TESTS=${T_TESTS:-100}
 T_SHARD_DATA=${T_SHARD_DATA:-30}
 T_SHARDS=${T_SHARDS:-40}
 T_SMALL=${T_SMALL:-50}
@@ -150,7 +150,8 @@ if ! $py -c "import pytest" 2> /dev/null && ls .gpu/py/*.whl > /dev/null 2>&1; t
     && export PYTHONPATH="/tmp/gpu_pytest${PYTHONPATH:+:$PYTHONPATH}"
 fi
 if $py -c "import pytest" 2> /dev/null; then
-  stage gpu_tests "$T_TESTS" $py -m pytest -m gpu -q -p no:cacheprovider tests
+  # -v: a line per test as it ends, so a run cut by its limit still says which passed.
+  stage gpu_tests "$T_TESTS" $py -m pytest -m gpu -v --durations=10 -p no:cacheprovider tests
 else
   status=1
   echo "== gpu_tests skipped: no pytest here (bash benchmarks/gpu_kit.sh, then carry .gpu/py)"

@@ -112,7 +112,9 @@ def run_trainer(flags, report: str, log: str, *, stop_at: str | None, timeout: f
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
         os.path.join(REPO, "benchmarks", "sync_probe.py"), report, "--", *flags,
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": REPO, "PYTHONUNBUFFERED": "1"}
+    # Prepended: the GPU machine's DALI comes on PYTHONPATH (../shared/gpu's kit, /tmp/site).
+    path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
     signalled_at = None
     with open(log, "w", encoding="utf-8") as log_file:

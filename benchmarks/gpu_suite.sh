@@ -124,8 +124,10 @@ print(f"{target}: {entries} entries repeating the {len(samples)} demo train imag
 EOF
 fi
 
-common=(--list "$LIST" --arch "$ARCH" --batch-size "$BATCH" --image-size "$IMAGE_SIZE"
-  --amp "$AMP" --warmup "$WARMUP" --iters "$ITERS" --repeats "$REPEATS")
+# The measurement's settings; each stage adds its list and model.
+timing=(--batch-size "$BATCH" --image-size "$IMAGE_SIZE" --amp "$AMP" --warmup "$WARMUP"
+  --iters "$ITERS" --repeats "$REPEATS")
+common=(--list "$LIST" --arch "$ARCH" "${timing[@]}")
 if [ "$cuda" = 1 ]; then
   tuned="dali:decode=mixed:hw=0.99:threads=$TUNED_THREADS"
   sweep_decode=mixed,cpu
@@ -166,16 +168,14 @@ else
   stage shard_data "$T_SHARD_DATA" $py tools/make_shards.py "${SHARD_LIST:-$LIST}" \
     --out-dir "$out/shards" --shard-size 64MB
   stage shards "$T_SHARDS" $py benchmarks/throughput.py --list "$out/shards" --arch "$ARCH" \
-    --batch-size "$BATCH" --image-size "$IMAGE_SIZE" --amp "$AMP" --warmup "$WARMUP" \
-    --iters "$ITERS" --repeats "$REPEATS" --backends dali --modes loader,train,synthetic \
-    --boundaries 0 --json "$out/shards.json" --overwrite
+    "${timing[@]}" --backends dali --modes loader,train,synthetic --boundaries 0 \
+    --json "$out/shards.json" --overwrite
 fi
 
 small="dali:decode=cpu:threads=$CORES${tuned:+,$tuned}"
 stage small "$T_SMALL" $py benchmarks/throughput.py --list "$LIST" --arch "$SMALL_ARCH" \
-  --batch-size "$BATCH" --image-size "$IMAGE_SIZE" --amp "$AMP" --warmup "$WARMUP" \
-  --iters "$ITERS" --repeats "$REPEATS" --backends "$small" --modes loader,train,synthetic \
-  --boundaries 0 --json "$out/small.json" --overwrite
+  "${timing[@]}" --backends "$small" --modes loader,train,synthetic --boundaries 0 \
+  --json "$out/small.json" --overwrite
 
 stage sweep "$T_SWEEP" $py benchmarks/throughput.py --sweep --list "$LIST" --arch "$ARCH" \
   --batch-size "$BATCH" --image-size "$IMAGE_SIZE" --amp "$AMP" --sweep-decode "$sweep_decode" \

@@ -38,7 +38,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks.cli import positive_int  # noqa: E402
-from benchmarks.report import syncs_per_step_text  # noqa: E402
+from benchmarks.report import trainer_summary  # noqa: E402
 from pipelines.fileio import atomic_write_text  # noqa: E402
 from pipelines.lists import read_list, write_list  # noqa: E402
 
@@ -215,17 +215,9 @@ def main(argv=None) -> int:
         "stopped": stopped,
         "resumed": resumed,
     }
-    atomic_write_text(os.path.join(out, "trainer.json"), json.dumps(result, indent=2) + "\n")
-    for name, ok in checks.items():
-        print(f"{'ok  ' if ok else 'FAIL'} {name}")
-    for label, run in (("run 1", stopped), ("run 2", resumed)):
-        probe = run["probe"] or {}
-        print(
-            f"{label}: {run['seconds']} s, {probe.get('train_steps')} steps, host syncs per "
-            f"step in the loop: {syncs_per_step_text(probe)}, hand-off waits: "
-            f"{probe.get('handoff_waits')}, builds: "
-            + ", ".join(f"{b['seconds']:.2f} s" for b in probe.get("pipeline_builds", []))
-        )
+    path = os.path.join(out, "trainer.json")
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    print(trainer_summary(path), end="")  # what summary.md will say of it
     return 0 if all(checks.values()) else 1
 
 
